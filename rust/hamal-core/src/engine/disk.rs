@@ -1,0 +1,369 @@
+//! Sync of one disk: readers fill chunk buffers from the source, writers put them on the
+//! target, and the durability step flushes the target then journals the finished chunks.
+//!
+//! Order of one chunk: read -> zero check (+ checksum) -> write or zero the range -> (later)
+//! target flush -> journal append. A chunk is only journaled after a flush that follows its
+//! write, so a crash at any point loses at most work, never correctness. The journal is removed
+//! (the commit) after the last flush.
+
+use super::changed::validate_changed;
+use super::journal::{DoneSet, Journal};
+use super::plan::{DiskPlan, Tuning};
+use super::pool::BufferPool;
+use super::progress::{DiskProgress, DiskState};
+use super::throttle::{release_cpu, Pacer};
+use crate::checksum::{is_zero, ContentDigest, Digest};
+use crate::extent::{ChunkWork, ExtentMap};
+use crate::io::{ReadReq, WriteReq};
+use crate::source::{FileSource, Source};
+use crate::target::{FileTarget, Target};
+use crate::uri::DiskUri;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// What one finished disk sync reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct DiskSummary {
+    pub disk_id: String,
+    pub source: String,
+    pub target: String,
+    pub size: u64,
+    pub mode: &'static str,
+    pub bytes_total: u64,
+    pub bytes_written: u64,
+    pub bytes_zero: u64,
+    pub bytes_resumed: u64,
+    pub holes_zeroed: u64,
+    pub chunks: u64,
+    pub seconds: f64,
+    pub io_backend: &'static str,
+    pub checksum: Option<&'static str>,
+    /// Order-independent digest over all chunks of the plan (see `checksum::ContentDigest`).
+    pub content_digest: Option<String>,
+}
+
+/// A chunk read and checked, on its way to a writer.
+struct Filled {
+    work: ChunkWork,
+    buf: Vec<u8>,
+    zero: bool,
+    digest: Digest,
+}
+
+/// Chunks written but not yet flushed, and the journal they go to after the flush.
+struct Durability<'t> {
+    target: &'t dyn Target,
+    journal: Journal,
+    pending: Vec<(u64, Digest)>,
+    last_flush: Instant,
+    digest: ContentDigest,
+}
+
+impl Durability<'_> {
+    fn flush(&mut self) -> Result<()> {
+        self.target.flush()?;
+        self.journal.append(&self.pending)?;
+        self.pending.clear();
+        self.last_flush = Instant::now();
+        Ok(())
+    }
+}
+
+pub(crate) fn open_source(uri: &DiskUri, t: &Tuning) -> Result<Box<dyn Source>> {
+    match uri {
+        DiskUri::File(p) => Ok(Box::new(FileSource::open(p, t.io_mode)?)),
+    }
+}
+
+fn open_target(uri: &DiskUri, size: u64, t: &Tuning) -> Result<Box<dyn Target>> {
+    match uri {
+        DiskUri::File(p) => Ok(Box::new(FileTarget::open(p, size, t.io_mode)?)),
+    }
+}
+
+/// Fingerprint of everything a journal's entries depend on.
+fn fingerprint(source: &dyn Source, target: &dyn Target, t: &Tuning, data: &ExtentMap) -> Digest {
+    let mut h = blake3::Hasher::new();
+    for part in [source.identity(), target.describe(), t.checksum.map_or("none", |c| c.name()).to_owned()] {
+        h.update(part.as_bytes()).update(&[0]);
+    }
+    h.update(&t.chunk_size.to_le_bytes());
+    for e in data.extents() {
+        h.update(&e.offset.to_le_bytes()).update(&e.len.to_le_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+pub(crate) struct DiskRun<'a> {
+    pub plan: &'a DiskPlan,
+    pub tuning: &'a Tuning,
+    pub progress: &'a DiskProgress,
+    pub cancel: &'a AtomicBool,
+    pub pacer: &'a Pacer,
+    pub memory_budget: u64,
+}
+
+impl DiskRun<'_> {
+    pub fn run(&self) -> Result<DiskSummary> {
+        let (t, plan) = (self.tuning, self.plan);
+        let started = Instant::now();
+        let source = open_source(&plan.source, t)?;
+        let size = source.size();
+        let (data, full) = match &plan.changed {
+            Some(c) => (validate_changed(&c.pairs, size, &c.origin)?, false),
+            None => (source.allocated()?, true),
+        };
+        let target = open_target(&plan.target, size, t)?;
+        let holes = if full && !target.is_fresh() { ExtentMap::whole(size).subtract(&data) } else { ExtentMap::new() };
+        let journal = Journal::open(&plan.journal_path(), &fingerprint(&*source, &*target, t, &data), size.div_ceil(t.chunk_size))?;
+        let p = self.progress;
+        p.bytes_total.store(data.total_len(), Relaxed);
+        p.chunks_total.store(data.chunk_count(t.chunk_size), Relaxed);
+        if journal.resumed_chunks > 0 {
+            tracing::info!(disk = %plan.disk_id, chunks = journal.resumed_chunks, "resuming from journal");
+        }
+        for hole in holes.extents() {
+            if self.cancel.load(Relaxed) {
+                return Err(Error::Cancelled);
+            }
+            target.zero_range(hole.offset, hole.len)?;
+        }
+        let resumed_digest = journal.resumed_digest;
+        let durable = Mutex::new(Durability {
+            target: &*target,
+            journal,
+            pending: Vec::new(),
+            last_flush: Instant::now(),
+            digest: ContentDigest::default(),
+        });
+        let backend = self.pipeline(&*source, &*target, &data, &durable)?;
+        let d = durable.into_inner().unwrap();
+        let mut digest = d.digest;
+        digest.merge(&resumed_digest);
+        d.journal.remove()?;
+        let snap = p.snapshot();
+        Ok(DiskSummary {
+            disk_id: plan.disk_id.clone(),
+            source: source.describe(),
+            target: target.describe(),
+            size,
+            mode: if full { "full" } else { "incremental" },
+            bytes_total: snap.bytes_total,
+            bytes_written: snap.bytes_done - snap.bytes_zero,
+            bytes_zero: snap.bytes_zero,
+            bytes_resumed: snap.bytes_resumed,
+            holes_zeroed: holes.total_len(),
+            chunks: snap.chunks_total,
+            seconds: started.elapsed().as_secs_f64(),
+            io_backend: backend,
+            checksum: t.checksum.map(|c| c.name()),
+            content_digest: t.checksum.map(|_| digest.hex()),
+        })
+    }
+
+    /// Runs readers and writers until every chunk is done, then flushes. Returns the name of
+    /// the I/O back end used.
+    fn pipeline(&self, source: &dyn Source, target: &dyn Target, data: &ExtentMap, durable: &Mutex<Durability>) -> Result<&'static str> {
+        let t = self.tuning;
+        let per_thread = t.readers + t.writers;
+        let buffers = (self.memory_budget / t.chunk_size).clamp(2, u64::from(per_thread * t.queue_depth + 2));
+        let pool = BufferPool::new(t.chunk_size as usize, buffers as usize);
+        let done = durable.lock().unwrap().journal.done_set();
+        let work = Mutex::new(data.chunks(t.chunk_size));
+        let failure: Mutex<Option<Error>> = Mutex::new(None);
+        let abort = AtomicBool::new(false);
+        let fail = |e: Error| {
+            failure.lock().unwrap().get_or_insert(e);
+            abort.store(true, Relaxed);
+        };
+        let backend = Mutex::new("pread");
+        let (tx, rx) = sync_channel::<Filled>(buffers as usize);
+        let rx = Mutex::new(rx);
+        std::thread::scope(|s| {
+            for _ in 0..t.readers {
+                let tx = tx.clone();
+                let (work, pool, abort, done, backend) = (&work, &pool, &abort, &done, &backend);
+                s.spawn(move || {
+                    if let Err(e) = self.reader_loop(source, work, pool, abort, done, tx, backend) {
+                        fail(e);
+                    }
+                });
+            }
+            drop(tx);
+            for _ in 0..t.writers {
+                let (rx, pool, abort) = (&rx, &pool, &abort);
+                s.spawn(move || {
+                    if let Err(e) = self.writer_loop(target, rx, pool, abort, durable) {
+                        fail(e);
+                        // Keep draining so readers blocked on the channel can finish.
+                        while let Ok(f) = rx.lock().unwrap().recv() {
+                            pool.put(f.buf);
+                        }
+                    }
+                });
+            }
+        });
+        // Make everything written durable and journaled, also after an error or a cancel,
+        // so that a rerun resumes from here.
+        let flushed = durable.lock().unwrap().flush();
+        if let Some(e) = failure.into_inner().unwrap() {
+            return Err(e);
+        }
+        flushed?;
+        if self.cancel.load(Relaxed) {
+            return Err(Error::Cancelled);
+        }
+        Ok(backend.into_inner().unwrap())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn reader_loop(
+        &self,
+        source: &dyn Source,
+        work: &Mutex<crate::extent::ChunkIter<'_>>,
+        pool: &BufferPool,
+        abort: &AtomicBool,
+        done: &DoneSet,
+        tx: SyncSender<Filled>,
+        backend: &Mutex<&'static str>,
+    ) -> Result<()> {
+        let t = self.tuning;
+        let p = self.progress;
+        let mut reader = source.reader(t.queue_depth)?;
+        *backend.lock().unwrap() = reader.backend();
+        let stop = || abort.load(Relaxed) || self.cancel.load(Relaxed);
+        loop {
+            if stop() {
+                return Ok(());
+            }
+            let mut batch = Vec::with_capacity(t.queue_depth as usize);
+            {
+                let mut it = work.lock().unwrap();
+                while batch.len() < t.queue_depth as usize {
+                    let Some(c) = it.next() else { break };
+                    if done.contains(c.index) {
+                        p.bytes_resumed.fetch_add(c.len(), Relaxed);
+                        p.chunks_done.fetch_add(1, Relaxed);
+                    } else {
+                        batch.push(c);
+                    }
+                }
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let bytes: u64 = batch.iter().map(|c| c.len()).sum();
+            self.pacer.pace(bytes);
+            let mut bufs = Vec::with_capacity(batch.len());
+            for _ in &batch {
+                match pool.get(abort) {
+                    Some(b) => bufs.push(b),
+                    None => return Ok(()),
+                }
+            }
+            let mut reqs = Vec::new();
+            for (c, buf) in batch.iter().zip(bufs.iter_mut()) {
+                let mut rest = &mut buf[..];
+                for r in &c.ranges {
+                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len as usize);
+                    reqs.push(ReadReq { offset: r.offset, buf: head });
+                    rest = tail;
+                }
+            }
+            reader.read_batch(&mut reqs)?;
+            drop(reqs);
+            for (work, buf) in batch.into_iter().zip(bufs) {
+                let len = work.len() as usize;
+                let zero = is_zero(&buf[..len]);
+                let digest = t.checksum.map_or([0; 32], |k| k.digest([&buf[..len]]));
+                release_cpu(t.release_cpu_ms_per_mb, len as u64);
+                if tx.send(Filled { work, buf, zero, digest }).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn writer_loop(
+        &self,
+        target: &dyn Target,
+        rx: &Mutex<Receiver<Filled>>,
+        pool: &BufferPool,
+        abort: &AtomicBool,
+        durable: &Mutex<Durability>,
+    ) -> Result<()> {
+        let t = self.tuning;
+        let p = self.progress;
+        let mut writer = target.writer(t.queue_depth)?;
+        loop {
+            let batch: Vec<Filled> = {
+                let rx = rx.lock().unwrap();
+                let Ok(first) = rx.recv() else { return Ok(()) };
+                let mut b = vec![first];
+                while b.len() < t.queue_depth as usize {
+                    match rx.try_recv() {
+                        Ok(f) => b.push(f),
+                        Err(_) => break,
+                    }
+                }
+                b
+            };
+            if abort.load(Relaxed) {
+                batch.into_iter().for_each(|f| pool.put(f.buf));
+                continue;
+            }
+            let mut reqs = Vec::new();
+            for f in batch.iter().filter(|f| !f.zero) {
+                let mut pos = 0usize;
+                for r in &f.work.ranges {
+                    reqs.push(WriteReq { offset: r.offset, buf: &f.buf[pos..pos + r.len as usize] });
+                    pos += r.len as usize;
+                }
+            }
+            writer.write_batch(&reqs)?;
+            drop(reqs);
+            for f in batch.iter().filter(|f| f.zero) {
+                for r in &f.work.ranges {
+                    target.zero_range(r.offset, r.len)?;
+                }
+            }
+            let mut d = durable.lock().unwrap();
+            for f in batch {
+                let len = f.work.len();
+                p.bytes_done.fetch_add(len, Relaxed);
+                if f.zero {
+                    p.bytes_zero.fetch_add(len, Relaxed);
+                }
+                p.chunks_done.fetch_add(1, Relaxed);
+                if t.checksum.is_some() {
+                    d.digest.add(f.work.index, &f.digest);
+                }
+                d.pending.push((f.work.index, f.digest));
+                pool.put(f.buf);
+            }
+            if d.last_flush.elapsed() >= t.fsync_period {
+                d.flush()?;
+            }
+        }
+    }
+}
+
+/// Runs one disk, keeping its state current.
+pub(crate) fn run_disk(run: DiskRun<'_>) -> Result<DiskSummary> {
+    run.progress.set_state(DiskState::Running);
+    let out = run.run();
+    run.progress.set_state(match &out {
+        Ok(_) => DiskState::Done,
+        Err(Error::Cancelled) => DiskState::Cancelled,
+        Err(_) => DiskState::Failed,
+    });
+    match &out {
+        Ok(s) => tracing::info!(disk = %s.disk_id, bytes = s.bytes_written, zero = s.bytes_zero, resumed = s.bytes_resumed, seconds = s.seconds, "disk synced"),
+        Err(e) => tracing::warn!(disk = %run.plan.disk_id, "disk sync stopped: {e}"),
+    }
+    out
+}

@@ -1,0 +1,185 @@
+//! Resume journal: which chunks of a running sync are durable on the target.
+//!
+//! Format: an 8-byte magic, the 32-byte plan fingerprint, then batches appended after each
+//! target flush: `count: u32 LE`, `count` records of `chunk index: u64 LE` + `digest: [u8; 32]`,
+//! and the first 8 bytes of BLAKE3 over the batch so far. A torn last batch (crash during the
+//! append) fails its check and is cut off on load. A journal whose fingerprint differs belongs
+//! to another plan (other source content, target, chunk size or extents) and is started over.
+//! It is removed when the sync commits.
+
+use crate::checksum::{ContentDigest, Digest};
+use crate::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 8] = b"HAMALJ01";
+const RECORD: usize = 8 + 32;
+
+/// A bitmap over chunk indexes.
+#[derive(Clone)]
+pub struct DoneSet(Vec<u64>);
+
+impl DoneSet {
+    pub fn contains(&self, index: u64) -> bool {
+        self.0.get((index / 64) as usize).is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+}
+
+pub struct Journal {
+    path: PathBuf,
+    file: File,
+    done: DoneSet,
+    /// Number of chunks found done when the journal was opened.
+    pub resumed_chunks: u64,
+    /// Content digest of the chunks found done (for the run's order-independent digest).
+    pub resumed_digest: ContentDigest,
+}
+
+impl Journal {
+    /// Opens the journal at `path` for a plan with `fingerprint` and `chunk_count` chunk slots.
+    pub fn open(path: &Path, fingerprint: &Digest, chunk_slots: u64) -> Result<Journal> {
+        let err = |what, e| Error::journal_io(path, what, e);
+        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)
+            .map_err(|e| err("cannot open", e))?;
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).map_err(|e| err("cannot read", e))?;
+        let mut j = Journal {
+            path: path.to_owned(),
+            file,
+            done: DoneSet(vec![0; chunk_slots.div_ceil(64) as usize]),
+            resumed_chunks: 0,
+            resumed_digest: ContentDigest::default(),
+        };
+        let header_ok = bytes.len() >= 40 && &bytes[..8] == MAGIC && &bytes[8..40] == fingerprint;
+        let good_len = if header_ok { j.load_batches(&bytes, chunk_slots) } else { 0 };
+        if !header_ok {
+            if !bytes.is_empty() {
+                tracing::warn!(journal = %path.display(), "journal belongs to another plan or is damaged; starting over");
+            }
+            j.file.set_len(0).map_err(|e| err("cannot reset", e))?;
+            j.file.write_all(MAGIC).and_then(|_| j.file.write_all(fingerprint)).map_err(|e| err("cannot write header", e))?;
+            j.file.sync_data().map_err(|e| err("cannot fsync", e))?;
+        } else if good_len < bytes.len() {
+            tracing::warn!(journal = %path.display(), "cut a torn tail of {} bytes", bytes.len() - good_len);
+            j.file.set_len(good_len as u64).map_err(|e| err("cannot cut torn tail", e))?;
+        }
+        j.file.seek(SeekFrom::End(0)).map_err(|e| err("cannot seek", e))?;
+        Ok(j)
+    }
+
+    /// Replays valid batches into the bitmap; returns the length of the valid prefix.
+    fn load_batches(&mut self, bytes: &[u8], chunk_slots: u64) -> usize {
+        let mut pos = 40;
+        while pos + 4 <= bytes.len() {
+            let count = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+            let end = pos + 4 + count * RECORD;
+            if end + 8 > bytes.len() || bytes[end..end + 8] != blake3::hash(&bytes[pos..end]).as_bytes()[..8] {
+                break;
+            }
+            for rec in bytes[pos + 4..end].chunks_exact(RECORD) {
+                let index = u64::from_le_bytes(rec[..8].try_into().unwrap());
+                if index < chunk_slots && !self.is_done(index) {
+                    self.mark(index);
+                    self.resumed_chunks += 1;
+                    self.resumed_digest.add(index, rec[8..].try_into().unwrap());
+                }
+            }
+            pos = end + 8;
+        }
+        pos
+    }
+
+    fn mark(&mut self, index: u64) {
+        self.done.0[(index / 64) as usize] |= 1 << (index % 64);
+    }
+
+    pub fn is_done(&self, index: u64) -> bool {
+        self.done.contains(index)
+    }
+
+    /// A copy of the done set, for readers to skip finished chunks without locking.
+    pub fn done_set(&self) -> DoneSet {
+        self.done.clone()
+    }
+
+    /// Appends chunks that are durable on the target (call only after the target flush) and
+    /// fsyncs the journal.
+    pub fn append(&mut self, chunks: &[(u64, Digest)]) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Vec::with_capacity(4 + chunks.len() * RECORD + 8);
+        batch.extend_from_slice(&(chunks.len() as u32).to_le_bytes());
+        for (index, digest) in chunks {
+            batch.extend_from_slice(&index.to_le_bytes());
+            batch.extend_from_slice(digest);
+        }
+        let check = blake3::hash(&batch);
+        batch.extend_from_slice(&check.as_bytes()[..8]);
+        let err = |what, e| Error::journal_io(&self.path, what, e);
+        self.file.write_all(&batch).map_err(|e| err("cannot append", e))?;
+        self.file.sync_data().map_err(|e| err("cannot fsync", e))?;
+        for (index, _) in chunks {
+            self.mark(*index);
+        }
+        Ok(())
+    }
+
+    /// Removes the journal: the sync is committed.
+    pub fn remove(self) -> Result<()> {
+        std::fs::remove_file(&self.path).map_err(|e| Error::journal_io(&self.path, "cannot remove", e))?;
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            // Make the removal durable too; a failure here only means a later rerun redoes work.
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_reopen_and_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let fp = [7u8; 32];
+        let mut j = Journal::open(&p, &fp, 100).unwrap();
+        j.append(&[(3, [1; 32]), (5, [2; 32])]).unwrap();
+        j.append(&[(9, [3; 32])]).unwrap();
+        drop(j);
+        // A torn batch: its length field and half a record, no check.
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(&1u32.to_le_bytes()).unwrap();
+        f.write_all(&[0u8; 20]).unwrap();
+        drop(f);
+        let j = Journal::open(&p, &fp, 100).unwrap();
+        assert_eq!(j.resumed_chunks, 3);
+        assert!(j.is_done(3) && j.is_done(5) && j.is_done(9) && !j.is_done(4));
+        let mut want = ContentDigest::default();
+        want.add(3, &[1; 32]);
+        want.add(5, &[2; 32]);
+        want.add(9, &[3; 32]);
+        assert_eq!(j.resumed_digest, want);
+        drop(j);
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), 40 + (4 + 2 * 40 + 8) + (4 + 40 + 8));
+    }
+
+    #[test]
+    fn other_fingerprint_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("j");
+        let mut j = Journal::open(&p, &[1; 32], 10).unwrap();
+        j.append(&[(1, [0; 32])]).unwrap();
+        drop(j);
+        let j = Journal::open(&p, &[2; 32], 10).unwrap();
+        assert_eq!(j.resumed_chunks, 0);
+        assert!(!j.is_done(1));
+        j.remove().unwrap();
+        assert!(!p.exists());
+    }
+}

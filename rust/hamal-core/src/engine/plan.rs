@@ -1,0 +1,141 @@
+//! What a job is asked to do, validated before any disk is touched.
+
+use crate::checksum::ChecksumKind;
+use crate::io::IoMode;
+use crate::uri::DiskUri;
+use crate::{Error, Result};
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub const MIB: u64 = 1024 * 1024;
+
+/// Engine settings shared by the disks of a job. Defaults follow `hamal.conf`'s defaults.
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    /// Grid the engine cuts extents along; one journal entry and one checksum per chunk.
+    pub chunk_size: u64,
+    /// Reader threads per disk (`[data_sync_v2] pre_disk_readers_count`).
+    pub readers: u32,
+    /// Writer threads per disk.
+    pub writers: u32,
+    /// Requests each reader or writer keeps in flight (io_uring queue depth).
+    pub queue_depth: u32,
+    /// Disks synced at once (`[data_sync_v2] parallel_sync_disks_count`).
+    pub parallel_disks: u32,
+    /// Per-chunk checksum; `None` skips hashing (a file target does not need it).
+    pub checksum: Option<ChecksumKind>,
+    /// Milliseconds of sleep per MB read (`[period] *_release_cpu_time`).
+    pub release_cpu_ms_per_mb: u32,
+    /// Job-wide read cap in bytes per second.
+    pub bwlimit_bps: Option<u64>,
+    pub io_mode: IoMode,
+    /// Upper bound for chunk buffers in flight over the whole job.
+    pub memory_budget: u64,
+    /// Target flush and journal cadence (`[data_sync_v2] fsync_period_frequency`).
+    pub fsync_period: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            chunk_size: 4 * MIB,
+            readers: 2,
+            writers: 2,
+            queue_depth: 4,
+            parallel_disks: 4,
+            checksum: None,
+            release_cpu_ms_per_mb: 0,
+            bwlimit_bps: None,
+            io_mode: IoMode::Auto,
+            memory_budget: 256 * MIB,
+            fsync_period: Duration::from_secs(3),
+        }
+    }
+}
+
+/// The changed extents of an incremental sync, as handed over (validated against the disk
+/// size once the source is open). `origin` names where they came from, for messages.
+#[derive(Clone, Debug)]
+pub struct ChangedList {
+    pub pairs: Vec<(i128, i128)>,
+    pub origin: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct DiskPlan {
+    pub disk_id: String,
+    pub source: DiskUri,
+    pub target: DiskUri,
+    /// `None`: full sync of every allocated extent, holes made zero on the target.
+    pub changed: Option<ChangedList>,
+    /// Resume journal; `None` puts it beside a file target (`TARGET.hamal-journal`).
+    pub journal: Option<PathBuf>,
+}
+
+impl DiskPlan {
+    pub fn journal_path(&self) -> PathBuf {
+        self.journal.clone().unwrap_or_else(|| {
+            let mut p = self.target.path().as_os_str().to_owned();
+            p.push(".hamal-journal");
+            PathBuf::from(p)
+        })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct JobPlan {
+    pub disks: Vec<DiskPlan>,
+    pub tuning: Tuning,
+}
+
+fn check_range(name: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
+    if v < lo || v > hi {
+        return Err(Error::Plan(format!("{name} = {v} is out of range {lo}..={hi}")));
+    }
+    Ok(())
+}
+
+impl JobPlan {
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.tuning;
+        check_range("chunk size", t.chunk_size, 4096, 256 * MIB)?;
+        if t.chunk_size % 4096 != 0 {
+            return Err(Error::Plan(format!("chunk size = {} is not a multiple of 4096", t.chunk_size)));
+        }
+        check_range("readers", t.readers.into(), 1, 64)?;
+        check_range("writers", t.writers.into(), 1, 64)?;
+        check_range("queue depth", t.queue_depth.into(), 1, 256)?;
+        check_range("parallel disks", t.parallel_disks.into(), 1, 256)?;
+        let per_disk = t.memory_budget / u64::from(t.parallel_disks.min(self.disks.len().max(1) as u32));
+        if per_disk < 2 * t.chunk_size {
+            return Err(Error::Plan(format!(
+                "memory budget {} bytes is too small: each of the disks synced at once needs two chunks of {} bytes",
+                t.memory_budget, t.chunk_size
+            )));
+        }
+        if self.disks.is_empty() {
+            return Err(Error::Plan("the plan has no disks".into()));
+        }
+        let (mut ids, mut targets) = (HashSet::new(), HashSet::new());
+        for d in &self.disks {
+            if !ids.insert(&d.disk_id) {
+                return Err(Error::Plan(format!("disk id '{}' appears twice in the plan", d.disk_id)));
+            }
+            if !targets.insert(d.target.path()) {
+                return Err(Error::Plan(format!("target {} appears twice in the plan", d.target)));
+            }
+            if same_file(d.source.path(), d.target.path()) {
+                return Err(Error::Plan(format!("disk '{}': source and target are the same file {}", d.disk_id, d.source)));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}

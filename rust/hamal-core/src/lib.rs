@@ -1,0 +1,16 @@
+//! hamal's data plane: extent maps, sources, targets and the transfer engine.
+//!
+//! This crate has no Python in it; `hamal-py` exposes it as `hamal._native`. See
+//! ARCHITECTURE.md at the repository root for how the parts fit together.
+
+pub mod checksum;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod extent;
+pub mod io;
+pub mod source;
+pub mod target;
+pub mod uri;
+
+pub use error::{Error, Result};

@@ -1,0 +1,30 @@
+//! Sources: where disk bytes come from. A source knows its size and which extents hold data;
+//! each engine reader thread gets its own [`SourceReader`].
+
+pub(crate) mod file;
+
+pub use file::FileSource;
+
+use crate::extent::ExtentMap;
+use crate::io::ReadReq;
+use crate::Result;
+
+pub trait Source: Send + Sync {
+    /// Human-readable name used in messages (a path or URI).
+    fn describe(&self) -> String;
+    /// Disk size in bytes.
+    fn size(&self) -> u64;
+    /// Extents that may hold data; everything else reads as zero.
+    fn allocated(&self) -> Result<ExtentMap>;
+    /// A string that changes when the source content may have changed (journal fingerprint).
+    fn identity(&self) -> String;
+    /// A reader for one engine thread, with up to `depth` reads in flight.
+    fn reader(&self, depth: u32) -> Result<Box<dyn SourceReader>>;
+}
+
+pub trait SourceReader: Send {
+    /// Fills every request's buffer; errors name the source and the failing offset.
+    fn read_batch(&mut self, reqs: &mut [ReadReq<'_>]) -> Result<()>;
+    /// Name of the I/O back end in use ("io_uring", "pread", ...).
+    fn backend(&self) -> &'static str;
+}

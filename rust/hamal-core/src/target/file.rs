@@ -1,0 +1,122 @@
+//! Raw image file or block device as a target. A missing file is created at the source size;
+//! a smaller existing target is refused before anything is written. Zero ranges become holes
+//! (`FALLOC_FL_PUNCH_HOLE`), zeroed ranges where holes are unsupported, written zeros last.
+
+use super::{Target, TargetWriter};
+use crate::io::{pwrite_all, BatchIo, IoMode, WriteReq};
+use crate::source::file::device_size;
+use crate::{Error, Result};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub struct FileTarget {
+    path: PathBuf,
+    file: Arc<File>,
+    fresh: bool,
+    io_mode: IoMode,
+}
+
+impl FileTarget {
+    /// Opens (or creates) the target for a source of `source_size` bytes.
+    pub fn open(path: &Path, source_size: u64, io_mode: IoMode) -> Result<FileTarget> {
+        let err = |what, e| Error::target_io(path, what, None, e);
+        let existing = match std::fs::metadata(path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(err("cannot stat", e)),
+        };
+        let Some(meta) = existing else {
+            let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)
+                .map_err(|e| err("cannot create", e))?;
+            file.set_len(source_size).map_err(|e| err("cannot size new file", e))?;
+            return Ok(FileTarget { path: path.to_owned(), file: Arc::new(file), fresh: true, io_mode });
+        };
+        let is_block = meta.file_type().is_block_device();
+        if !is_block && !meta.is_file() {
+            return Err(err("not a regular file or block device", io::Error::from(io::ErrorKind::InvalidInput)));
+        }
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| err("cannot open for writing", e))?;
+        let size = if is_block { device_size(&file).map_err(|e| err("cannot get device size", e))? } else { meta.len() };
+        if size < source_size {
+            return Err(Error::Plan(format!(
+                "target {} is smaller than the source: {size} < {source_size} bytes; nothing was written",
+                path.display()
+            )));
+        }
+        if size > source_size {
+            tracing::warn!(target_path = %path.display(), size, source_size, "target is larger than the source; the tail is left as it is");
+        }
+        Ok(FileTarget { path: path.to_owned(), file: Arc::new(file), fresh: false, io_mode })
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        // SAFETY: fallocate on a descriptor we own, with plain integer arguments.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
+impl Target for FileTarget {
+    fn describe(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    fn is_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        let unsupported = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV));
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let result = match self.fallocate(punch, offset, len) {
+            Err(e) if unsupported(&e) => match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+                Err(e) if unsupported(&e) => write_zeros(&self.file, offset, len),
+                other => other,
+            },
+            other => other,
+        };
+        result.map_err(|e| Error::target_io(&self.path, "cannot zero range", Some(offset), e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::target_io(&self.path, "fsync failed", None, e))
+    }
+
+    fn writer(&self, depth: u32) -> Result<Box<dyn TargetWriter>> {
+        let io = BatchIo::new(self.io_mode, depth).map_err(Error::Plan)?;
+        Ok(Box::new(FileWriter { file: Arc::clone(&self.file), path: self.path.clone(), io }))
+    }
+}
+
+fn write_zeros(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
+    let zeros = vec![0u8; len.min(1 << 20) as usize];
+    let end = offset + len;
+    while offset < end {
+        let n = (end - offset).min(zeros.len() as u64) as usize;
+        pwrite_all(file.as_raw_fd(), &zeros[..n], offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+struct FileWriter {
+    file: Arc<File>,
+    path: PathBuf,
+    io: BatchIo,
+}
+
+impl TargetWriter for FileWriter {
+    fn write_batch(&mut self, reqs: &[WriteReq<'_>]) -> Result<()> {
+        self.io
+            .write_batch(self.file.as_raw_fd(), reqs)
+            .map_err(|e| Error::target_io(&self.path, "write failed", Some(e.offset), e.error))
+    }
+}
