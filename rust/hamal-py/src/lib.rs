@@ -1,1 +1,34 @@
+//! `hamal._native`: the Python face of the data plane. Only plain data and handles cross
+//! this boundary; disk blocks never do. Engine events go through `tracing` to Python's
+//! `logging` (loggers under `hamal.`).
 
+mod config;
+mod convert;
+mod errors;
+mod job;
+
+use pyo3::prelude::*;
+
+/// Whether io_uring works on this host (None) or why not (a message).
+#[pyfunction]
+fn io_uring_status() -> Option<String> {
+    hamal_core::io::uring_probe().clone().err()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Log records from Rust go to Python's logging; `Caching::Nothing` keeps Python-side level
+    // changes effective at once (hamal logs little on hot paths).
+    let logger = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Nothing)?.set_prefix("hamal");
+    let _ = logger.install(); // already installed when the module is re-imported
+    errors::register(m)?;
+    m.add_class::<job::Job>()?;
+    m.add_class::<config::Config>()?;
+    m.add_function(wrap_pyfunction!(job::start_sync, m)?)?;
+    m.add_function(wrap_pyfunction!(job::verify, m)?)?;
+    m.add_function(wrap_pyfunction!(job::load_changed_file, m)?)?;
+    m.add_function(wrap_pyfunction!(config::load_config, m)?)?;
+    m.add_function(wrap_pyfunction!(io_uring_status, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

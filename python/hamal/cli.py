@@ -1,0 +1,191 @@
+"""The ``hamal`` command: ``sync``, ``verify``, ``config check`` and ``demo``.
+
+Exit codes: 0 ok, 1 error (one line on stderr), 2 bad usage, 3 verify found differences,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any, Optional
+
+from hamal import _native, sync
+from hamal.config import load_config
+from hamal.errors import HamalError, SyncCancelled
+from hamal.progress import wait_with_progress
+from hamal.units import human, parse_size
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hamal", description="Agentless block-level disk sync.")
+    p.add_argument("--config", help="hamal.conf path (default: $HAMAL_CONF or /etc/hamal/hamal.conf)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sync", help="copy a disk's allocated or changed extents to a target")
+    s.add_argument("source", help="source disk URI: file:PATH or a plain path")
+    s.add_argument("target", help="target disk URI: file:PATH or a plain path (created if missing)")
+    s.add_argument("--changed", metavar="FILE.json", help="JSON list of [offset, length] byte pairs to sync")
+    s.add_argument("--disk-id", help="name of the disk in logs and summaries (default: the target)")
+    s.add_argument("--chunk-size", type=_size, default=4 << 20, help="chunk grid (default 4M)")
+    s.add_argument("--readers", type=int, help="reader threads (default [data_sync_v2] pre_disk_readers_count)")
+    s.add_argument("--writers", type=int, default=2, help="writer threads (default 2)")
+    s.add_argument("--queue-depth", type=int, default=4, help="I/O requests in flight per thread (default 4)")
+    s.add_argument("--checksum", choices=["blake3", "sha256"], help="hash every chunk; report a content digest")
+    s.add_argument("--platform", choices=sorted(sync.RELEASE_CPU_KEYS), help="take *_release_cpu_time from [period]")
+    s.add_argument("--release-cpu-time", type=int, metavar="MS", help="ms of sleep per MB read (throttle)")
+    s.add_argument("--bwlimit", type=_size, metavar="BYTES/S", help="read bandwidth cap, e.g. 100M")
+    s.add_argument("--io", choices=["auto", "uring", "pread"], default="auto", help="I/O back end (default auto)")
+    s.add_argument("--memory-budget", type=_size, default=256 << 20, help="in-flight buffer cap (default 256M)")
+    s.add_argument("--fsync-period", type=float, metavar="S", help="flush cadence (default fsync_period_frequency)")
+    s.add_argument("--journal", help="resume journal path (default TARGET.hamal-journal)")
+    s.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    v = sub.add_parser("verify", help="compare source and target chunk by chunk")
+    v.add_argument("source")
+    v.add_argument("target")
+    v.add_argument("--changed", metavar="FILE.json", help="compare only these extents")
+    v.add_argument("--chunk-size", type=_size, default=4 << 20)
+    v.add_argument("--checksum", choices=["blake3", "sha256"], default="blake3")
+    v.add_argument("--io", choices=["auto", "uring", "pread"], default="auto")
+    v.add_argument("--json", action="store_true")
+
+    c = sub.add_parser("config", help="configuration")
+    csub = c.add_subparsers(dest="config_command", required=True)
+    cc = csub.add_parser("check", help="print the effective config (secrets masked) or the error")
+    cc.add_argument("path", nargs="?", help="file to check (default: --config, $HAMAL_CONF, /etc/hamal/hamal.conf)")
+
+    d = sub.add_parser("demo", help="sync a generated sparse image, change it, sync the change, verify")
+    d.add_argument("--dir", default="hamal-demo", help="working directory (default ./hamal-demo)")
+    d.add_argument("--size", type=_size, default=512 << 20, help="image size (default 512M)")
+    return p
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="hamal: %(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def _changed(path: Optional[str]) -> Optional[list[tuple[int, int]]]:
+    return _native.load_changed_file(path) if path else None
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    options = sync.SyncOptions(
+        chunk_size=args.chunk_size,
+        readers=args.readers,
+        writers=args.writers,
+        queue_depth=args.queue_depth,
+        checksum=args.checksum,
+        platform=args.platform,
+        release_cpu_ms_per_mb=args.release_cpu_time,
+        bwlimit_bps=args.bwlimit,
+        io_mode=args.io,
+        memory_budget=args.memory_budget,
+        fsync_period_s=args.fsync_period,
+    )
+    plan = [
+        sync.disk(
+            args.source,
+            args.target,
+            disk_id=args.disk_id,
+            changed=_changed(args.changed),
+            changed_origin=args.changed,
+            journal=args.journal,
+        )
+    ]
+    job = sync.start(plan, cfg, options)
+    show = not (args.json or args.no_progress) and sys.stderr.isatty()
+    (summary,) = wait_with_progress(job, show)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_describe_sync(summary))
+    return EXIT_OK
+
+
+def _describe_sync(s: dict[str, Any]) -> str:
+    rate = s["bytes_total"] / s["seconds"] if s["seconds"] > 0 else 0.0
+    line = (
+        f"{s['disk_id']}: {s['mode']} sync of {human(s['bytes_total'])} in {s['seconds']:.2f} s "
+        f"({human(rate)}/s): {human(s['bytes_written'])} written, {human(s['bytes_zero'])} zero, "
+        f"{human(s['bytes_resumed'])} resumed, {human(s['holes_zeroed'])} holes zeroed [{s['io_backend']}]"
+    )
+    if s.get("content_digest"):
+        line += f"\n  {s['checksum']} content digest {s['content_digest']}"
+    return line
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = _native.verify(
+        args.source,
+        args.target,
+        changed=_changed(args.changed),
+        changed_origin=args.changed or "changed list",
+        chunk_size=args.chunk_size,
+        checksum=args.checksum,
+        io_mode=args.io,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    bad = report["mismatched_chunks"]
+    if bad:
+        offsets = ", ".join(str(o) for o in report["mismatch_offsets"])
+        print(f"hamal: {bad} of {report['chunks']} chunks differ; first at offsets {offsets}", file=sys.stderr)
+        return EXIT_MISMATCH
+    if not args.json:
+        print(f"identical: {report['chunks']} chunks, {human(report['bytes_compared'])} compared")
+    return EXIT_OK
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    cfg = load_config(args.path or args.config)
+    state = "" if cfg.found else "  (file not found: defaults)"
+    print(f"# effective configuration from {cfg.path}{state}")
+    print(cfg.render(), end="")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hamal.demo import run_demo
+
+    return run_demo(args.dir, args.size)
+
+
+COMMANDS = {"sync": cmd_sync, "verify": cmd_verify, "config": cmd_config_check, "demo": cmd_demo}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except SyncCancelled as e:
+        print(f"hamal: {e} (finished chunks are journaled; rerun to resume)", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("hamal: interrupted (finished chunks are journaled; rerun to resume)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (HamalError, OSError) as e:
+        print(f"hamal: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

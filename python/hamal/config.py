@@ -1,0 +1,24 @@
+"""Loading ``hamal.conf`` (parsed and checked in Rust) and saying what was noticed, once."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+from hamal import _native
+
+log = logging.getLogger("hamal.config")
+
+
+def load_config(path: Optional[str] = None) -> _native.Config:
+    """Loads ``path``, else ``$HAMAL_CONF``, else ``/etc/hamal/hamal.conf``.
+
+    A missing file means the defaults (said once, as a warning); unknown keys are warnings;
+    a bad value raises ``ConfigError`` naming file, section, key, value and what was expected.
+    """
+    cfg = _native.load_config(path)
+    if not cfg.found:
+        log.warning("%s not found; using the default configuration", cfg.path)
+    for w in cfg.warnings:
+        log.warning("%s", w)
+    return cfg

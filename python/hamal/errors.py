@@ -1,0 +1,26 @@
+"""hamal's exception tree. Every error hamal raises is a ``HamalError``; the classes are
+defined by the Rust extension so both sides raise the same types."""
+
+from hamal._native import (
+    ConfigError,
+    HamalError,
+    InternalError,
+    JournalError,
+    MismatchError,
+    PlanError,
+    SourceError,
+    SyncCancelled,
+    TargetError,
+)
+
+__all__ = [
+    "ConfigError",
+    "HamalError",
+    "InternalError",
+    "JournalError",
+    "MismatchError",
+    "PlanError",
+    "SourceError",
+    "SyncCancelled",
+    "TargetError",
+]

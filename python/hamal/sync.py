@@ -1,0 +1,94 @@
+"""Building sync jobs from ``hamal.conf`` and caller overrides.
+
+Adapters and the CLI describe *what* to sync (disks with source, target and changed extents);
+this module adds *how* (threads, cadence, throttles) from the config and starts the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from hamal import _native
+from hamal.errors import PlanError
+
+# Which [period] key throttles which platform's reads.
+RELEASE_CPU_KEYS = {"vmware": "vmware_release_cpu_time", "openstack": "openstack_release_cpu_time"}
+
+
+@dataclass
+class SyncOptions:
+    """Engine settings; ``None`` means "from hamal.conf"."""
+
+    chunk_size: int = 4 << 20
+    readers: Optional[int] = None
+    writers: int = 2
+    queue_depth: int = 4
+    parallel_disks: Optional[int] = None
+    checksum: Optional[str] = None
+    platform: Optional[str] = None
+    release_cpu_ms_per_mb: Optional[int] = None
+    bwlimit_bps: Optional[int] = None
+    io_mode: str = "auto"
+    memory_budget: int = 256 << 20
+    fsync_period_s: Optional[float] = None
+
+    def engine_kwargs(self, cfg: _native.Config) -> dict[str, Any]:
+        """Keyword arguments for ``start_sync``, with the config's values filled in and checked."""
+        conf = cfg.as_dict()
+        v2 = conf["data_sync_v2"]
+        readers = self.readers if self.readers is not None else v2["pre_disk_readers_count"]
+        if readers > v2["max_pre_disk_readers_count"]:
+            raise PlanError(
+                f"readers = {readers} exceeds [data_sync_v2] max_pre_disk_readers_count = "
+                f"{v2['max_pre_disk_readers_count']} in {cfg.path}"
+            )
+        parallel = self.parallel_disks if self.parallel_disks is not None else v2["parallel_sync_disks_count"]
+        if parallel > v2["max_parallel_sync_disks_count"]:
+            raise PlanError(
+                f"parallel disks = {parallel} exceeds [data_sync_v2] max_parallel_sync_disks_count = "
+                f"{v2['max_parallel_sync_disks_count']} in {cfg.path}"
+            )
+        release = self.release_cpu_ms_per_mb
+        if release is None:
+            key = RELEASE_CPU_KEYS.get(self.platform or "")
+            release = conf["period"][key] if key else 0
+        fsync = self.fsync_period_s if self.fsync_period_s is not None else float(v2["fsync_period_frequency"])
+        return {
+            "chunk_size": self.chunk_size,
+            "readers": readers,
+            "writers": self.writers,
+            "queue_depth": self.queue_depth,
+            "parallel_disks": parallel,
+            "checksum": self.checksum,
+            "release_cpu_ms_per_mb": release,
+            "bwlimit_bps": self.bwlimit_bps,
+            "io_mode": self.io_mode,
+            "memory_budget": self.memory_budget,
+            "fsync_period_s": fsync,
+        }
+
+
+def disk(
+    source: str,
+    target: str,
+    *,
+    disk_id: Optional[str] = None,
+    changed: Optional[list[tuple[int, int]]] = None,
+    changed_origin: Optional[str] = None,
+    journal: Optional[str] = None,
+) -> dict[str, Any]:
+    """One disk of a plan. ``changed=None`` syncs every allocated extent (a full sync)."""
+    return {
+        "disk_id": disk_id or target,
+        "source": source,
+        "target": target,
+        "changed": changed,
+        "changed_origin": changed_origin or "changed list",
+        "journal": journal,
+    }
+
+
+def start(disks: list[dict[str, Any]], cfg: _native.Config, options: Optional[SyncOptions] = None) -> _native.Job:
+    """Starts a job; the returned handle has ``progress()``, ``wait(timeout)`` and ``cancel()``."""
+    return _native.start_sync(disks, **(options or SyncOptions()).engine_kwargs(cfg))

@@ -1,0 +1,109 @@
+//! Plain data across the boundary: serde values to Python objects, Python dicts to plans.
+
+use crate::errors::PlanError;
+use hamal_core::checksum::ChecksumKind;
+use hamal_core::engine::{ChangedList, DiskPlan, Tuning};
+use hamal_core::io::IoMode;
+use hamal_core::uri::DiskUri;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList};
+use std::time::Duration;
+
+/// Converts any serde-serializable value (summaries, progress) into Python objects.
+pub fn to_py<T: serde::Serialize>(py: Python<'_>, v: &T) -> PyResult<Py<PyAny>> {
+    let value = serde_json::to_value(v).map_err(|e| PlanError::new_err(format!("internal: {e}")))?;
+    json_to_py(py, &value)
+}
+
+fn json_to_py(py: Python<'_>, v: &serde_json::Value) -> PyResult<Py<PyAny>> {
+    use serde_json::Value as V;
+    Ok(match v {
+        V::Null => py.None(),
+        V::Bool(b) => b.into_pyobject(py)?.to_owned().into_any().unbind(),
+        V::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => u.into_pyobject(py)?.into_any().unbind(),
+            (None, Some(i)) => i.into_pyobject(py)?.into_any().unbind(),
+            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any().unbind(),
+        },
+        V::String(s) => s.into_pyobject(py)?.into_any().unbind(),
+        V::Array(a) => {
+            let items: PyResult<Vec<_>> = a.iter().map(|x| json_to_py(py, x)).collect();
+            PyList::new(py, items?)?.into_any().unbind()
+        }
+        V::Object(o) => {
+            let d = PyDict::new(py);
+            for (k, x) in o {
+                d.set_item(k, json_to_py(py, x)?)?;
+            }
+            d.into_any().unbind()
+        }
+    })
+}
+
+fn item<'py, T>(d: &Bound<'py, PyDict>, key: &str, i: usize) -> PyResult<Option<T>>
+where
+    T: for<'a> FromPyObject<'a, 'py, Error = PyErr>,
+{
+    match d.get_item(key)? {
+        None => Ok(None),
+        Some(v) if v.is_none() => Ok(None),
+        Some(v) => v.extract().map(Some).map_err(|e| PlanError::new_err(format!("disk {i}: key '{key}': {e}"))),
+    }
+}
+
+/// Reads one disk of a plan from a dict with keys `disk_id`, `source`, `target`, and optional
+/// `changed` (list of `[offset, length]`), `changed_origin`, `journal`.
+pub fn disk_plan(d: &Bound<'_, PyDict>, i: usize) -> PyResult<DiskPlan> {
+    let need = |key: &str| -> PyResult<String> {
+        item::<String>(d, key, i)?.ok_or_else(|| PlanError::new_err(format!("disk {i}: missing key '{key}'")))
+    };
+    let uri = |key: &str| -> PyResult<DiskUri> { DiskUri::parse(&need(key)?).map_err(|e| crate::errors::to_py(&e)) };
+    let changed = item::<Vec<(i128, i128)>>(d, "changed", i)?.map(|pairs| ChangedList {
+        pairs,
+        origin: item::<String>(d, "changed_origin", i).ok().flatten().unwrap_or_else(|| "changed list".into()),
+    });
+    Ok(DiskPlan {
+        disk_id: item::<String>(d, "disk_id", i)?.unwrap_or_else(|| format!("disk{i}")),
+        source: uri("source")?,
+        target: uri("target")?,
+        changed,
+        journal: item::<String>(d, "journal", i)?.map(Into::into),
+    })
+}
+
+/// Engine settings from keyword arguments (already defaulted by the signature).
+#[allow(clippy::too_many_arguments)]
+pub fn tuning(
+    chunk_size: u64,
+    readers: u32,
+    writers: u32,
+    queue_depth: u32,
+    parallel_disks: u32,
+    checksum: Option<&str>,
+    release_cpu_ms_per_mb: u32,
+    bwlimit_bps: Option<u64>,
+    io_mode: &str,
+    memory_budget: u64,
+    fsync_period_s: f64,
+) -> PyResult<Tuning> {
+    let checksum = checksum
+        .map(|c| ChecksumKind::parse(c).ok_or_else(|| PlanError::new_err(format!("unknown checksum '{c}': use blake3 or sha256"))))
+        .transpose()?;
+    let io_mode = IoMode::parse(io_mode).ok_or_else(|| PlanError::new_err(format!("unknown io mode '{io_mode}': use auto, uring or pread")))?;
+    if !(fsync_period_s > 0.0 && fsync_period_s.is_finite()) {
+        return Err(PlanError::new_err(format!("fsync period {fsync_period_s} must be a positive number of seconds")));
+    }
+    Ok(Tuning {
+        chunk_size,
+        readers,
+        writers,
+        queue_depth,
+        parallel_disks,
+        checksum,
+        release_cpu_ms_per_mb,
+        bwlimit_bps,
+        io_mode,
+        memory_budget,
+        fsync_period: Duration::from_secs_f64(fsync_period_s),
+    })
+}
