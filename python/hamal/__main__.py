@@ -1,0 +1,5 @@
+import sys
+
+from hamal.cli import main
+
+sys.exit(main())

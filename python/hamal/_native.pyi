@@ -1,0 +1,90 @@
+"""Type stub of the compiled data plane (rust/hamal-py). Checked against the module by
+tests/test_stub.py and mypy's stubtest."""
+
+from typing import Any, Optional, final
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "HamalError",
+    "InternalError",
+    "Job",
+    "JournalError",
+    "MismatchError",
+    "PlanError",
+    "SourceError",
+    "SyncCancelled",
+    "TargetError",
+    "__version__",
+    "io_uring_status",
+    "load_changed_file",
+    "load_config",
+    "start_sync",
+    "verify",
+]
+
+__version__: str
+
+class HamalError(Exception): ...
+class ConfigError(HamalError): ...
+class PlanError(HamalError): ...
+class SourceError(HamalError): ...
+class TargetError(HamalError): ...
+class JournalError(HamalError): ...
+class MismatchError(HamalError): ...
+class SyncCancelled(HamalError): ...
+class InternalError(HamalError): ...
+
+@final
+class Job:
+    """A running (or finished) sync job. Create it with `start_sync`."""
+
+    @property
+    def finished(self) -> bool: ...
+    def progress(self) -> dict[str, Any]: ...
+    def wait(self, timeout: Optional[float] = None) -> Optional[list[dict[str, Any]]]: ...
+    def cancel(self) -> None: ...
+    def results(self) -> list[dict[str, Any]]: ...
+
+@final
+class Config:
+    """A loaded hamal.conf."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def found(self) -> bool: ...
+    @property
+    def warnings(self) -> list[str]: ...
+    def as_dict(self) -> dict[str, dict[str, Any]]: ...
+    def render(self) -> str: ...
+    def secret_keys(self) -> list[tuple[str, str]]: ...
+
+def start_sync(
+    disks: list[dict[str, Any]],
+    *,
+    chunk_size: int = ...,
+    readers: int = 2,
+    writers: int = 2,
+    queue_depth: int = 4,
+    parallel_disks: int = 4,
+    checksum: Optional[str] = None,
+    release_cpu_ms_per_mb: int = 0,
+    bwlimit_bps: Optional[int] = None,
+    io_mode: str = "auto",
+    memory_budget: int = ...,
+    fsync_period_s: float = 3.0,
+) -> Job: ...
+def verify(
+    source: str,
+    target: str,
+    *,
+    changed: Optional[list[tuple[int, int]]] = None,
+    changed_origin: str = "changed list",
+    chunk_size: int = ...,
+    checksum: str = "blake3",
+    io_mode: str = "auto",
+) -> dict[str, Any]: ...
+def load_changed_file(path: str) -> list[tuple[int, int]]: ...
+def load_config(path: Optional[str] = None) -> Config: ...
+def io_uring_status() -> Optional[str]: ...

@@ -1,0 +1,64 @@
+"""Shared helpers: sparse test images and a runner for the installed ``hamal`` command."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+MIB = 1 << 20
+
+
+def make_image(path: Path, size: int, seed: int = 1, fill: float = 0.5) -> None:
+    """A sparse image: each 1 MiB block is random data with probability ``fill``, else a hole."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for block in range(size // MIB):
+            if rng.random() < fill:
+                f.seek(block * MIB)
+                f.write(rng.randbytes(MIB))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(4 * MIB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_hamal(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120, wrap: list[str] | None = None
+) -> Result:
+    """Runs ``python -m hamal ARGS`` (the installed package) with no config file unless given;
+    ``wrap`` is a command prefix such as ``setpriv ...``."""
+    full_env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf", **(env or {})}
+    p = subprocess.run(
+        [*(wrap or []), sys.executable, "-m", "hamal", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+    return Result(p.returncode, p.stdout, p.stderr)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    p = tmp_path / "source.raw"
+    make_image(p, 64 * MIB)
+    return p

@@ -1,0 +1,96 @@
+"""The Python face: job handle, cancellation, exceptions, logging bridge, stub."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hamal
+import pytest
+from conftest import MIB, make_image, sha256
+from hamal import _native, sync
+
+
+def defaults() -> _native.Config:
+    return hamal.load_config("/nonexistent/hamal.conf")
+
+
+def test_job_handle_progress_and_wait(image: Path, tmp_path: Path) -> None:
+    target = tmp_path / "t.raw"
+    job = sync.start([sync.disk(str(image), str(target), disk_id="d0")], defaults())
+    summaries = job.wait()
+    assert job.finished
+    assert summaries[0]["disk_id"] == "d0"
+    p = job.progress()
+    assert p["finished"] and p["disks"][0]["state"] == "done"
+    assert p["bytes_done"] == p["bytes_total"] > 0
+    assert job.results()[0]["summary"]["bytes_total"] == p["bytes_total"]
+    assert sha256(image) == sha256(target)
+
+
+def test_wait_timeout_progress_and_cancel(tmp_path: Path) -> None:
+    src, dst = tmp_path / "s.raw", tmp_path / "d.raw"
+    make_image(src, 128 * MIB, seed=3, fill=1.0)
+    opts = sync.SyncOptions(chunk_size=MIB, bwlimit_bps=16 * MIB, fsync_period_s=0.1)
+    job = sync.start([sync.disk(str(src), str(dst))], defaults(), opts)
+    t0 = time.monotonic()
+    assert job.wait(timeout=0.3) is None  # still running
+    assert 0.25 < time.monotonic() - t0 < 5
+    p = job.progress()
+    assert not p["finished"] and 0 < p["bytes_done"] < p["bytes_total"]
+    assert p["rate_bps"] > 0 and p["eta_s"] is not None
+    job.cancel()
+    with pytest.raises(hamal.SyncCancelled):
+        job.wait(timeout=10)
+    assert job.results()[0]["error_kind"] == "SyncCancelled"
+    assert job.progress()["disks"][0]["state"] == "cancelled"
+    # What was done is journaled: a rerun resumes and finishes identical.
+    (s,) = sync.start([sync.disk(str(src), str(dst))], defaults(), sync.SyncOptions(chunk_size=MIB)).wait()
+    assert s["bytes_resumed"] > 0
+    assert sha256(src) == sha256(dst)
+
+
+def test_errors_form_one_tree(tmp_path: Path) -> None:
+    for cls in (hamal.ConfigError, hamal.PlanError, hamal.SourceError, hamal.TargetError,
+                hamal.JournalError, hamal.MismatchError, hamal.SyncCancelled, hamal.InternalError):
+        assert issubclass(cls, hamal.HamalError)
+    job = sync.start([sync.disk(str(tmp_path / "missing.raw"), str(tmp_path / "t.raw"))], defaults())
+    with pytest.raises(hamal.SourceError, match="missing.raw"):
+        job.wait()
+    with pytest.raises(hamal.PlanError, match="chunk size"):
+        _native.start_sync([sync.disk("a", "b")], chunk_size=1000)
+    with pytest.raises(hamal.PlanError, match="missing key 'target'"):
+        _native.start_sync([{"source": "a"}])
+
+
+def test_several_disks_one_failing(image: Path, tmp_path: Path) -> None:
+    disks = [
+        sync.disk(str(image), str(tmp_path / "ok.raw"), disk_id="ok"),
+        sync.disk(str(tmp_path / "missing.raw"), str(tmp_path / "bad.raw"), disk_id="bad"),
+    ]
+    job = sync.start(disks, defaults(), sync.SyncOptions(parallel_disks=2))
+    with pytest.raises(hamal.SourceError):
+        job.wait()
+    by_id = {r["disk_id"]: r for r in job.results()}
+    assert by_id["ok"]["state"] == "done" and by_id["bad"]["state"] == "failed"
+    assert sha256(image) == sha256(tmp_path / "ok.raw")
+
+
+def test_engine_events_reach_python_logging(image: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="hamal"):
+        sync.start([sync.disk(str(image), str(tmp_path / "t.raw"), disk_id="logged")], defaults()).wait()
+    records = [r for r in caplog.records if r.name.startswith("hamal.hamal_core")]
+    assert any("disk synced" in r.getMessage() for r in records), [r.getMessage() for r in caplog.records]
+
+
+def test_stub_matches_the_compiled_module() -> None:
+    if shutil.which("stubtest") is None and subprocess.run(
+        [sys.executable, "-c", "import mypy.stubtest"], capture_output=True
+    ).returncode != 0:
+        pytest.fail("mypy is not installed: install the test extra (pip install .[test])")
+    r = subprocess.run([sys.executable, "-m", "mypy.stubtest", "hamal._native"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,79 @@
+"""A sync killed with SIGKILL resumes from its journal and ends byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import MIB, make_image, run_hamal, sha256
+
+
+def journal_records(journal: Path) -> int:
+    """Bytes of journal beyond its 40-byte header (0 when none yet)."""
+    return max(0, journal.stat().st_size - 40) if journal.exists() else 0
+
+
+def test_sigkill_then_rerun_resumes_and_is_identical(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+    journal = Path(str(dst) + ".hamal-journal")
+    make_image(src, 256 * MIB, seed=5, fill=0.6)
+    env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
+    # Slowed to 32 MiB/s and flushed every 0.2 s, so the kill lands mid-sync with chunks journaled.
+    cmd = [sys.executable, "-m", "hamal", "sync", str(src), str(dst), "--bwlimit", "32M",
+           "--fsync-period", "0.2", "--chunk-size", "1M", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while journal_records(journal) < 20 * 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert journal_records(journal) > 0, "the kill came before anything was journaled"
+    assert sha256(src) != sha256(dst), "the kill came after the sync had finished"
+
+    r = run_hamal("sync", str(src), str(dst), "--chunk-size", "1M", "--json")
+    assert r.code == 0, r.err
+    s = json.loads(r.out)
+    assert s["bytes_resumed"] >= 20 * MIB, s  # the journaled chunks were not copied again
+    assert s["bytes_written"] + s["bytes_zero"] + s["bytes_resumed"] == s["bytes_total"]
+    assert s["bytes_written"] < s["bytes_total"]
+    assert sha256(src) == sha256(dst)
+    assert not journal.exists(), "the journal is removed at commit"
+
+
+def test_journal_of_another_plan_is_not_trusted(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+    make_image(src, 32 * MIB, seed=6)
+    journal = Path(str(dst) + ".hamal-journal")
+    journal.write_bytes(b"HAMALJ01" + bytes(32) + b"garbage")
+    r = run_hamal("sync", str(src), str(dst), "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["bytes_resumed"] == 0
+    assert sha256(src) == sha256(dst)
+
+
+def test_changed_source_invalidates_the_journal(tmp_path: Path) -> None:
+    """A journal written for other source content must not make a rerun skip chunks."""
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+    make_image(src, 64 * MIB, seed=7, fill=1.0)
+    env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
+    cmd = [sys.executable, "-m", "hamal", "sync", str(src), str(dst), "--bwlimit", "16M",
+           "--fsync-period", "0.1", "--chunk-size", "1M", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = Path(str(dst) + ".hamal-journal")
+    deadline = time.monotonic() + 30
+    while journal_records(journal) < 4 * 40 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    with open(src, "r+b") as f:  # the source changes before the rerun (a new snapshot)
+        f.write(os.urandom(MIB))
+    r = run_hamal("sync", str(src), str(dst), "--chunk-size", "1M", "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["bytes_resumed"] == 0
+    assert sha256(src) == sha256(dst)
