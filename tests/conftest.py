@@ -52,7 +52,11 @@ def run_hamal(
     ``wrap`` is a command prefix such as ``setpriv ...``."""
     full_env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf", **(env or {})}
     p = subprocess.run(
-        [*(wrap or []), sys.executable, "-m", "hamal", *args], capture_output=True, text=True, env=full_env, timeout=timeout
+        [*(wrap or []), sys.executable, "-m", "hamal", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
     )
     return Result(p.returncode, p.stdout, p.stderr)
 

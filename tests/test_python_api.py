@@ -55,8 +55,16 @@ def test_wait_timeout_progress_and_cancel(tmp_path: Path) -> None:
 
 
 def test_errors_form_one_tree(tmp_path: Path) -> None:
-    for cls in (hamal.ConfigError, hamal.PlanError, hamal.SourceError, hamal.TargetError,
-                hamal.JournalError, hamal.MismatchError, hamal.SyncCancelled, hamal.InternalError):
+    for cls in (
+        hamal.ConfigError,
+        hamal.PlanError,
+        hamal.SourceError,
+        hamal.TargetError,
+        hamal.JournalError,
+        hamal.MismatchError,
+        hamal.SyncCancelled,
+        hamal.InternalError,
+    ):
         assert issubclass(cls, hamal.HamalError)
     job = sync.start([sync.disk(str(tmp_path / "missing.raw"), str(tmp_path / "t.raw"))], defaults())
     with pytest.raises(hamal.SourceError, match="missing.raw"):
@@ -80,7 +88,9 @@ def test_several_disks_one_failing(image: Path, tmp_path: Path) -> None:
     assert sha256(image) == sha256(tmp_path / "ok.raw")
 
 
-def test_engine_events_reach_python_logging(image: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_engine_events_reach_python_logging(
+    image: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="hamal"):
         sync.start([sync.disk(str(image), str(tmp_path / "t.raw"), disk_id="logged")], defaults()).wait()
     records = [r for r in caplog.records if r.name.startswith("hamal.hamal_core")]
@@ -88,9 +98,13 @@ def test_engine_events_reach_python_logging(image: Path, tmp_path: Path, caplog:
 
 
 def test_stub_matches_the_compiled_module() -> None:
-    if shutil.which("stubtest") is None and subprocess.run(
-        [sys.executable, "-c", "import mypy.stubtest"], capture_output=True
-    ).returncode != 0:
+    if (
+        shutil.which("stubtest") is None
+        and subprocess.run([sys.executable, "-c", "import mypy.stubtest"], capture_output=True).returncode
+        != 0
+    ):
         pytest.fail("mypy is not installed: install the test extra (pip install .[test])")
-    r = subprocess.run([sys.executable, "-m", "mypy.stubtest", "hamal._native"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "hamal._native"], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stdout + r.stderr

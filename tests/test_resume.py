@@ -24,8 +24,21 @@ def test_sigkill_then_rerun_resumes_and_is_identical(tmp_path: Path) -> None:
     make_image(src, 256 * MIB, seed=5, fill=0.6)
     env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
     # Slowed to 32 MiB/s and flushed every 0.2 s, so the kill lands mid-sync with chunks journaled.
-    cmd = [sys.executable, "-m", "hamal", "sync", str(src), str(dst), "--bwlimit", "32M",
-           "--fsync-period", "0.2", "--chunk-size", "1M", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hamal",
+        "sync",
+        str(src),
+        str(dst),
+        "--bwlimit",
+        "32M",
+        "--fsync-period",
+        "0.2",
+        "--chunk-size",
+        "1M",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while journal_records(journal) < 20 * 40 and time.monotonic() < deadline:
@@ -62,8 +75,21 @@ def test_changed_source_invalidates_the_journal(tmp_path: Path) -> None:
     src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
     make_image(src, 64 * MIB, seed=7, fill=1.0)
     env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
-    cmd = [sys.executable, "-m", "hamal", "sync", str(src), str(dst), "--bwlimit", "16M",
-           "--fsync-period", "0.1", "--chunk-size", "1M", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "hamal",
+        "sync",
+        str(src),
+        str(dst),
+        "--bwlimit",
+        "16M",
+        "--fsync-period",
+        "0.1",
+        "--chunk-size",
+        "1M",
+        "--no-progress",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     journal = Path(str(dst) + ".hamal-journal")
     deadline = time.monotonic() + 30

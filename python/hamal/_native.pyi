@@ -1,7 +1,7 @@
 """Type stub of the compiled data plane (rust/hamal-py). Checked against the module by
 tests/test_stub.py and mypy's stubtest."""
 
-from typing import Any, Optional, final
+from typing import Any, final
 
 __all__ = [
     "Config",
@@ -42,7 +42,7 @@ class Job:
     @property
     def finished(self) -> bool: ...
     def progress(self) -> dict[str, Any]: ...
-    def wait(self, timeout: Optional[float] = None) -> Optional[list[dict[str, Any]]]: ...
+    def wait(self, timeout: float | None = None) -> list[dict[str, Any]] | None: ...
     def cancel(self) -> None: ...
     def results(self) -> list[dict[str, Any]]: ...
 
@@ -68,9 +68,9 @@ def start_sync(
     writers: int = 2,
     queue_depth: int = 4,
     parallel_disks: int = 4,
-    checksum: Optional[str] = None,
+    checksum: str | None = None,
     release_cpu_ms_per_mb: int = 0,
-    bwlimit_bps: Optional[int] = None,
+    bwlimit_bps: int | None = None,
     io_mode: str = "auto",
     memory_budget: int = ...,
     fsync_period_s: float = 3.0,
@@ -79,12 +79,12 @@ def verify(
     source: str,
     target: str,
     *,
-    changed: Optional[list[tuple[int, int]]] = None,
+    changed: list[tuple[int, int]] | None = None,
     changed_origin: str = "changed list",
     chunk_size: int = ...,
     checksum: str = "blake3",
     io_mode: str = "auto",
 ) -> dict[str, Any]: ...
 def load_changed_file(path: str) -> list[tuple[int, int]]: ...
-def load_config(path: Optional[str] = None) -> Config: ...
-def io_uring_status() -> Optional[str]: ...
+def load_config(path: str | None = None) -> Config: ...
+def io_uring_status() -> str | None: ...

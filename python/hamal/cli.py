@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from hamal import _native, sync
 from hamal.config import load_config
@@ -40,16 +40,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--changed", metavar="FILE.json", help="JSON list of [offset, length] byte pairs to sync")
     s.add_argument("--disk-id", help="name of the disk in logs and summaries (default: the target)")
     s.add_argument("--chunk-size", type=_size, default=4 << 20, help="chunk grid (default 4M)")
-    s.add_argument("--readers", type=int, help="reader threads (default [data_sync_v2] pre_disk_readers_count)")
+    s.add_argument(
+        "--readers", type=int, help="reader threads (default [data_sync_v2] pre_disk_readers_count)"
+    )
     s.add_argument("--writers", type=int, default=2, help="writer threads (default 2)")
     s.add_argument("--queue-depth", type=int, default=4, help="I/O requests in flight per thread (default 4)")
-    s.add_argument("--checksum", choices=["blake3", "sha256"], help="hash every chunk; report a content digest")
-    s.add_argument("--platform", choices=sorted(sync.RELEASE_CPU_KEYS), help="take *_release_cpu_time from [period]")
+    s.add_argument(
+        "--checksum", choices=["blake3", "sha256"], help="hash every chunk; report a content digest"
+    )
+    s.add_argument(
+        "--platform", choices=sorted(sync.RELEASE_CPU_KEYS), help="take *_release_cpu_time from [period]"
+    )
     s.add_argument("--release-cpu-time", type=int, metavar="MS", help="ms of sleep per MB read (throttle)")
     s.add_argument("--bwlimit", type=_size, metavar="BYTES/S", help="read bandwidth cap, e.g. 100M")
-    s.add_argument("--io", choices=["auto", "uring", "pread"], default="auto", help="I/O back end (default auto)")
-    s.add_argument("--memory-budget", type=_size, default=256 << 20, help="in-flight buffer cap (default 256M)")
-    s.add_argument("--fsync-period", type=float, metavar="S", help="flush cadence (default fsync_period_frequency)")
+    s.add_argument(
+        "--io", choices=["auto", "uring", "pread"], default="auto", help="I/O back end (default auto)"
+    )
+    s.add_argument(
+        "--memory-budget", type=_size, default=256 << 20, help="in-flight buffer cap (default 256M)"
+    )
+    s.add_argument(
+        "--fsync-period", type=float, metavar="S", help="flush cadence (default fsync_period_frequency)"
+    )
     s.add_argument("--journal", help="resume journal path (default TARGET.hamal-journal)")
     s.add_argument("--json", action="store_true", help="print a machine-readable summary")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="configuration")
     csub = c.add_subparsers(dest="config_command", required=True)
     cc = csub.add_parser("check", help="print the effective config (secrets masked) or the error")
-    cc.add_argument("path", nargs="?", help="file to check (default: --config, $HAMAL_CONF, /etc/hamal/hamal.conf)")
+    cc.add_argument(
+        "path", nargs="?", help="file to check (default: --config, $HAMAL_CONF, /etc/hamal/hamal.conf)"
+    )
 
     d = sub.add_parser("demo", help="sync a generated sparse image, change it, sync the change, verify")
     d.add_argument("--dir", default="hamal-demo", help="working directory (default ./hamal-demo)")
@@ -79,7 +93,7 @@ def _setup_logging(verbose: int) -> None:
     logging.basicConfig(level=level, format="hamal: %(levelname)s: %(message)s", stream=sys.stderr)
 
 
-def _changed(path: Optional[str]) -> Optional[list[tuple[int, int]]]:
+def _changed(path: str | None) -> list[tuple[int, int]] | None:
     return _native.load_changed_file(path) if path else None
 
 
@@ -145,7 +159,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bad = report["mismatched_chunks"]
     if bad:
         offsets = ", ".join(str(o) for o in report["mismatch_offsets"])
-        print(f"hamal: {bad} of {report['chunks']} chunks differ; first at offsets {offsets}", file=sys.stderr)
+        print(
+            f"hamal: {bad} of {report['chunks']} chunks differ; first at offsets {offsets}", file=sys.stderr
+        )
         return EXIT_MISMATCH
     if not args.json:
         print(f"identical: {report['chunks']} chunks, {human(report['bytes_compared'])} compared")
@@ -169,7 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"sync": cmd_sync, "verify": cmd_verify, "config": cmd_config_check, "demo": cmd_demo}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
@@ -187,5 +203,3 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

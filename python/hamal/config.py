@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from hamal import _native
 
 log = logging.getLogger("hamal.config")
 
 
-def load_config(path: Optional[str] = None) -> _native.Config:
+def load_config(path: str | None = None) -> _native.Config:
     """Loads ``path``, else ``$HAMAL_CONF``, else ``/etc/hamal/hamal.conf``.
 
     A missing file means the defaults (said once, as a warning); unknown keys are warnings;

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from hamal import _native
 
@@ -30,7 +30,7 @@ def wait_with_progress(job: _native.Job, show: bool) -> Any:
             bar.close()
 
 
-def _make_bar() -> Optional[Any]:
+def _make_bar() -> Any | None:
     from tqdm import tqdm
 
     return tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="sync")

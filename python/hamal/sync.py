@@ -7,7 +7,7 @@ this module adds *how* (threads, cadence, throttles) from the config and starts 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from hamal import _native
 from hamal.errors import PlanError
@@ -21,17 +21,17 @@ class SyncOptions:
     """Engine settings; ``None`` means "from hamal.conf"."""
 
     chunk_size: int = 4 << 20
-    readers: Optional[int] = None
+    readers: int | None = None
     writers: int = 2
     queue_depth: int = 4
-    parallel_disks: Optional[int] = None
-    checksum: Optional[str] = None
-    platform: Optional[str] = None
-    release_cpu_ms_per_mb: Optional[int] = None
-    bwlimit_bps: Optional[int] = None
+    parallel_disks: int | None = None
+    checksum: str | None = None
+    platform: str | None = None
+    release_cpu_ms_per_mb: int | None = None
+    bwlimit_bps: int | None = None
     io_mode: str = "auto"
     memory_budget: int = 256 << 20
-    fsync_period_s: Optional[float] = None
+    fsync_period_s: float | None = None
 
     def engine_kwargs(self, cfg: _native.Config) -> dict[str, Any]:
         """Keyword arguments for ``start_sync``, with the config's values filled in and checked."""
@@ -53,7 +53,9 @@ class SyncOptions:
         if release is None:
             key = RELEASE_CPU_KEYS.get(self.platform or "")
             release = conf["period"][key] if key else 0
-        fsync = self.fsync_period_s if self.fsync_period_s is not None else float(v2["fsync_period_frequency"])
+        fsync = (
+            self.fsync_period_s if self.fsync_period_s is not None else float(v2["fsync_period_frequency"])
+        )
         return {
             "chunk_size": self.chunk_size,
             "readers": readers,
@@ -73,10 +75,10 @@ def disk(
     source: str,
     target: str,
     *,
-    disk_id: Optional[str] = None,
-    changed: Optional[list[tuple[int, int]]] = None,
-    changed_origin: Optional[str] = None,
-    journal: Optional[str] = None,
+    disk_id: str | None = None,
+    changed: list[tuple[int, int]] | None = None,
+    changed_origin: str | None = None,
+    journal: str | None = None,
 ) -> dict[str, Any]:
     """One disk of a plan. ``changed=None`` syncs every allocated extent (a full sync)."""
     return {
@@ -89,6 +91,8 @@ def disk(
     }
 
 
-def start(disks: list[dict[str, Any]], cfg: _native.Config, options: Optional[SyncOptions] = None) -> _native.Job:
+def start(
+    disks: list[dict[str, Any]], cfg: _native.Config, options: SyncOptions | None = None
+) -> _native.Job:
     """Starts a job; the returned handle has ``progress()``, ``wait(timeout)`` and ``cancel()``."""
     return _native.start_sync(disks, **(options or SyncOptions()).engine_kwargs(cfg))

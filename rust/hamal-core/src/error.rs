@@ -18,15 +18,29 @@ pub enum Error {
 
     /// The source disk could not be opened or read.
     #[error("source {path}: {what}{}: {source}", at(*.offset))]
-    Source { path: PathBuf, what: &'static str, offset: Option<u64>, source: io::Error },
+    Source {
+        path: PathBuf,
+        what: &'static str,
+        offset: Option<u64>,
+        source: io::Error,
+    },
 
     /// The target could not be opened, written or flushed.
     #[error("target {path}: {what}{}: {source}", at(*.offset))]
-    Target { path: PathBuf, what: &'static str, offset: Option<u64>, source: io::Error },
+    Target {
+        path: PathBuf,
+        what: &'static str,
+        offset: Option<u64>,
+        source: io::Error,
+    },
 
     /// The resume journal could not be read or written.
     #[error("journal {path}: {what}: {source}")]
-    Journal { path: PathBuf, what: &'static str, source: io::Error },
+    Journal {
+        path: PathBuf,
+        what: &'static str,
+        source: io::Error,
+    },
 
     /// `verify` found different content.
     #[error("{0}")]
@@ -42,19 +56,45 @@ pub enum Error {
 }
 
 fn at(offset: Option<u64>) -> String {
-    offset.map(|o| format!(" at offset {o}")).unwrap_or_default()
+    offset
+        .map(|o| format!(" at offset {o}"))
+        .unwrap_or_default()
 }
 
 impl Error {
-    pub fn source_io(path: impl Into<PathBuf>, what: &'static str, offset: Option<u64>, e: io::Error) -> Self {
-        Error::Source { path: path.into(), what, offset, source: e }
+    pub fn source_io(
+        path: impl Into<PathBuf>,
+        what: &'static str,
+        offset: Option<u64>,
+        e: io::Error,
+    ) -> Self {
+        Error::Source {
+            path: path.into(),
+            what,
+            offset,
+            source: e,
+        }
     }
 
-    pub fn target_io(path: impl Into<PathBuf>, what: &'static str, offset: Option<u64>, e: io::Error) -> Self {
-        Error::Target { path: path.into(), what, offset, source: e }
+    pub fn target_io(
+        path: impl Into<PathBuf>,
+        what: &'static str,
+        offset: Option<u64>,
+        e: io::Error,
+    ) -> Self {
+        Error::Target {
+            path: path.into(),
+            what,
+            offset,
+            source: e,
+        }
     }
 
     pub fn journal_io(path: impl Into<PathBuf>, what: &'static str, e: io::Error) -> Self {
-        Error::Journal { path: path.into(), what, source: e }
+        Error::Journal {
+            path: path.into(),
+            what,
+            source: e,
+        }
     }
 }

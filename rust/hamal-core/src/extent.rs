@@ -268,7 +268,10 @@ mod tests {
 
     #[test]
     fn merges_overlap_and_adjacency() {
-        assert_eq!(map(&[(10, 5), (0, 10), (12, 10), (30, 0)]).extents(), &[Extent::new(0, 22)]);
+        assert_eq!(
+            map(&[(10, 5), (0, 10), (12, 10), (30, 0)]).extents(),
+            &[Extent::new(0, 22)]
+        );
     }
 
     #[test]
@@ -276,8 +279,17 @@ mod tests {
         let m = map(&[(0, 4), (8, 4), (14, 6)]);
         let chunks: Vec<_> = m.chunks(16).collect();
         assert_eq!(chunks.len(), 2);
-        assert_eq!(chunks[0].ranges, vec![Extent::new(0, 4), Extent::new(8, 4), Extent::new(14, 2)]);
-        assert_eq!(chunks[1], ChunkWork { index: 1, ranges: vec![Extent::new(16, 4)] });
+        assert_eq!(
+            chunks[0].ranges,
+            vec![Extent::new(0, 4), Extent::new(8, 4), Extent::new(14, 2)]
+        );
+        assert_eq!(
+            chunks[1],
+            ChunkWork {
+                index: 1,
+                ranges: vec![Extent::new(16, 4)]
+            }
+        );
     }
 
     proptest! {

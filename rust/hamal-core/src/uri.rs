@@ -57,9 +57,18 @@ mod tests {
 
     #[test]
     fn parses_file_forms_and_rejects_unknown_schemes() {
-        assert_eq!(DiskUri::parse("/a/b").unwrap(), DiskUri::File("/a/b".into()));
-        assert_eq!(DiskUri::parse("file:/a/b").unwrap(), DiskUri::File("/a/b".into()));
-        assert_eq!(DiskUri::parse("file:///a/b").unwrap(), DiskUri::File("/a/b".into()));
+        assert_eq!(
+            DiskUri::parse("/a/b").unwrap(),
+            DiskUri::File("/a/b".into())
+        );
+        assert_eq!(
+            DiskUri::parse("file:/a/b").unwrap(),
+            DiskUri::File("/a/b".into())
+        );
+        assert_eq!(
+            DiskUri::parse("file:///a/b").unwrap(),
+            DiskUri::File("/a/b".into())
+        );
         let e = DiskUri::parse("nbd://127.0.0.1/x").unwrap_err().to_string();
         assert!(e.contains("'nbd'"), "{e}");
         assert!(DiskUri::parse("file:").is_err());

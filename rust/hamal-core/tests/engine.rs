@@ -13,9 +13,13 @@ fn make_disk(path: &Path, size: u64, seed: u64) {
     f.set_len(size).unwrap();
     let mut x = seed;
     for i in 0..size / MIB {
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         if x >> 62 == 0 || x >> 62 == 1 {
-            let block: Vec<u8> = (0..MIB).map(|j| ((j * 31 + i * 7 + seed) % 251) as u8).collect();
+            let block: Vec<u8> = (0..MIB)
+                .map(|j| ((j * 31 + i * 7 + seed) % 251) as u8)
+                .collect();
             f.write_all_at(&block, i * MIB).unwrap();
         }
     }
@@ -27,7 +31,10 @@ fn plan(src: &Path, dst: &Path, changed: Option<Vec<(i128, i128)>>, tuning: Tuni
             disk_id: "d0".into(),
             source: DiskUri::File(src.into()),
             target: DiskUri::File(dst.into()),
-            changed: changed.map(|pairs| ChangedList { pairs, origin: "test".into() }),
+            changed: changed.map(|pairs| ChangedList {
+                pairs,
+                origin: "test".into(),
+            }),
             journal: None,
         }],
         tuning,
@@ -49,16 +56,36 @@ fn full_then_incremental_is_identical_and_sparse() {
     for io_mode in [IoMode::Auto, IoMode::Pread] {
         let (_d, src, dst) = tmp();
         make_disk(&src, 64 * MIB, 1);
-        let tuning = Tuning { chunk_size: MIB, io_mode, checksum: Some(ChecksumKind::Blake3), ..Default::default() };
+        let tuning = Tuning {
+            chunk_size: MIB,
+            io_mode,
+            checksum: Some(ChecksumKind::Blake3),
+            ..Default::default()
+        };
         let out = Job::run(plan(&src, &dst, None, tuning.clone())).unwrap();
         let s = out[0].as_ref().unwrap();
         assert!(same(&src, &dst));
-        assert_eq!(s.bytes_written, File::open(&src).unwrap().metadata().unwrap().blocks() * 512);
-        let (bd, bs) = (std::fs::metadata(&dst).unwrap().blocks(), std::fs::metadata(&src).unwrap().blocks());
+        assert_eq!(
+            s.bytes_written,
+            File::open(&src).unwrap().metadata().unwrap().blocks() * 512
+        );
+        let (bd, bs) = (
+            std::fs::metadata(&dst).unwrap().blocks(),
+            std::fs::metadata(&src).unwrap().blocks(),
+        );
         // File-system metadata (extent tree blocks) may add a few blocks.
-        assert!(bd <= bs + bs / 100 + 64, "target allocates {bd} blocks, source {bs}");
+        assert!(
+            bd <= bs + bs / 100 + 64,
+            "target allocates {bd} blocks, source {bs}"
+        );
         // The sync's content digest equals verify's over the same extents.
-        let rep = verify(&DiskUri::File(src.clone()), &DiskUri::File(dst.clone()), None, &tuning).unwrap();
+        let rep = verify(
+            &DiskUri::File(src.clone()),
+            &DiskUri::File(dst.clone()),
+            None,
+            &tuning,
+        )
+        .unwrap();
         assert_eq!(rep.mismatched_chunks, 0);
         assert_eq!(Some(rep.content_digest), s.content_digest);
 
@@ -66,7 +93,10 @@ fn full_then_incremental_is_identical_and_sparse() {
         let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
         f.write_all_at(&[0xEE; 10_000], 5 * MIB + 100).unwrap();
         f.write_all_at(&vec![0u8; MIB as usize], 20 * MIB).unwrap();
-        let changed = vec![(5 * MIB as i128 + 100, 10_000), (20 * MIB as i128, MIB as i128)];
+        let changed = vec![
+            (5 * MIB as i128 + 100, 10_000),
+            (20 * MIB as i128, MIB as i128),
+        ];
         let out = Job::run(plan(&src, &dst, Some(changed), tuning.clone())).unwrap();
         let s = out[0].as_ref().unwrap();
         assert_eq!(s.bytes_total, 10_000 + MIB);
@@ -94,12 +124,31 @@ fn cancel_then_rerun_resumes_from_the_journal() {
     let err = job.outcomes()[0].clone().unwrap().unwrap_err();
     assert!(matches!(*err, hamal_core::Error::Cancelled), "{err}");
     assert!(dst.with_extension("raw.hamal-journal").exists());
-    let out = Job::run(plan(&src, &dst, None, Tuning { chunk_size: MIB, ..Default::default() })).unwrap();
+    let out = Job::run(plan(
+        &src,
+        &dst,
+        None,
+        Tuning {
+            chunk_size: MIB,
+            ..Default::default()
+        },
+    ))
+    .unwrap();
     let s = out[0].as_ref().unwrap();
-    assert!(s.bytes_resumed >= 20 * MIB, "resumed only {}", s.bytes_resumed);
-    assert_eq!(s.bytes_resumed + s.bytes_written + s.bytes_zero, s.bytes_total);
+    assert!(
+        s.bytes_resumed >= 20 * MIB,
+        "resumed only {}",
+        s.bytes_resumed
+    );
+    assert_eq!(
+        s.bytes_resumed + s.bytes_written + s.bytes_zero,
+        s.bytes_total
+    );
     assert!(same(&src, &dst));
-    assert!(!dst.with_extension("raw.hamal-journal").exists(), "journal removed at commit");
+    assert!(
+        !dst.with_extension("raw.hamal-journal").exists(),
+        "journal removed at commit"
+    );
 }
 
 #[test]
@@ -118,7 +167,9 @@ fn full_sync_over_a_stale_target_zeroes_source_holes() {
     let (_d, src, dst) = tmp();
     make_disk(&src, 16 * MIB, 4);
     std::fs::write(&dst, vec![0x55u8; 16 * MIB as usize]).unwrap();
-    Job::run(plan(&src, &dst, None, Tuning::default())).unwrap()[0].as_ref().unwrap();
+    Job::run(plan(&src, &dst, None, Tuning::default())).unwrap()[0]
+        .as_ref()
+        .unwrap();
     assert!(same(&src, &dst));
 }
 
@@ -127,14 +178,29 @@ fn several_disks_in_parallel() {
     let d = tempfile::tempdir().unwrap();
     let mut disks = Vec::new();
     for i in 0..3 {
-        let (s, t) = (d.path().join(format!("s{i}")), d.path().join(format!("t{i}")));
+        let (s, t) = (
+            d.path().join(format!("s{i}")),
+            d.path().join(format!("t{i}")),
+        );
         make_disk(&s, 8 * MIB, 10 + i);
-        disks.push(DiskPlan { disk_id: format!("d{i}"), source: DiskUri::File(s), target: DiskUri::File(t), changed: None, journal: None });
+        disks.push(DiskPlan {
+            disk_id: format!("d{i}"),
+            source: DiskUri::File(s),
+            target: DiskUri::File(t),
+            changed: None,
+            journal: None,
+        });
     }
-    let tuning = Tuning { parallel_disks: 2, ..Default::default() };
+    let tuning = Tuning {
+        parallel_disks: 2,
+        ..Default::default()
+    };
     let out = Job::run(JobPlan { disks, tuning }).unwrap();
     assert!(out.iter().all(|o| o.is_ok()));
     for i in 0..3 {
-        assert!(same(&d.path().join(format!("s{i}")), &d.path().join(format!("t{i}"))));
+        assert!(same(
+            &d.path().join(format!("s{i}")),
+            &d.path().join(format!("t{i}"))
+        ));
     }
 }

@@ -59,7 +59,12 @@ impl Config {
         let c = &self.loaded.config;
         c.sections()
             .into_iter()
-            .flat_map(|(s, entries)| entries.into_iter().filter(move |e| c.is_secret(s, e.key)).map(move |e| (s.to_owned(), e.key.to_owned())))
+            .flat_map(|(s, entries)| {
+                entries
+                    .into_iter()
+                    .filter(move |e| c.is_secret(s, e.key))
+                    .map(move |e| (s.to_owned(), e.key.to_owned()))
+            })
             .collect()
     }
 }

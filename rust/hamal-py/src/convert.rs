@@ -11,7 +11,8 @@ use std::time::Duration;
 
 /// Converts any serde-serializable value (summaries, progress) into Python objects.
 pub fn to_py<T: serde::Serialize>(py: Python<'_>, v: &T) -> PyResult<Py<PyAny>> {
-    let value = serde_json::to_value(v).map_err(|e| PlanError::new_err(format!("internal: {e}")))?;
+    let value =
+        serde_json::to_value(v).map_err(|e| PlanError::new_err(format!("internal: {e}")))?;
     json_to_py(py, &value)
 }
 
@@ -23,7 +24,12 @@ fn json_to_py(py: Python<'_>, v: &serde_json::Value) -> PyResult<Py<PyAny>> {
         V::Number(n) => match (n.as_u64(), n.as_i64()) {
             (Some(u), _) => u.into_pyobject(py)?.into_any().unbind(),
             (None, Some(i)) => i.into_pyobject(py)?.into_any().unbind(),
-            _ => n.as_f64().unwrap_or(f64::NAN).into_pyobject(py)?.into_any().unbind(),
+            _ => n
+                .as_f64()
+                .unwrap_or(f64::NAN)
+                .into_pyobject(py)?
+                .into_any()
+                .unbind(),
         },
         V::String(s) => s.into_pyobject(py)?.into_any().unbind(),
         V::Array(a) => {
@@ -47,7 +53,10 @@ where
     match d.get_item(key)? {
         None => Ok(None),
         Some(v) if v.is_none() => Ok(None),
-        Some(v) => v.extract().map(Some).map_err(|e| PlanError::new_err(format!("disk {i}: key '{key}': {e}"))),
+        Some(v) => v
+            .extract()
+            .map(Some)
+            .map_err(|e| PlanError::new_err(format!("disk {i}: key '{key}': {e}"))),
     }
 }
 
@@ -55,12 +64,18 @@ where
 /// `changed` (list of `[offset, length]`), `changed_origin`, `journal`.
 pub fn disk_plan(d: &Bound<'_, PyDict>, i: usize) -> PyResult<DiskPlan> {
     let need = |key: &str| -> PyResult<String> {
-        item::<String>(d, key, i)?.ok_or_else(|| PlanError::new_err(format!("disk {i}: missing key '{key}'")))
+        item::<String>(d, key, i)?
+            .ok_or_else(|| PlanError::new_err(format!("disk {i}: missing key '{key}'")))
     };
-    let uri = |key: &str| -> PyResult<DiskUri> { DiskUri::parse(&need(key)?).map_err(|e| crate::errors::to_py(&e)) };
+    let uri = |key: &str| -> PyResult<DiskUri> {
+        DiskUri::parse(&need(key)?).map_err(|e| crate::errors::to_py(&e))
+    };
     let changed = item::<Vec<(i128, i128)>>(d, "changed", i)?.map(|pairs| ChangedList {
         pairs,
-        origin: item::<String>(d, "changed_origin", i).ok().flatten().unwrap_or_else(|| "changed list".into()),
+        origin: item::<String>(d, "changed_origin", i)
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "changed list".into()),
     });
     Ok(DiskPlan {
         disk_id: item::<String>(d, "disk_id", i)?.unwrap_or_else(|| format!("disk{i}")),
@@ -72,7 +87,6 @@ pub fn disk_plan(d: &Bound<'_, PyDict>, i: usize) -> PyResult<DiskPlan> {
 }
 
 /// Engine settings from keyword arguments (already defaulted by the signature).
-#[allow(clippy::too_many_arguments)]
 pub fn tuning(
     chunk_size: u64,
     readers: u32,
@@ -87,11 +101,21 @@ pub fn tuning(
     fsync_period_s: f64,
 ) -> PyResult<Tuning> {
     let checksum = checksum
-        .map(|c| ChecksumKind::parse(c).ok_or_else(|| PlanError::new_err(format!("unknown checksum '{c}': use blake3 or sha256"))))
+        .map(|c| {
+            ChecksumKind::parse(c).ok_or_else(|| {
+                PlanError::new_err(format!("unknown checksum '{c}': use blake3 or sha256"))
+            })
+        })
         .transpose()?;
-    let io_mode = IoMode::parse(io_mode).ok_or_else(|| PlanError::new_err(format!("unknown io mode '{io_mode}': use auto, uring or pread")))?;
+    let io_mode = IoMode::parse(io_mode).ok_or_else(|| {
+        PlanError::new_err(format!(
+            "unknown io mode '{io_mode}': use auto, uring or pread"
+        ))
+    })?;
     if !(fsync_period_s > 0.0 && fsync_period_s.is_finite()) {
-        return Err(PlanError::new_err(format!("fsync period {fsync_period_s} must be a positive number of seconds")));
+        return Err(PlanError::new_err(format!(
+            "fsync period {fsync_period_s} must be a positive number of seconds"
+        )));
     }
     Ok(Tuning {
         chunk_size,

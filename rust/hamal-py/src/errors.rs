@@ -5,15 +5,60 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
-create_exception!(_native, HamalError, PyException, "Base of every error raised by hamal.");
-create_exception!(_native, ConfigError, HamalError, "hamal.conf could not be read or holds a bad value.");
-create_exception!(_native, PlanError, HamalError, "Invalid plan or input; nothing was touched.");
-create_exception!(_native, SourceError, HamalError, "The source disk could not be opened or read.");
-create_exception!(_native, TargetError, HamalError, "The target could not be opened, written or flushed.");
-create_exception!(_native, JournalError, HamalError, "The resume journal could not be read or written.");
-create_exception!(_native, MismatchError, HamalError, "Verification found different content.");
-create_exception!(_native, SyncCancelled, HamalError, "The job was cancelled; finished chunks are kept for a resume.");
-create_exception!(_native, InternalError, HamalError, "A bug in hamal; please report it.");
+create_exception!(
+    _native,
+    HamalError,
+    PyException,
+    "Base of every error raised by hamal."
+);
+create_exception!(
+    _native,
+    ConfigError,
+    HamalError,
+    "hamal.conf could not be read or holds a bad value."
+);
+create_exception!(
+    _native,
+    PlanError,
+    HamalError,
+    "Invalid plan or input; nothing was touched."
+);
+create_exception!(
+    _native,
+    SourceError,
+    HamalError,
+    "The source disk could not be opened or read."
+);
+create_exception!(
+    _native,
+    TargetError,
+    HamalError,
+    "The target could not be opened, written or flushed."
+);
+create_exception!(
+    _native,
+    JournalError,
+    HamalError,
+    "The resume journal could not be read or written."
+);
+create_exception!(
+    _native,
+    MismatchError,
+    HamalError,
+    "Verification found different content."
+);
+create_exception!(
+    _native,
+    SyncCancelled,
+    HamalError,
+    "The job was cancelled; finished chunks are kept for a resume."
+);
+create_exception!(
+    _native,
+    InternalError,
+    HamalError,
+    "A bug in hamal; please report it."
+);
 
 pub fn to_py(e: &Error) -> PyErr {
     let msg = e.to_string();

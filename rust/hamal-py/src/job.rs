@@ -34,7 +34,9 @@ impl Job {
         loop {
             // Wait in short slices so Ctrl-C reaches Python promptly.
             let slice = match deadline {
-                Some(d) => d.saturating_duration_since(Instant::now()).min(Duration::from_millis(200)),
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(200)),
                 None => Duration::from_millis(200),
             };
             if py.detach(|| self.inner.wait(Some(slice))) {
@@ -88,7 +90,6 @@ impl Job {
 #[pyo3(signature = (disks, *, chunk_size=4*1024*1024, readers=2, writers=2, queue_depth=4, parallel_disks=4,
     checksum=None, release_cpu_ms_per_mb=0, bwlimit_bps=None, io_mode="auto", memory_budget=256*1024*1024,
     fsync_period_s=3.0))]
-#[allow(clippy::too_many_arguments)]
 pub fn start_sync(
     disks: Vec<Bound<'_, PyDict>>,
     chunk_size: u64,
@@ -104,10 +105,23 @@ pub fn start_sync(
     fsync_period_s: f64,
 ) -> PyResult<Job> {
     let tuning = convert::tuning(
-        chunk_size, readers, writers, queue_depth, parallel_disks, checksum, release_cpu_ms_per_mb, bwlimit_bps,
-        io_mode, memory_budget, fsync_period_s,
+        chunk_size,
+        readers,
+        writers,
+        queue_depth,
+        parallel_disks,
+        checksum,
+        release_cpu_ms_per_mb,
+        bwlimit_bps,
+        io_mode,
+        memory_budget,
+        fsync_period_s,
     )?;
-    let disks = disks.iter().enumerate().map(|(i, d)| convert::disk_plan(d, i)).collect::<PyResult<Vec<_>>>()?;
+    let disks = disks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| convert::disk_plan(d, i))
+        .collect::<PyResult<Vec<_>>>()?;
     let inner = engine::Job::start(JobPlan { disks, tuning }).map_err(|e| errors::to_py(&e))?;
     Ok(Job { inner })
 }
@@ -126,18 +140,39 @@ pub fn verify(
     checksum: &str,
     io_mode: &str,
 ) -> PyResult<Py<PyAny>> {
-    let tuning = convert::tuning(chunk_size, 1, 1, 1, 1, Some(checksum), 0, None, io_mode, 2 * chunk_size, 1.0)?;
+    let tuning = convert::tuning(
+        chunk_size,
+        1,
+        1,
+        1,
+        1,
+        Some(checksum),
+        0,
+        None,
+        io_mode,
+        2 * chunk_size,
+        1.0,
+    )?;
     let to_py_err = |e: hamal_core::Error| errors::to_py(&e);
-    let (s, t) = (hamal_core::uri::DiskUri::parse(source).map_err(to_py_err)?, hamal_core::uri::DiskUri::parse(target).map_err(to_py_err)?);
-    let changed = changed.map(|pairs| engine::ChangedList { pairs, origin: changed_origin.to_owned() });
-    let report = py.detach(|| engine::verify(&s, &t, changed.as_ref(), &tuning)).map_err(to_py_err)?;
+    let (s, t) = (
+        hamal_core::uri::DiskUri::parse(source).map_err(to_py_err)?,
+        hamal_core::uri::DiskUri::parse(target).map_err(to_py_err)?,
+    );
+    let changed = changed.map(|pairs| engine::ChangedList {
+        pairs,
+        origin: changed_origin.to_owned(),
+    });
+    let report = py
+        .detach(|| engine::verify(&s, &t, changed.as_ref(), &tuning))
+        .map_err(to_py_err)?;
     convert::to_py(py, &report)
 }
 
 /// Parses a changed-extent JSON file into `[(offset, length), ...]`; errors name the file.
 #[pyfunction]
 pub fn load_changed_file(path: &str) -> PyResult<Vec<(i128, i128)>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| errors::PlanError::new_err(format!("{path}: cannot read changed list: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        errors::PlanError::new_err(format!("{path}: cannot read changed list: {e}"))
+    })?;
     engine::parse_changed_json(&text, path).map_err(|e| errors::to_py(&e))
 }

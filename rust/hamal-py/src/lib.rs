@@ -2,6 +2,9 @@
 //! this boundary; disk blocks never do. Engine events go through `tracing` to Python's
 //! `logging` (loggers under `hamal.`).
 
+// Python keyword arguments become Rust parameters one to one.
+#![allow(clippy::too_many_arguments)]
+
 mod config;
 mod convert;
 mod errors;

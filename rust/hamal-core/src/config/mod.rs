@@ -37,24 +37,48 @@ pub fn load(path: &Path) -> Result<Loaded> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Loaded { config: Config::default(), path: path.to_owned(), found: false, warnings: vec![] });
+            return Ok(Loaded {
+                config: Config::default(),
+                path: path.to_owned(),
+                found: false,
+                warnings: vec![],
+            });
         }
-        Err(e) => return Err(Error::Config(format!("{}: cannot read: {e}", path.display()))),
+        Err(e) => {
+            return Err(Error::Config(format!(
+                "{}: cannot read: {e}",
+                path.display()
+            )))
+        }
     };
     let (config, warnings) = parse(&text, &path.display().to_string())?;
-    Ok(Loaded { config, path: path.to_owned(), found: true, warnings })
+    Ok(Loaded {
+        config,
+        path: path.to_owned(),
+        found: true,
+        warnings,
+    })
 }
 
 /// Parses config text; `origin` names the file in messages.
 pub fn parse(text: &str, origin: &str) -> Result<(Config, Vec<String>)> {
-    let ini = ini::Ini::load_from_str_opt(text, ini::ParseOption { enabled_quote: false, enabled_escape: false, ..Default::default() })
-        .map_err(|e| Error::Config(format!("{origin}: not a valid INI file: {e}")))?;
+    let ini = ini::Ini::load_from_str_opt(
+        text,
+        ini::ParseOption {
+            enabled_quote: false,
+            enabled_escape: false,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| Error::Config(format!("{origin}: not a valid INI file: {e}")))?;
     let mut config = Config::default();
     let mut warnings = Vec::new();
     for (section, props) in ini.iter() {
         let Some(section) = section else {
             for (key, _) in props.iter() {
-                warnings.push(format!("{origin}: key '{key}' is outside any section and is ignored"));
+                warnings.push(format!(
+                    "{origin}: key '{key}' is outside any section and is ignored"
+                ));
             }
             continue;
         };
@@ -66,15 +90,25 @@ pub fn parse(text: &str, origin: &str) -> Result<(Config, Vec<String>)> {
             let value = strip_inline_comment(raw);
             match config.set(section, key, value) {
                 Ok(true) => {}
-                Ok(false) => warnings.push(format!("{origin}: unknown key '{key}' in [{section}] is ignored")),
+                Ok(false) => warnings.push(format!(
+                    "{origin}: unknown key '{key}' in [{section}] is ignored"
+                )),
                 Err(expected) => {
-                    let shown = if config.is_secret(section, key) { "<hidden>".to_string() } else { format!("'{value}'") };
-                    return Err(Error::Config(format!("{origin}: [{section}] {key} = {shown}: expected {expected}")));
+                    let shown = if config.is_secret(section, key) {
+                        "<hidden>".to_string()
+                    } else {
+                        format!("'{value}'")
+                    };
+                    return Err(Error::Config(format!(
+                        "{origin}: [{section}] {key} = {shown}: expected {expected}"
+                    )));
                 }
             }
         }
     }
-    config.check_relations().map_err(|msg| Error::Config(format!("{origin}: {msg}")))?;
+    config
+        .check_relations()
+        .map_err(|msg| Error::Config(format!("{origin}: {msg}")))?;
     Ok((config, warnings))
 }
 
@@ -85,7 +119,9 @@ fn strip_inline_comment(raw: &str) -> &str {
         None => raw,
     };
     let v = v.trim();
-    v.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(v)
+    v.strip_prefix('"')
+        .and_then(|s| s.strip_suffix('"'))
+        .unwrap_or(v)
 }
 
 #[cfg(test)]

@@ -61,7 +61,10 @@ fn manual_example_parses_to_its_values_without_warnings() {
     let (c, warnings) = parse(MANUAL, "hamal.conf").unwrap();
     assert!(warnings.is_empty(), "{warnings:?}");
     assert_eq!(c.mass.auth_key.0, "315d65ca-ef28-4e63-ad72-1260a91adf23");
-    assert_eq!(c.mass.mass_endpoint, "https://127.0.0.1:10443/hypermotion/v1");
+    assert_eq!(
+        c.mass.mass_endpoint,
+        "https://127.0.0.1:10443/hypermotion/v1"
+    );
     assert!(c.mass.enable_heartbeat_msg);
     assert_eq!(c.fusion_compute.local_host_ip, "");
     assert!(!c.default.debug);
@@ -78,25 +81,70 @@ fn render_masks_the_secret_and_round_trips() {
     let text = c.render();
     assert!(!text.contains("315d65ca"), "{text}");
     assert!(text.contains("auth_key = ********"));
-    let (again, _) = parse(&text.replace("********", "315d65ca-ef28-4e63-ad72-1260a91adf23"), "x").unwrap();
+    let (again, _) = parse(
+        &text.replace("********", "315d65ca-ef28-4e63-ad72-1260a91adf23"),
+        "x",
+    )
+    .unwrap();
     assert_eq!(again, c);
 }
 
 #[test]
 fn bad_values_name_file_section_key_value_and_expectation() {
     for (section, line, want) in [
-        ("DEFAULT", "debug = maybe", "[DEFAULT] debug = 'maybe': expected a boolean"),
-        ("period", "interval = 0", "[period] interval = '0': expected a whole number in 1..=86400"),
-        ("period", "interval = soon", "[period] interval = 'soon': expected a whole number"),
-        ("mass", "mass_endpoint = ftp://x", "expected an http:// or https:// URL"),
-        ("DEFAULT", "log_rotation_type = daily", "expected one of: size"),
-        ("fusion_compute", "local_host_ip = 10.0.0.300", "expected an IP address or empty"),
-        ("DEFAULT", "hamal_lib_dir = relative/dir", "expected an absolute path"),
-        ("data_sync_v2", "parallel_sync_disks_count = 17", "parallel_sync_disks_count = 17 must be <= max_parallel_sync_disks_count = 16"),
-        ("data_sync_v2", "pre_disk_readers_count = 20\nmax_pre_disk_readers_count = 8", "pre_disk_readers_count = 20 must be <="),
+        (
+            "DEFAULT",
+            "debug = maybe",
+            "[DEFAULT] debug = 'maybe': expected a boolean",
+        ),
+        (
+            "period",
+            "interval = 0",
+            "[period] interval = '0': expected a whole number in 1..=86400",
+        ),
+        (
+            "period",
+            "interval = soon",
+            "[period] interval = 'soon': expected a whole number",
+        ),
+        (
+            "mass",
+            "mass_endpoint = ftp://x",
+            "expected an http:// or https:// URL",
+        ),
+        (
+            "DEFAULT",
+            "log_rotation_type = daily",
+            "expected one of: size",
+        ),
+        (
+            "fusion_compute",
+            "local_host_ip = 10.0.0.300",
+            "expected an IP address or empty",
+        ),
+        (
+            "DEFAULT",
+            "hamal_lib_dir = relative/dir",
+            "expected an absolute path",
+        ),
+        (
+            "data_sync_v2",
+            "parallel_sync_disks_count = 17",
+            "parallel_sync_disks_count = 17 must be <= max_parallel_sync_disks_count = 16",
+        ),
+        (
+            "data_sync_v2",
+            "pre_disk_readers_count = 20\nmax_pre_disk_readers_count = 8",
+            "pre_disk_readers_count = 20 must be <=",
+        ),
     ] {
-        let e = parse(&format!("[{section}]\n{line}\n"), "/etc/hamal/hamal.conf").unwrap_err().to_string();
-        assert!(e.starts_with("/etc/hamal/hamal.conf: ") && e.contains(want), "{line}: {e}");
+        let e = parse(&format!("[{section}]\n{line}\n"), "/etc/hamal/hamal.conf")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/etc/hamal/hamal.conf: ") && e.contains(want),
+            "{line}: {e}"
+        );
     }
 }
 

@@ -8,7 +8,11 @@ pub struct Secret(pub String);
 
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "<hidden>" })
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "<hidden>"
+        })
     }
 }
 
@@ -56,7 +60,11 @@ impl ConfigValue for Secret {
         Ok(Secret(raw.to_string()))
     }
     fn show(&self) -> String {
-        if self.0.is_empty() { String::new() } else { "********".into() }
+        if self.0.is_empty() {
+            String::new()
+        } else {
+            "********".into()
+        }
     }
     const SECRET: bool = true;
 }
@@ -64,16 +72,26 @@ impl ConfigValue for Secret {
 /// Checks used in the schema table.
 pub mod check {
     pub fn range(lo: u64, hi: u64) -> impl Fn(&u64) -> Result<(), String> {
-        move |v| if (lo..=hi).contains(v) { Ok(()) } else { Err(format!("a whole number in {lo}..={hi}")) }
-    }
-
-    pub fn one_of(options: &'static [&'static str]) -> impl Fn(&String) -> Result<(), String> {
         move |v| {
-            if options.contains(&v.as_str()) { Ok(()) } else { Err(format!("one of: {}", options.join(", "))) }
+            if (lo..=hi).contains(v) {
+                Ok(())
+            } else {
+                Err(format!("a whole number in {lo}..={hi}"))
+            }
         }
     }
 
-    pub fn url_or_empty(v: &String) -> Result<(), String> {
+    pub fn one_of(options: &'static [&'static str]) -> impl Fn(&str) -> Result<(), String> {
+        move |v| {
+            if options.contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("one of: {}", options.join(", ")))
+            }
+        }
+    }
+
+    pub fn url_or_empty(v: &str) -> Result<(), String> {
         if v.is_empty() || v.starts_with("https://") || v.starts_with("http://") {
             Ok(())
         } else {
@@ -81,7 +99,7 @@ pub mod check {
         }
     }
 
-    pub fn ip_or_empty(v: &String) -> Result<(), String> {
+    pub fn ip_or_empty(v: &str) -> Result<(), String> {
         if v.is_empty() || v.parse::<std::net::IpAddr>().is_ok() {
             Ok(())
         } else {
@@ -89,7 +107,11 @@ pub mod check {
         }
     }
 
-    pub fn absolute_path(v: &String) -> Result<(), String> {
-        if v.starts_with('/') { Ok(()) } else { Err("an absolute path".into()) }
+    pub fn absolute_path(v: &str) -> Result<(), String> {
+        if v.starts_with('/') {
+            Ok(())
+        } else {
+            Err("an absolute path".into())
+        }
     }
 }

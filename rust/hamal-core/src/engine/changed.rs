@@ -9,15 +9,23 @@ pub fn parse_changed_json(text: &str, origin: &str) -> Result<Vec<(i128, i128)>>
     let bad = |msg: String| Error::Plan(format!("{origin}: {msg}"));
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let list = value.as_array().ok_or_else(|| bad("expected a JSON list of [offset, length] pairs".into()))?;
+    let list = value
+        .as_array()
+        .ok_or_else(|| bad("expected a JSON list of [offset, length] pairs".into()))?;
     list.iter()
         .enumerate()
         .map(|(i, item)| {
             let pair = item.as_array().filter(|p| p.len() == 2);
-            let num = |v: &serde_json::Value| v.as_i64().map(i128::from).or_else(|| v.as_u64().map(i128::from));
+            let num = |v: &serde_json::Value| {
+                v.as_i64()
+                    .map(i128::from)
+                    .or_else(|| v.as_u64().map(i128::from))
+            };
             match pair.map(|p| (num(&p[0]), num(&p[1]))) {
                 Some((Some(o), Some(l))) => Ok((o, l)),
-                _ => Err(bad(format!("entry {i} is {item}, expected [offset, length] with two integers"))),
+                _ => Err(bad(format!(
+                    "entry {i} is {item}, expected [offset, length] with two integers"
+                ))),
             }
         })
         .collect()
@@ -29,7 +37,9 @@ pub fn validate_changed(pairs: &[(i128, i128)], disk_size: u64, origin: &str) ->
     let mut extents = Vec::with_capacity(pairs.len());
     for (i, &(offset, len)) in pairs.iter().enumerate() {
         if offset < 0 || len < 0 {
-            return Err(bad(format!("entry {i} [{offset}, {len}] has a negative offset or length")));
+            return Err(bad(format!(
+                "entry {i} [{offset}, {len}] has a negative offset or length"
+            )));
         }
         if len == 0 {
             return Err(bad(format!("entry {i} [{offset}, 0] has zero length")));

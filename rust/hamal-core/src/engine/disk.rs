@@ -88,12 +88,17 @@ fn open_target(uri: &DiskUri, size: u64, t: &Tuning) -> Result<Box<dyn Target>> 
 /// Fingerprint of everything a journal's entries depend on.
 fn fingerprint(source: &dyn Source, target: &dyn Target, t: &Tuning, data: &ExtentMap) -> Digest {
     let mut h = blake3::Hasher::new();
-    for part in [source.identity(), target.describe(), t.checksum.map_or("none", |c| c.name()).to_owned()] {
+    for part in [
+        source.identity(),
+        target.describe(),
+        t.checksum.map_or("none", |c| c.name()).to_owned(),
+    ] {
         h.update(part.as_bytes()).update(&[0]);
     }
     h.update(&t.chunk_size.to_le_bytes());
     for e in data.extents() {
-        h.update(&e.offset.to_le_bytes()).update(&e.len.to_le_bytes());
+        h.update(&e.offset.to_le_bytes())
+            .update(&e.len.to_le_bytes());
     }
     *h.finalize().as_bytes()
 }
@@ -118,11 +123,20 @@ impl DiskRun<'_> {
             None => (source.allocated()?, true),
         };
         let target = open_target(&plan.target, size, t)?;
-        let holes = if full && !target.is_fresh() { ExtentMap::whole(size).subtract(&data) } else { ExtentMap::new() };
-        let journal = Journal::open(&plan.journal_path(), &fingerprint(&*source, &*target, t, &data), size.div_ceil(t.chunk_size))?;
+        let holes = if full && !target.is_fresh() {
+            ExtentMap::whole(size).subtract(&data)
+        } else {
+            ExtentMap::new()
+        };
+        let journal = Journal::open(
+            &plan.journal_path(),
+            &fingerprint(&*source, &*target, t, &data),
+            size.div_ceil(t.chunk_size),
+        )?;
         let p = self.progress;
         p.bytes_total.store(data.total_len(), Relaxed);
-        p.chunks_total.store(data.chunk_count(t.chunk_size), Relaxed);
+        p.chunks_total
+            .store(data.chunk_count(t.chunk_size), Relaxed);
         if journal.resumed_chunks > 0 {
             tracing::info!(disk = %plan.disk_id, chunks = journal.resumed_chunks, "resuming from journal");
         }
@@ -167,10 +181,17 @@ impl DiskRun<'_> {
 
     /// Runs readers and writers until every chunk is done, then flushes. Returns the name of
     /// the I/O back end used.
-    fn pipeline(&self, source: &dyn Source, target: &dyn Target, data: &ExtentMap, durable: &Mutex<Durability>) -> Result<&'static str> {
+    fn pipeline(
+        &self,
+        source: &dyn Source,
+        target: &dyn Target,
+        data: &ExtentMap,
+        durable: &Mutex<Durability>,
+    ) -> Result<&'static str> {
         let t = self.tuning;
         let per_thread = t.readers + t.writers;
-        let buffers = (self.memory_budget / t.chunk_size).clamp(2, u64::from(per_thread * t.queue_depth + 2));
+        let buffers =
+            (self.memory_budget / t.chunk_size).clamp(2, u64::from(per_thread * t.queue_depth + 2));
         let pool = BufferPool::new(t.chunk_size as usize, buffers as usize);
         let done = durable.lock().unwrap().journal.done_set();
         let work = Mutex::new(data.chunks(t.chunk_size));
@@ -270,7 +291,10 @@ impl DiskRun<'_> {
                 let mut rest = &mut buf[..];
                 for r in &c.ranges {
                     let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len as usize);
-                    reqs.push(ReadReq { offset: r.offset, buf: head });
+                    reqs.push(ReadReq {
+                        offset: r.offset,
+                        buf: head,
+                    });
                     rest = tail;
                 }
             }
@@ -281,7 +305,15 @@ impl DiskRun<'_> {
                 let zero = is_zero(&buf[..len]);
                 let digest = t.checksum.map_or([0; 32], |k| k.digest([&buf[..len]]));
                 release_cpu(t.release_cpu_ms_per_mb, len as u64);
-                if tx.send(Filled { work, buf, zero, digest }).is_err() {
+                if tx
+                    .send(Filled {
+                        work,
+                        buf,
+                        zero,
+                        digest,
+                    })
+                    .is_err()
+                {
                     return Ok(());
                 }
             }
@@ -320,7 +352,10 @@ impl DiskRun<'_> {
             for f in batch.iter().filter(|f| !f.zero) {
                 let mut pos = 0usize;
                 for r in &f.work.ranges {
-                    reqs.push(WriteReq { offset: r.offset, buf: &f.buf[pos..pos + r.len as usize] });
+                    reqs.push(WriteReq {
+                        offset: r.offset,
+                        buf: &f.buf[pos..pos + r.len as usize],
+                    });
                     pos += r.len as usize;
                 }
             }
@@ -362,7 +397,9 @@ pub(crate) fn run_disk(run: DiskRun<'_>) -> Result<DiskSummary> {
         Err(_) => DiskState::Failed,
     });
     match &out {
-        Ok(s) => tracing::info!(disk = %s.disk_id, bytes = s.bytes_written, zero = s.bytes_zero, resumed = s.bytes_resumed, seconds = s.seconds, "disk synced"),
+        Ok(s) => {
+            tracing::info!(disk = %s.disk_id, bytes = s.bytes_written, zero = s.bytes_zero, resumed = s.bytes_resumed, seconds = s.seconds, "disk synced")
+        }
         Err(e) => tracing::warn!(disk = %run.plan.disk_id, "disk sync stopped: {e}"),
     }
     out

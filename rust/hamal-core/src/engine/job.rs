@@ -66,13 +66,27 @@ impl Job {
     pub fn progress(&self) -> JobProgress {
         let s = &self.shared;
         let mut total = ProgressSnapshot::default();
-        let disks = s.plan.disks.iter().zip(&s.progress).map(|(d, p)| {
-            let snap = p.snapshot();
-            total.add(&snap);
-            DiskProgressView { disk_id: d.disk_id.clone(), state: p.state(), progress: snap }
-        }).collect();
+        let disks = s
+            .plan
+            .disks
+            .iter()
+            .zip(&s.progress)
+            .map(|(d, p)| {
+                let snap = p.snapshot();
+                total.add(&snap);
+                DiskProgressView {
+                    disk_id: d.disk_id.clone(),
+                    state: p.state(),
+                    progress: snap,
+                }
+            })
+            .collect();
         total.finish_rates();
-        JobProgress { finished: self.is_finished(), total, disks }
+        JobProgress {
+            finished: self.is_finished(),
+            total,
+            disks,
+        }
     }
 
     pub fn is_finished(&self) -> bool {
@@ -85,7 +99,12 @@ impl Job {
         let guard = s.finished.lock().unwrap();
         match timeout {
             None => *s.finished_cv.wait_while(guard, |f| !*f).unwrap(),
-            Some(t) => *s.finished_cv.wait_timeout_while(guard, t, |f| !*f).unwrap().0,
+            Some(t) => {
+                *s.finished_cv
+                    .wait_timeout_while(guard, t, |f| !*f)
+                    .unwrap()
+                    .0
+            }
         }
     }
 
@@ -103,7 +122,11 @@ impl Job {
     pub fn run(plan: JobPlan) -> Result<Vec<DiskOutcome>> {
         let job = Job::start(plan)?;
         job.wait(None);
-        Ok(job.outcomes().into_iter().map(|o| o.expect("finished job has every outcome")).collect())
+        Ok(job
+            .outcomes()
+            .into_iter()
+            .map(|o| o.expect("finished job has every outcome"))
+            .collect())
     }
 }
 
@@ -146,6 +169,9 @@ fn run_job(s: &Shared) {
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
-    let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+    let msg = p
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
     format!("internal error: {}", msg.unwrap_or_else(|| "panic".into()))
 }

@@ -22,7 +22,9 @@ pub struct DoneSet(Vec<u64>);
 
 impl DoneSet {
     pub fn contains(&self, index: u64) -> bool {
-        self.0.get((index / 64) as usize).is_some_and(|w| w & (1 << (index % 64)) != 0)
+        self.0
+            .get((index / 64) as usize)
+            .is_some_and(|w| w & (1 << (index % 64)) != 0)
     }
 }
 
@@ -40,10 +42,16 @@ impl Journal {
     /// Opens the journal at `path` for a plan with `fingerprint` and `chunk_count` chunk slots.
     pub fn open(path: &Path, fingerprint: &Digest, chunk_slots: u64) -> Result<Journal> {
         let err = |what, e| Error::journal_io(path, what, e);
-        let mut file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
             .map_err(|e| err("cannot open", e))?;
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(|e| err("cannot read", e))?;
+        file.read_to_end(&mut bytes)
+            .map_err(|e| err("cannot read", e))?;
         let mut j = Journal {
             path: path.to_owned(),
             file,
@@ -52,19 +60,30 @@ impl Journal {
             resumed_digest: ContentDigest::default(),
         };
         let header_ok = bytes.len() >= 40 && &bytes[..8] == MAGIC && &bytes[8..40] == fingerprint;
-        let good_len = if header_ok { j.load_batches(&bytes, chunk_slots) } else { 0 };
+        let good_len = if header_ok {
+            j.load_batches(&bytes, chunk_slots)
+        } else {
+            0
+        };
         if !header_ok {
             if !bytes.is_empty() {
                 tracing::warn!(journal = %path.display(), "journal belongs to another plan or is damaged; starting over");
             }
             j.file.set_len(0).map_err(|e| err("cannot reset", e))?;
-            j.file.write_all(MAGIC).and_then(|_| j.file.write_all(fingerprint)).map_err(|e| err("cannot write header", e))?;
+            j.file
+                .write_all(MAGIC)
+                .and_then(|_| j.file.write_all(fingerprint))
+                .map_err(|e| err("cannot write header", e))?;
             j.file.sync_data().map_err(|e| err("cannot fsync", e))?;
         } else if good_len < bytes.len() {
             tracing::warn!(journal = %path.display(), "cut a torn tail of {} bytes", bytes.len() - good_len);
-            j.file.set_len(good_len as u64).map_err(|e| err("cannot cut torn tail", e))?;
+            j.file
+                .set_len(good_len as u64)
+                .map_err(|e| err("cannot cut torn tail", e))?;
         }
-        j.file.seek(SeekFrom::End(0)).map_err(|e| err("cannot seek", e))?;
+        j.file
+            .seek(SeekFrom::End(0))
+            .map_err(|e| err("cannot seek", e))?;
         Ok(j)
     }
 
@@ -74,7 +93,9 @@ impl Journal {
         while pos + 4 <= bytes.len() {
             let count = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
             let end = pos + 4 + count * RECORD;
-            if end + 8 > bytes.len() || bytes[end..end + 8] != blake3::hash(&bytes[pos..end]).as_bytes()[..8] {
+            if end + 8 > bytes.len()
+                || bytes[end..end + 8] != blake3::hash(&bytes[pos..end]).as_bytes()[..8]
+            {
                 break;
             }
             for rec in bytes[pos + 4..end].chunks_exact(RECORD) {
@@ -118,7 +139,9 @@ impl Journal {
         let check = blake3::hash(&batch);
         batch.extend_from_slice(&check.as_bytes()[..8]);
         let err = |what, e| Error::journal_io(&self.path, what, e);
-        self.file.write_all(&batch).map_err(|e| err("cannot append", e))?;
+        self.file
+            .write_all(&batch)
+            .map_err(|e| err("cannot append", e))?;
         self.file.sync_data().map_err(|e| err("cannot fsync", e))?;
         for (index, _) in chunks {
             self.mark(*index);
@@ -128,7 +151,8 @@ impl Journal {
 
     /// Removes the journal: the sync is committed.
     pub fn remove(self) -> Result<()> {
-        std::fs::remove_file(&self.path).map_err(|e| Error::journal_io(&self.path, "cannot remove", e))?;
+        std::fs::remove_file(&self.path)
+            .map_err(|e| Error::journal_io(&self.path, "cannot remove", e))?;
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             // Make the removal durable too; a failure here only means a later rerun redoes work.
             if let Ok(d) = File::open(dir) {
@@ -166,7 +190,10 @@ mod tests {
         want.add(9, &[3; 32]);
         assert_eq!(j.resumed_digest, want);
         drop(j);
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), 40 + (4 + 2 * 40 + 8) + (4 + 40 + 8));
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().len(),
+            40 + (4 + 2 * 40 + 8) + (4 + 40 + 8)
+        );
     }
 
     #[test]

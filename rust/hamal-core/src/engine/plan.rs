@@ -91,7 +91,9 @@ pub struct JobPlan {
 
 fn check_range(name: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
     if v < lo || v > hi {
-        return Err(Error::Plan(format!("{name} = {v} is out of range {lo}..={hi}")));
+        return Err(Error::Plan(format!(
+            "{name} = {v} is out of range {lo}..={hi}"
+        )));
     }
     Ok(())
 }
@@ -101,13 +103,17 @@ impl JobPlan {
         let t = &self.tuning;
         check_range("chunk size", t.chunk_size, 4096, 256 * MIB)?;
         if t.chunk_size % 4096 != 0 {
-            return Err(Error::Plan(format!("chunk size = {} is not a multiple of 4096", t.chunk_size)));
+            return Err(Error::Plan(format!(
+                "chunk size = {} is not a multiple of 4096",
+                t.chunk_size
+            )));
         }
         check_range("readers", t.readers.into(), 1, 64)?;
         check_range("writers", t.writers.into(), 1, 64)?;
         check_range("queue depth", t.queue_depth.into(), 1, 256)?;
         check_range("parallel disks", t.parallel_disks.into(), 1, 256)?;
-        let per_disk = t.memory_budget / u64::from(t.parallel_disks.min(self.disks.len().max(1) as u32));
+        let per_disk =
+            t.memory_budget / u64::from(t.parallel_disks.min(self.disks.len().max(1) as u32));
         if per_disk < 2 * t.chunk_size {
             return Err(Error::Plan(format!(
                 "memory budget {} bytes is too small: each of the disks synced at once needs two chunks of {} bytes",
@@ -120,13 +126,22 @@ impl JobPlan {
         let (mut ids, mut targets) = (HashSet::new(), HashSet::new());
         for d in &self.disks {
             if !ids.insert(&d.disk_id) {
-                return Err(Error::Plan(format!("disk id '{}' appears twice in the plan", d.disk_id)));
+                return Err(Error::Plan(format!(
+                    "disk id '{}' appears twice in the plan",
+                    d.disk_id
+                )));
             }
             if !targets.insert(d.target.path()) {
-                return Err(Error::Plan(format!("target {} appears twice in the plan", d.target)));
+                return Err(Error::Plan(format!(
+                    "target {} appears twice in the plan",
+                    d.target
+                )));
             }
             if same_file(d.source.path(), d.target.path()) {
-                return Err(Error::Plan(format!("disk '{}': source and target are the same file {}", d.disk_id, d.source)));
+                return Err(Error::Plan(format!(
+                    "disk '{}': source and target are the same file {}",
+                    d.disk_id, d.source
+                )));
             }
         }
         Ok(())

@@ -13,7 +13,12 @@ pub struct BufferPool {
 
 impl BufferPool {
     pub fn new(size: usize, max: usize) -> BufferPool {
-        BufferPool { size, max, state: Mutex::new((Vec::new(), 0)), returned: Condvar::new() }
+        BufferPool {
+            size,
+            max,
+            state: Mutex::new((Vec::new(), 0)),
+            returned: Condvar::new(),
+        }
     }
 
     /// A buffer, allocated lazily up to the bound, else the next one returned. `None` if
@@ -31,7 +36,11 @@ impl BufferPool {
             if abort.load(Relaxed) {
                 return None;
             }
-            st = self.returned.wait_timeout(st, Duration::from_millis(50)).unwrap().0;
+            st = self
+                .returned
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap()
+                .0;
         }
     }
 

@@ -15,8 +15,13 @@ pub enum DiskState {
     Cancelled,
 }
 
-const STATES: [DiskState; 5] =
-    [DiskState::Pending, DiskState::Running, DiskState::Done, DiskState::Failed, DiskState::Cancelled];
+const STATES: [DiskState; 5] = [
+    DiskState::Pending,
+    DiskState::Running,
+    DiskState::Done,
+    DiskState::Failed,
+    DiskState::Cancelled,
+];
 
 #[derive(Default)]
 pub struct DiskProgress {
@@ -55,7 +60,9 @@ impl DiskProgress {
         let now = Some(Instant::now());
         match s {
             DiskState::Running => *self.started.lock().unwrap() = now,
-            DiskState::Done | DiskState::Failed | DiskState::Cancelled => *self.finished.lock().unwrap() = now,
+            DiskState::Done | DiskState::Failed | DiskState::Cancelled => {
+                *self.finished.lock().unwrap() = now
+            }
             DiskState::Pending => {}
         }
         self.state.store(s as u8, Relaxed);
@@ -100,8 +107,14 @@ impl ProgressSnapshot {
     }
 
     pub fn finish_rates(&mut self) {
-        self.rate_bps = if self.elapsed_s > 0.0 { self.bytes_done as f64 / self.elapsed_s } else { 0.0 };
-        let left = self.bytes_total.saturating_sub(self.bytes_done + self.bytes_resumed);
+        self.rate_bps = if self.elapsed_s > 0.0 {
+            self.bytes_done as f64 / self.elapsed_s
+        } else {
+            0.0
+        };
+        let left = self
+            .bytes_total
+            .saturating_sub(self.bytes_done + self.bytes_resumed);
         self.eta_s = (self.rate_bps > 0.0).then(|| left as f64 / self.rate_bps);
     }
 }

@@ -9,7 +9,9 @@ const MB: f64 = 1024.0 * 1024.0;
 /// Sleeps `ms_per_mb` milliseconds for every MB of `bytes` (fractions included).
 pub fn release_cpu(ms_per_mb: u32, bytes: u64) {
     if ms_per_mb > 0 && bytes > 0 {
-        std::thread::sleep(Duration::from_secs_f64(ms_per_mb as f64 / 1000.0 * bytes as f64 / MB));
+        std::thread::sleep(Duration::from_secs_f64(
+            ms_per_mb as f64 / 1000.0 * bytes as f64 / MB,
+        ));
     }
 }
 
@@ -22,11 +24,16 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(bytes_per_sec: Option<u64>) -> Pacer {
-        Pacer { bytes_per_sec: bytes_per_sec.filter(|&b| b > 0), next_free: Mutex::new(None) }
+        Pacer {
+            bytes_per_sec: bytes_per_sec.filter(|&b| b > 0),
+            next_free: Mutex::new(None),
+        }
     }
 
     pub fn pace(&self, bytes: u64) {
-        let Some(rate) = self.bytes_per_sec else { return };
+        let Some(rate) = self.bytes_per_sec else {
+            return;
+        };
         let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
         let start = {
             let mut next = self.next_free.lock().unwrap();

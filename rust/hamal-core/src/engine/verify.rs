@@ -38,12 +38,17 @@ pub fn verify(
     if tgt.size() < size {
         return Err(Error::Mismatch(format!(
             "target {} is smaller than the source {}: {} < {size} bytes",
-            tgt.describe(), src.describe(), tgt.size()
+            tgt.describe(),
+            src.describe(),
+            tgt.size()
         )));
     }
     let extents = match changed {
         Some(c) => validate_changed(&c.pairs, size, &c.origin)?,
-        None => src.allocated()?.union(&tgt.allocated()?).intersect(&ExtentMap::whole(size)),
+        None => src
+            .allocated()?
+            .union(&tgt.allocated()?)
+            .intersect(&ExtentMap::whole(size)),
     };
     let (mut rs, mut rt) = (src.reader(1)?, tgt.reader(1)?);
     let mut report = VerifyReport {
@@ -57,7 +62,10 @@ pub fn verify(
         mismatch_offsets: Vec::new(),
     };
     let mut digest = ContentDigest::default();
-    let (mut a, mut b) = (vec![0u8; tuning.chunk_size as usize], vec![0u8; tuning.chunk_size as usize]);
+    let (mut a, mut b) = (
+        vec![0u8; tuning.chunk_size as usize],
+        vec![0u8; tuning.chunk_size as usize],
+    );
     for chunk in extents.chunks(tuning.chunk_size) {
         let len = chunk.len() as usize;
         for (reader, buf) in [(&mut rs, &mut a), (&mut rt, &mut b)] {
@@ -65,7 +73,10 @@ pub fn verify(
             let mut reqs = Vec::new();
             for r in &chunk.ranges {
                 let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len as usize);
-                reqs.push(ReadReq { offset: r.offset, buf: head });
+                reqs.push(ReadReq {
+                    offset: r.offset,
+                    buf: head,
+                });
                 rest = tail;
             }
             reader.read_batch(&mut reqs)?;

@@ -7,9 +7,21 @@ use std::os::fd::RawFd;
 pub fn pread_exact(fd: RawFd, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: `buf` is a valid, writable slice of `buf.len()` bytes for the whole call.
-        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), offset as libc::off_t) };
+        let n = unsafe {
+            libc::pread(
+                fd,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                offset as libc::off_t,
+            )
+        };
         match n {
-            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "read past the end")),
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "read past the end",
+                ))
+            }
             n if n < 0 => {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {

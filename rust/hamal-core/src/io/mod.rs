@@ -59,7 +59,7 @@ pub struct BatchError {
 
 /// A per-thread I/O engine; each reader or writer thread owns one.
 pub enum BatchIo {
-    Uring(uring::Ring),
+    Uring(Box<uring::Ring>),
     Blocking,
 }
 
@@ -68,16 +68,22 @@ impl BatchIo {
     pub fn new(mode: IoMode, depth: u32) -> Result<BatchIo, String> {
         let want_uring = match mode {
             IoMode::Pread => false,
-            IoMode::Auto => uring_probe().is_ok() && std::env::var_os("HAMAL_FORCE_PREAD").is_none(),
+            IoMode::Auto => {
+                uring_probe().is_ok() && std::env::var_os("HAMAL_FORCE_PREAD").is_none()
+            }
             IoMode::Uring => {
-                uring_probe().clone().map_err(|e| format!("io_uring requested but unusable: {e}"))?;
+                uring_probe()
+                    .clone()
+                    .map_err(|e| format!("io_uring requested but unusable: {e}"))?;
                 true
             }
         };
         if want_uring {
             match uring::Ring::new(depth.max(1)) {
-                Ok(r) => return Ok(BatchIo::Uring(r)),
-                Err(e) if mode == IoMode::Uring => return Err(format!("io_uring setup failed: {e}")),
+                Ok(r) => return Ok(BatchIo::Uring(Box::new(r))),
+                Err(e) if mode == IoMode::Uring => {
+                    return Err(format!("io_uring setup failed: {e}"))
+                }
                 Err(_) => {}
             }
         }
@@ -96,7 +102,10 @@ impl BatchIo {
         match self {
             BatchIo::Uring(r) => r.read_batch(fd, reqs),
             BatchIo::Blocking => reqs.iter_mut().try_for_each(|r| {
-                pread_exact(fd, r.buf, r.offset).map_err(|error| BatchError { offset: r.offset, error })
+                pread_exact(fd, r.buf, r.offset).map_err(|error| BatchError {
+                    offset: r.offset,
+                    error,
+                })
             }),
         }
     }
@@ -106,7 +115,10 @@ impl BatchIo {
         match self {
             BatchIo::Uring(r) => r.write_batch(fd, reqs),
             BatchIo::Blocking => reqs.iter().try_for_each(|r| {
-                pwrite_all(fd, r.buf, r.offset).map_err(|error| BatchError { offset: r.offset, error })
+                pwrite_all(fd, r.buf, r.offset).map_err(|error| BatchError {
+                    offset: r.offset,
+                    error,
+                })
             }),
         }
     }
@@ -124,17 +136,48 @@ mod tests {
         f.write_all(&data).unwrap();
         let mut io = BatchIo::new(mode, 4).unwrap();
         let (mut a, mut b) = (vec![0u8; 5000], vec![0u8; 777]);
-        let mut reqs = [ReadReq { offset: 10, buf: &mut a }, ReadReq { offset: 99_000, buf: &mut b }];
+        let mut reqs = [
+            ReadReq {
+                offset: 10,
+                buf: &mut a,
+            },
+            ReadReq {
+                offset: 99_000,
+                buf: &mut b,
+            },
+        ];
         io.read_batch(f.as_raw_fd(), &mut reqs).unwrap();
         assert_eq!(a, data[10..5010]);
         assert_eq!(b, data[99_000..99_777]);
         let patch = vec![0xAB; 300];
-        io.write_batch(f.as_raw_fd(), &[WriteReq { offset: 50, buf: &patch }]).unwrap();
+        io.write_batch(
+            f.as_raw_fd(),
+            &[WriteReq {
+                offset: 50,
+                buf: &patch,
+            }],
+        )
+        .unwrap();
         let mut c = vec![0u8; 300];
-        io.read_batch(f.as_raw_fd(), &mut [ReadReq { offset: 50, buf: &mut c }]).unwrap();
+        io.read_batch(
+            f.as_raw_fd(),
+            &mut [ReadReq {
+                offset: 50,
+                buf: &mut c,
+            }],
+        )
+        .unwrap();
         assert_eq!(c, patch);
         let mut past = vec![0u8; 10];
-        let err = io.read_batch(f.as_raw_fd(), &mut [ReadReq { offset: 99_995, buf: &mut past }]).unwrap_err();
+        let err = io
+            .read_batch(
+                f.as_raw_fd(),
+                &mut [ReadReq {
+                    offset: 99_995,
+                    buf: &mut past,
+                }],
+            )
+            .unwrap_err();
         assert_eq!(err.offset, 99_995);
         assert_eq!(err.error.kind(), io::ErrorKind::UnexpectedEof);
     }

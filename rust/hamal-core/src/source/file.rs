@@ -28,15 +28,36 @@ impl FileSource {
         let meta = file.metadata().map_err(|e| err("cannot stat", e))?;
         let is_block = meta.file_type().is_block_device();
         if !is_block && !meta.is_file() {
-            return Err(err("not a regular file or block device", io::Error::from(io::ErrorKind::InvalidInput)));
+            return Err(err(
+                "not a regular file or block device",
+                io::Error::from(io::ErrorKind::InvalidInput),
+            ));
         }
-        let size = if is_block { device_size(&file).map_err(|e| err("cannot get device size", e))? } else { meta.len() };
+        let size = if is_block {
+            device_size(&file).map_err(|e| err("cannot get device size", e))?
+        } else {
+            meta.len()
+        };
         let identity = if is_block {
             format!("blockdev:{}:{}:{}", path.display(), meta.rdev(), size)
         } else {
-            format!("file:{}:{}:{}:{}.{}", path.display(), meta.ino(), size, meta.mtime(), meta.mtime_nsec())
+            format!(
+                "file:{}:{}:{}:{}.{}",
+                path.display(),
+                meta.ino(),
+                size,
+                meta.mtime(),
+                meta.mtime_nsec()
+            )
         };
-        Ok(FileSource { path: path.to_owned(), file: Arc::new(file), size, is_block, identity, io_mode })
+        Ok(FileSource {
+            path: path.to_owned(),
+            file: Arc::new(file),
+            size,
+            is_block,
+            identity,
+            io_mode,
+        })
     }
 }
 
@@ -105,7 +126,11 @@ impl Source for FileSource {
 
     fn reader(&self, depth: u32) -> Result<Box<dyn SourceReader>> {
         let io = BatchIo::new(self.io_mode, depth).map_err(Error::Plan)?;
-        Ok(Box::new(FileReader { file: Arc::clone(&self.file), path: self.path.clone(), io }))
+        Ok(Box::new(FileReader {
+            file: Arc::clone(&self.file),
+            path: self.path.clone(),
+            io,
+        }))
     }
 }
 
@@ -145,15 +170,26 @@ mod tests {
         assert_eq!(src.size(), 64 << 20);
         let alloc = src.allocated().unwrap();
         // File systems may round extents up to their block size, never down.
-        let want = ExtentMap::from_extents([Extent::new(8 << 20, 1 << 20), Extent::new(40 << 20, 1 << 20)]);
+        let want = ExtentMap::from_extents([
+            Extent::new(8 << 20, 1 << 20),
+            Extent::new(40 << 20, 1 << 20),
+        ]);
         assert_eq!(want.subtract(&alloc), ExtentMap::new());
-        assert!(alloc.total_len() < 8 << 20, "holes were reported as data: {alloc:?}");
+        assert!(
+            alloc.total_len() < 8 << 20,
+            "holes were reported as data: {alloc:?}"
+        );
     }
 
     #[test]
     fn missing_source_names_the_path() {
-        let err = FileSource::open(Path::new("/nonexistent/disk.raw"), IoMode::Auto).err().unwrap();
+        let err = FileSource::open(Path::new("/nonexistent/disk.raw"), IoMode::Auto)
+            .err()
+            .unwrap();
         let msg = err.to_string();
-        assert!(msg.contains("/nonexistent/disk.raw") && msg.contains("cannot open"), "{msg}");
+        assert!(
+            msg.contains("/nonexistent/disk.raw") && msg.contains("cannot open"),
+            "{msg}"
+        );
     }
 }

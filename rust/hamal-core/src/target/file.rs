@@ -30,17 +30,38 @@ impl FileTarget {
             Err(e) => return Err(err("cannot stat", e)),
         };
         let Some(meta) = existing else {
-            let file = OpenOptions::new().read(true).write(true).create_new(true).open(path)
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
                 .map_err(|e| err("cannot create", e))?;
-            file.set_len(source_size).map_err(|e| err("cannot size new file", e))?;
-            return Ok(FileTarget { path: path.to_owned(), file: Arc::new(file), fresh: true, io_mode });
+            file.set_len(source_size)
+                .map_err(|e| err("cannot size new file", e))?;
+            return Ok(FileTarget {
+                path: path.to_owned(),
+                file: Arc::new(file),
+                fresh: true,
+                io_mode,
+            });
         };
         let is_block = meta.file_type().is_block_device();
         if !is_block && !meta.is_file() {
-            return Err(err("not a regular file or block device", io::Error::from(io::ErrorKind::InvalidInput)));
+            return Err(err(
+                "not a regular file or block device",
+                io::Error::from(io::ErrorKind::InvalidInput),
+            ));
         }
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(|e| err("cannot open for writing", e))?;
-        let size = if is_block { device_size(&file).map_err(|e| err("cannot get device size", e))? } else { meta.len() };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| err("cannot open for writing", e))?;
+        let size = if is_block {
+            device_size(&file).map_err(|e| err("cannot get device size", e))?
+        } else {
+            meta.len()
+        };
         if size < source_size {
             return Err(Error::Plan(format!(
                 "target {} is smaller than the source: {size} < {source_size} bytes; nothing was written",
@@ -50,12 +71,24 @@ impl FileTarget {
         if size > source_size {
             tracing::warn!(target_path = %path.display(), size, source_size, "target is larger than the source; the tail is left as it is");
         }
-        Ok(FileTarget { path: path.to_owned(), file: Arc::new(file), fresh: false, io_mode })
+        Ok(FileTarget {
+            path: path.to_owned(),
+            file: Arc::new(file),
+            fresh: false,
+            io_mode,
+        })
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
         // SAFETY: fallocate on a descriptor we own, with plain integer arguments.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                mode,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
         if r == 0 {
             Ok(())
         } else {
@@ -74,10 +107,19 @@ impl Target for FileTarget {
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
-        let unsupported = |e: &io::Error| matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV));
+        let unsupported = |e: &io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP | libc::EINVAL | libc::ENODEV)
+            )
+        };
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         let result = match self.fallocate(punch, offset, len) {
-            Err(e) if unsupported(&e) => match self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+            Err(e) if unsupported(&e) => match self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ) {
                 Err(e) if unsupported(&e) => write_zeros(&self.file, offset, len),
                 other => other,
             },
@@ -87,12 +129,18 @@ impl Target for FileTarget {
     }
 
     fn flush(&self) -> Result<()> {
-        self.file.sync_data().map_err(|e| Error::target_io(&self.path, "fsync failed", None, e))
+        self.file
+            .sync_data()
+            .map_err(|e| Error::target_io(&self.path, "fsync failed", None, e))
     }
 
     fn writer(&self, depth: u32) -> Result<Box<dyn TargetWriter>> {
         let io = BatchIo::new(self.io_mode, depth).map_err(Error::Plan)?;
-        Ok(Box::new(FileWriter { file: Arc::clone(&self.file), path: self.path.clone(), io }))
+        Ok(Box::new(FileWriter {
+            file: Arc::clone(&self.file),
+            path: self.path.clone(),
+            io,
+        }))
     }
 }
 
