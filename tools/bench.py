@@ -1,0 +1,173 @@
+"""Benchmark driver for tools/bench: times whole commands (plus `sync`, since hamal fsyncs
+before it commits and the peers do not) with warm source page cache, and records each
+command's peak RSS from wait4()."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def make_image(path: Path, size: int, data_bytes: int, seed: int) -> None:
+    """Sparse image with `data_bytes` of random data in scattered 1-8 MiB extents."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    rng = random.Random(seed)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.truncate(size)
+        written = 0
+        while written < data_bytes:
+            length = min(rng.randint(1, 8) * MIB, data_bytes - written)
+            offset = rng.randrange(0, (size - length) // MIB) * MIB
+            f.seek(offset)
+            f.write(os.urandom(length))
+            written += length
+    tmp.rename(path)
+
+
+def warm(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(16 * MIB):
+            pass
+
+
+def digest(path: Path) -> str:
+    h = hashlib.blake2b()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 * MIB), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Seconds for `cmd` followed by `sync`, and the command's peak RSS in bytes."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        err = proc.stderr.read().decode() if proc.stderr else ""
+        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+    os.sync()
+    return time.perf_counter() - t0, usage.ru_maxrss * 1024
+
+
+def run_case(name: str, cmd: list[str], dst: Path, runs: int, expect: str | None) -> dict:
+    times, rss = [], []
+    for _ in range(runs):
+        if dst.exists():
+            dst.unlink()
+        os.sync()
+        t, r = timed(cmd)
+        times.append(t)
+        rss.append(r)
+    ok = expect is None or digest(dst) == expect
+    return {"name": name, "median_s": statistics.median(times), "times": times, "peak_rss": max(rss), "ok": ok}
+
+
+def full_bench(hamal: str, work: Path, runs: int) -> list[dict]:
+    src, dst = work / "full-4g.raw", work / "full-out.raw"
+    make_image(src, 4 * GIB, 2 * GIB, seed=1)
+    warm(src)
+    expect = digest(src)
+    cases = [
+        ("hamal sync", [hamal, "sync", str(src), str(dst), "--no-progress"]),
+        ("cp --sparse=always", ["cp", "--sparse=always", str(src), str(dst)]),
+        ("qemu-img convert -O raw", ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(dst)]),
+        ("nbdcopy", ["nbdcopy", str(src), str(dst)]),
+    ]
+    results = []
+    for name, cmd in cases:
+        if name == "nbdcopy":  # nbdcopy writes into an existing destination of the right size
+            cmd = ["sh", "-c", f"truncate -s {src.stat().st_size} {dst} && nbdcopy {src} {dst}"]
+        results.append(run_case(name, cmd, dst, runs, expect))
+    dst.unlink(missing_ok=True)
+    return results
+
+
+def incremental_bench(hamal: str, work: Path, runs: int) -> list[dict]:
+    """The same changed bytes (1% of the 8 GiB image's 4 MiB chunks, scattered over the whole
+    disk) synced with --changed on an 8 GiB and on a 64 GiB image holding 1 GiB of data."""
+    chunk = 4 * MIB
+    n_changed = (8 * GIB // chunk) // 100
+    results = []
+    for size in (8 * GIB, 64 * GIB):
+        src, dst = work / f"inc-{size // GIB}g.raw", work / f"inc-{size // GIB}g-out.raw"
+        make_image(src, size, GIB, seed=size)
+        dst.unlink(missing_ok=True)
+        subprocess.run([hamal, "sync", str(src), str(dst), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+        rng = random.Random(9)
+        changed = sorted(rng.sample(range(size // chunk), n_changed))
+        with open(src, "r+b") as f:
+            for c in changed:
+                f.seek(c * chunk)
+                f.write(os.urandom(chunk))
+        changed_file = work / f"inc-{size // GIB}g.json"
+        changed_file.write_text(json.dumps([[c * chunk, chunk] for c in changed]))
+        warm(src)
+        times, rss = [], []
+        for _ in range(runs):
+            t, r = timed([hamal, "sync", str(src), str(dst), "--changed", str(changed_file), "--no-progress"])
+            times.append(t)
+            rss.append(r)
+        ok = digest(src) == digest(dst)
+        results.append({"name": f"incremental {size // GIB} GiB", "median_s": statistics.median(times),
+                        "times": times, "peak_rss": max(rss), "ok": ok, "changed_bytes": n_changed * chunk})
+        dst.unlink()
+    return results
+
+
+def report(title: str, rows: list[dict], base: float) -> None:
+    print(f"\n{title}")
+    print(f"{'case':<26} {'median s':>9} {'ratio':>7} {'peak RSS MiB':>13}  content")
+    for r in rows:
+        print(f"{r['name']:<26} {r['median_s']:>9.3f} {r['median_s'] / base:>7.2f} "
+              f"{r['peak_rss'] / MIB:>13.1f}  {'identical' if r['ok'] else 'MISMATCH'}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hamal", required=True)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--work", default="bench-work")
+    ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--skip-incremental", action="store_true")
+    a = ap.parse_args()
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ["HAMAL_CONF"] = str(work / "hamal.conf")  # defaults; keeps /etc out of it
+    (work / "hamal.conf").write_text("")
+    out: dict[str, list[dict]] = {}
+    ok = True
+    if not a.skip_full:
+        rows = full_bench(a.hamal, work, a.runs)
+        fastest_peer = min(r["median_s"] for r in rows[1:])
+        report("Full sync, 4 GiB sparse image (2 GiB data), time includes sync; ratio to the fastest peer",
+               rows, fastest_peer)
+        out["full"] = rows
+        ok &= all(r["ok"] for r in rows)
+    if not a.skip_incremental:
+        rows = incremental_bench(a.hamal, work, a.runs)
+        report(f"Incremental with --changed, {rows[0]['changed_bytes'] // MIB} MiB changed; ratio to 8 GiB",
+               rows, rows[0]["median_s"])
+        out["incremental"] = rows
+        ok &= all(r["ok"] for r in rows)
+    (work / "results.json").write_text(json.dumps(out, indent=2))
+    print(f"\nresults in {work / 'results.json'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+# Shared by tools/*: a project venv with the build tools, and installs only what is missing.
+# Sourced, not run.
+
+HAMAL_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${HAMAL_VENV:-$HAMAL_ROOT/.venv}
+PY=$VENV/bin/python
+
+say() { printf '\n== %s\n' "$*" >&2; }
+
+# apt_need CMD PACKAGE...: installs the packages when CMD is not on PATH.
+apt_need() {
+    local cmd=$1; shift
+    command -v "$cmd" >/dev/null 2>&1 && return 0
+    say "installing $* (for $cmd)"
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    [ -n "${HAMAL_APT_UPDATED:-}" ] || { $sudo apt-get update -qq; HAMAL_APT_UPDATED=1; }
+    $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# The Rust toolchain and a C compiler must exist; Python gets a venv with maturin.
+need_build_tools() {
+    command -v cargo >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+    apt_need cc gcc libc6-dev
+    if [ ! -x "$PY" ]; then
+        say "creating $VENV"
+        python3 -m venv "$VENV" 2>/dev/null || { apt_need false python3-venv; python3 -m venv "$VENV"; }
+    fi
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q "maturin>=1.7,<2" "$@"
+}
+
+# Builds the wheel (release) and installs it, as an operator would.
+install_wheel() {
+    say "building and installing the wheel"
+    rm -rf "$HAMAL_ROOT/dist"
+    (cd "$HAMAL_ROOT" && "$VENV/bin/maturin" build --release -q -o "$HAMAL_ROOT/dist")
+    "$PY" -m pip install -q --force-reinstall "$HAMAL_ROOT"/dist/hamal-*.whl
+}
