@@ -74,7 +74,13 @@ def run_case(name: str, cmd: list[str], dst: Path, runs: int, expect: str | None
         times.append(t)
         rss.append(r)
     ok = expect is None or digest(dst) == expect
-    return {"name": name, "median_s": statistics.median(times), "times": times, "peak_rss": max(rss), "ok": ok}
+    return {
+        "name": name,
+        "median_s": statistics.median(times),
+        "times": times,
+        "peak_rss": max(rss),
+        "ok": ok,
+    }
 
 
 def full_bench(hamal: str, work: Path, runs: int) -> list[dict]:
@@ -107,7 +113,9 @@ def incremental_bench(hamal: str, work: Path, runs: int) -> list[dict]:
         src, dst = work / f"inc-{size // GIB}g.raw", work / f"inc-{size // GIB}g-out.raw"
         make_image(src, size, GIB, seed=size)
         dst.unlink(missing_ok=True)
-        subprocess.run([hamal, "sync", str(src), str(dst), "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [hamal, "sync", str(src), str(dst), "--no-progress"], check=True, stdout=subprocess.DEVNULL
+        )
         rng = random.Random(9)
         changed = sorted(rng.sample(range(size // chunk), n_changed))
         with open(src, "r+b") as f:
@@ -123,8 +131,16 @@ def incremental_bench(hamal: str, work: Path, runs: int) -> list[dict]:
             times.append(t)
             rss.append(r)
         ok = digest(src) == digest(dst)
-        results.append({"name": f"incremental {size // GIB} GiB", "median_s": statistics.median(times),
-                        "times": times, "peak_rss": max(rss), "ok": ok, "changed_bytes": n_changed * chunk})
+        results.append(
+            {
+                "name": f"incremental {size // GIB} GiB",
+                "median_s": statistics.median(times),
+                "times": times,
+                "peak_rss": max(rss),
+                "ok": ok,
+                "changed_bytes": n_changed * chunk,
+            }
+        )
         dst.unlink()
     return results
 
@@ -133,8 +149,10 @@ def report(title: str, rows: list[dict], base: float) -> None:
     print(f"\n{title}")
     print(f"{'case':<26} {'median s':>9} {'ratio':>7} {'peak RSS MiB':>13}  content")
     for r in rows:
-        print(f"{r['name']:<26} {r['median_s']:>9.3f} {r['median_s'] / base:>7.2f} "
-              f"{r['peak_rss'] / MIB:>13.1f}  {'identical' if r['ok'] else 'MISMATCH'}")
+        print(
+            f"{r['name']:<26} {r['median_s']:>9.3f} {r['median_s'] / base:>7.2f} "
+            f"{r['peak_rss'] / MIB:>13.1f}  {'identical' if r['ok'] else 'MISMATCH'}"
+        )
 
 
 def main() -> int:
@@ -154,14 +172,20 @@ def main() -> int:
     if not a.skip_full:
         rows = full_bench(a.hamal, work, a.runs)
         fastest_peer = min(r["median_s"] for r in rows[1:])
-        report("Full sync, 4 GiB sparse image (2 GiB data), time includes sync; ratio to the fastest peer",
-               rows, fastest_peer)
+        report(
+            "Full sync, 4 GiB sparse image (2 GiB data), time includes sync; ratio to the fastest peer",
+            rows,
+            fastest_peer,
+        )
         out["full"] = rows
         ok &= all(r["ok"] for r in rows)
     if not a.skip_incremental:
         rows = incremental_bench(a.hamal, work, a.runs)
-        report(f"Incremental with --changed, {rows[0]['changed_bytes'] // MIB} MiB changed; ratio to 8 GiB",
-               rows, rows[0]["median_s"])
+        report(
+            f"Incremental with --changed, {rows[0]['changed_bytes'] // MIB} MiB changed; ratio to 8 GiB",
+            rows,
+            rows[0]["median_s"],
+        )
         out["incremental"] = rows
         ok &= all(r["ok"] for r in rows)
     (work / "results.json").write_text(json.dumps(out, indent=2))

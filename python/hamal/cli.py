@@ -30,6 +30,7 @@ def _size(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hamal", description="Agentless block-level disk sync.")
+    p.add_argument("--version", action="version", version=f"hamal {_native.__version__}")
     p.add_argument("--config", help="hamal.conf path (default: $HAMAL_CONF or /etc/hamal/hamal.conf)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = p.add_subparsers(dest="command", required=True)
