@@ -94,6 +94,8 @@ def test_bad_engine_options(image: Path, tmp_path: Path) -> None:
     assert r.code == 1 and "chunk size" in one_error_line(r.err)
     r = run_hamal("sync", str(image), str(tmp_path / "t.raw"), "--readers", "40")
     assert r.code == 1 and "max_pre_disk_readers_count" in one_error_line(r.err)
+    r = run_hamal("verify", str(image), str(image), "--chunk-size", "1000")
+    assert r.code == 1 and "chunk size" in one_error_line(r.err)
     r = run_hamal("sync", str(image), str(tmp_path / "t.raw"), "--chunk-size", "4X")
     assert r.code == 2 and "not a size" in r.err
 

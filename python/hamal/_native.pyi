@@ -74,6 +74,7 @@ def start_sync(
     io_mode: str = "auto",
     memory_budget: int = ...,
     fsync_period_s: float = 3.0,
+    fsync_timeout_s: int = 0,
 ) -> Job: ...
 def verify(
     source: str,

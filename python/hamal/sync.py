@@ -68,6 +68,7 @@ class SyncOptions:
             "io_mode": self.io_mode,
             "memory_budget": self.memory_budget,
             "fsync_period_s": fsync,
+            "fsync_timeout_s": v2["fsync_timeout"],
         }
 
 

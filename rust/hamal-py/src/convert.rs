@@ -2,7 +2,7 @@
 
 use crate::errors::PlanError;
 use hamal_core::checksum::ChecksumKind;
-use hamal_core::engine::{ChangedList, DiskPlan, Tuning};
+use hamal_core::engine::{ChangedList, DiskPlan};
 use hamal_core::io::IoMode;
 use hamal_core::uri::DiskUri;
 use pyo3::prelude::*;
@@ -86,48 +86,29 @@ pub fn disk_plan(d: &Bound<'_, PyDict>, i: usize) -> PyResult<DiskPlan> {
     })
 }
 
-/// Engine settings from keyword arguments (already defaulted by the signature).
-pub fn tuning(
-    chunk_size: u64,
-    readers: u32,
-    writers: u32,
-    queue_depth: u32,
-    parallel_disks: u32,
-    checksum: Option<&str>,
-    release_cpu_ms_per_mb: u32,
-    bwlimit_bps: Option<u64>,
-    io_mode: &str,
-    memory_budget: u64,
-    fsync_period_s: f64,
-) -> PyResult<Tuning> {
-    let checksum = checksum
-        .map(|c| {
-            ChecksumKind::parse(c).ok_or_else(|| {
-                PlanError::new_err(format!("unknown checksum '{c}': use blake3 or sha256"))
-            })
+pub fn checksum(name: Option<&str>) -> PyResult<Option<ChecksumKind>> {
+    name.map(|c| {
+        ChecksumKind::parse(c).ok_or_else(|| {
+            PlanError::new_err(format!("unknown checksum '{c}': use blake3 or sha256"))
         })
-        .transpose()?;
-    let io_mode = IoMode::parse(io_mode).ok_or_else(|| {
-        PlanError::new_err(format!(
-            "unknown io mode '{io_mode}': use auto, uring or pread"
-        ))
-    })?;
-    if !(fsync_period_s > 0.0 && fsync_period_s.is_finite()) {
-        return Err(PlanError::new_err(format!(
-            "fsync period {fsync_period_s} must be a positive number of seconds"
-        )));
-    }
-    Ok(Tuning {
-        chunk_size,
-        readers,
-        writers,
-        queue_depth,
-        parallel_disks,
-        checksum,
-        release_cpu_ms_per_mb,
-        bwlimit_bps,
-        io_mode,
-        memory_budget,
-        fsync_period: Duration::from_secs_f64(fsync_period_s),
     })
+    .transpose()
+}
+
+pub fn io_mode(name: &str) -> PyResult<IoMode> {
+    IoMode::parse(name).ok_or_else(|| {
+        PlanError::new_err(format!(
+            "unknown io mode '{name}': use auto, uring or pread"
+        ))
+    })
+}
+
+pub fn seconds(name: &str, s: f64) -> PyResult<Duration> {
+    if s > 0.0 && s.is_finite() {
+        Ok(Duration::from_secs_f64(s))
+    } else {
+        Err(PlanError::new_err(format!(
+            "{name} {s} must be a positive number of seconds"
+        )))
+    }
 }

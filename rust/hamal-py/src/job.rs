@@ -2,7 +2,7 @@
 
 use crate::convert;
 use crate::errors::{self, kind};
-use hamal_core::engine::{self, JobPlan};
+use hamal_core::engine::{self, JobPlan, Tuning};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 use std::time::{Duration, Instant};
@@ -89,7 +89,7 @@ impl Job {
 #[pyfunction]
 #[pyo3(signature = (disks, *, chunk_size=4*1024*1024, readers=2, writers=2, queue_depth=4, parallel_disks=4,
     checksum=None, release_cpu_ms_per_mb=0, bwlimit_bps=None, io_mode="auto", memory_budget=256*1024*1024,
-    fsync_period_s=3.0))]
+    fsync_period_s=3.0, fsync_timeout_s=0))]
 pub fn start_sync(
     disks: Vec<Bound<'_, PyDict>>,
     chunk_size: u64,
@@ -103,20 +103,22 @@ pub fn start_sync(
     io_mode: &str,
     memory_budget: u64,
     fsync_period_s: f64,
+    fsync_timeout_s: u64,
 ) -> PyResult<Job> {
-    let tuning = convert::tuning(
+    let tuning = Tuning {
         chunk_size,
         readers,
         writers,
         queue_depth,
         parallel_disks,
-        checksum,
+        checksum: convert::checksum(checksum)?,
         release_cpu_ms_per_mb,
         bwlimit_bps,
-        io_mode,
+        io_mode: convert::io_mode(io_mode)?,
         memory_budget,
-        fsync_period_s,
-    )?;
+        fsync_period: convert::seconds("fsync period", fsync_period_s)?,
+        fsync_warn_after: (fsync_timeout_s > 0).then(|| Duration::from_secs(fsync_timeout_s)),
+    };
     let disks = disks
         .iter()
         .enumerate()
@@ -140,19 +142,12 @@ pub fn verify(
     checksum: &str,
     io_mode: &str,
 ) -> PyResult<Py<PyAny>> {
-    let tuning = convert::tuning(
+    let tuning = Tuning {
         chunk_size,
-        1,
-        1,
-        1,
-        1,
-        Some(checksum),
-        0,
-        None,
-        io_mode,
-        2 * chunk_size,
-        1.0,
-    )?;
+        checksum: convert::checksum(Some(checksum))?,
+        io_mode: convert::io_mode(io_mode)?,
+        ..Tuning::default()
+    };
     let to_py_err = |e: hamal_core::Error| errors::to_py(&e);
     let (s, t) = (
         hamal_core::uri::DiskUri::parse(source).map_err(to_py_err)?,

@@ -57,6 +57,7 @@ struct Filled {
 /// Chunks written but not yet flushed, and the journal they go to after the flush.
 struct Durability<'t> {
     target: &'t dyn Target,
+    warn_after: Option<std::time::Duration>,
     journal: Journal,
     pending: Vec<(u64, Digest)>,
     last_flush: Instant,
@@ -65,7 +66,12 @@ struct Durability<'t> {
 
 impl Durability<'_> {
     fn flush(&mut self) -> Result<()> {
+        let t0 = Instant::now();
         self.target.flush()?;
+        if let Some(limit) = self.warn_after.filter(|l| t0.elapsed() > *l) {
+            let took = t0.elapsed().as_secs_f64();
+            tracing::warn!(target_path = %self.target.describe(), "flush took {took:.1} s, over fsync_timeout {} s", limit.as_secs());
+        }
         self.journal.append(&self.pending)?;
         self.pending.clear();
         self.last_flush = Instant::now();
@@ -149,6 +155,7 @@ impl DiskRun<'_> {
         let resumed_digest = journal.resumed_digest;
         let durable = Mutex::new(Durability {
             target: &*target,
+            warn_after: t.fsync_warn_after,
             journal,
             pending: Vec::new(),
             last_flush: Instant::now(),

@@ -34,6 +34,8 @@ pub struct Tuning {
     pub memory_budget: u64,
     /// Target flush and journal cadence (`[data_sync_v2] fsync_period_frequency`).
     pub fsync_period: Duration,
+    /// A flush slower than this is logged as a warning (`[data_sync_v2] fsync_timeout`; 0 = off).
+    pub fsync_warn_after: Option<Duration>,
 }
 
 impl Default for Tuning {
@@ -50,6 +52,7 @@ impl Default for Tuning {
             io_mode: IoMode::Auto,
             memory_budget: 256 * MIB,
             fsync_period: Duration::from_secs(3),
+            fsync_warn_after: None,
         }
     }
 }
@@ -93,6 +96,17 @@ fn check_range(name: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
     if v < lo || v > hi {
         return Err(Error::Plan(format!(
             "{name} = {v} is out of range {lo}..={hi}"
+        )));
+    }
+    Ok(())
+}
+
+/// Chunk sizes the engine accepts: 4 KiB to 256 MiB, in whole 4 KiB pages.
+pub fn check_chunk_size(chunk_size: u64) -> Result<()> {
+    check_range("chunk size", chunk_size, 4096, 256 * MIB)?;
+    if chunk_size % 4096 != 0 {
+        return Err(Error::Plan(format!(
+            "chunk size = {chunk_size} is not a multiple of 4096"
         )));
     }
     Ok(())

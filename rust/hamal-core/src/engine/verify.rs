@@ -3,7 +3,7 @@
 
 use super::changed::validate_changed;
 use super::disk::open_source;
-use super::plan::{ChangedList, Tuning};
+use super::plan::{check_chunk_size, ChangedList, Tuning};
 use crate::checksum::{ChecksumKind, ContentDigest};
 use crate::extent::ExtentMap;
 use crate::io::ReadReq;
@@ -32,6 +32,7 @@ pub fn verify(
     changed: Option<&ChangedList>,
     tuning: &Tuning,
 ) -> Result<VerifyReport> {
+    check_chunk_size(tuning.chunk_size)?;
     let kind = tuning.checksum.unwrap_or(ChecksumKind::Blake3);
     let (src, tgt) = (open_source(source, tuning)?, open_source(target, tuning)?);
     let size = src.size();
