@@ -18,34 +18,27 @@ def journal_records(journal: Path) -> int:
     return max(0, journal.stat().st_size - 40) if journal.exists() else 0
 
 
-def test_sigkill_then_rerun_resumes_and_is_identical(tmp_path: Path) -> None:
-    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+def kill_mid_sync(src: Path, dst: Path, bwlimit: str, min_chunks: int) -> None:
+    """Starts a slowed ``hamal sync`` (1 MiB chunks, flushed every 0.1 s) and SIGKILLs it once
+    the journal lists at least ``min_chunks`` chunks."""
     journal = Path(str(dst) + ".hamal-journal")
-    make_image(src, 256 * MIB, seed=5, fill=0.6)
     env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
-    # Slowed to 32 MiB/s and flushed every 0.2 s, so the kill lands mid-sync with chunks journaled.
-    cmd = [
-        sys.executable,
-        "-m",
-        "hamal",
-        "sync",
-        str(src),
-        str(dst),
-        "--bwlimit",
-        "32M",
-        "--fsync-period",
-        "0.2",
-        "--chunk-size",
-        "1M",
-        "--no-progress",
-    ]
+    cmd = [sys.executable, "-m", "hamal", "sync", str(src), str(dst), "--bwlimit", bwlimit]
+    cmd += ["--fsync-period", "0.1", "--chunk-size", "1M", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while journal_records(journal) < 20 * 40 and time.monotonic() < deadline:
+    while journal_records(journal) < min_chunks * 40 and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_then_rerun_resumes_and_is_identical(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+    journal = Path(str(dst) + ".hamal-journal")
+    make_image(src, 256 * MIB, seed=5, fill=0.6)
+    kill_mid_sync(src, dst, "32M", min_chunks=20)
     assert journal_records(journal) > 0, "the kill came before anything was journaled"
     assert sha256(src) != sha256(dst), "the kill came after the sync had finished"
 
@@ -74,29 +67,7 @@ def test_changed_source_invalidates_the_journal(tmp_path: Path) -> None:
     """A journal written for other source content must not make a rerun skip chunks."""
     src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
     make_image(src, 64 * MIB, seed=7, fill=1.0)
-    env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "hamal",
-        "sync",
-        str(src),
-        str(dst),
-        "--bwlimit",
-        "16M",
-        "--fsync-period",
-        "0.1",
-        "--chunk-size",
-        "1M",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    journal = Path(str(dst) + ".hamal-journal")
-    deadline = time.monotonic() + 30
-    while journal_records(journal) < 4 * 40 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
+    kill_mid_sync(src, dst, "16M", min_chunks=4)
     with open(src, "r+b") as f:  # the source changes before the rerun (a new snapshot)
         f.write(os.urandom(MIB))
     r = run_hamal("sync", str(src), str(dst), "--chunk-size", "1M", "--json")

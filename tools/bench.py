@@ -44,43 +44,68 @@ def warm(path: Path) -> None:
 
 
 def digest(path: Path) -> str:
+    """Content digest that reads only allocated extents: (offset, block) for every non-zero
+    1 MiB block, so holes and written zeros compare equal, as they must."""
     h = hashlib.blake2b()
+    zero = bytes(MIB)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 * MIB), b""):
-            h.update(block)
+        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        while pos < size:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+            block = data // MIB * MIB
+            while block < hole:
+                chunk = os.pread(fd, MIB, block)
+                if chunk != zero[: len(chunk)]:
+                    h.update(block.to_bytes(8, "little"))
+                    h.update(chunk)
+                block += MIB
+            pos = block
     return h.hexdigest()
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:
-    """Seconds for `cmd` followed by `sync`, and the command's peak RSS in bytes."""
+    """Seconds for `cmd` followed by `sync`, and the command's own peak RSS in bytes
+    (posix_spawn, so the child does not start as a copy of this process)."""
+    os.sync()
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise SystemExit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{err}")
+    quiet = [(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)]
+    pid = os.posix_spawnp(cmd[0], cmd, os.environ, file_actions=quiet)
+    _, status, usage = os.wait4(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"benchmark command failed ({code}): {' '.join(cmd)}")
     os.sync()
     return time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
-def run_case(name: str, cmd: list[str], dst: Path, runs: int, expect: str | None) -> dict:
-    times, rss = [], []
+def run_cases(cases: list[tuple[str, list[str]]], dst: Path, runs: int, expect: str) -> list[dict]:
+    """Runs every case `runs` times, interleaved round by round so drift in the machine's
+    disk speed hits every tool alike; checks each tool's output once."""
+    times: dict[str, list[float]] = {name: [] for name, _ in cases}
+    rss: dict[str, int] = {name: 0 for name, _ in cases}
+    ok: dict[str, bool] = {}
     for _ in range(runs):
-        if dst.exists():
-            dst.unlink()
-        os.sync()
-        t, r = timed(cmd)
-        times.append(t)
-        rss.append(r)
-    ok = expect is None or digest(dst) == expect
-    return {
-        "name": name,
-        "median_s": statistics.median(times),
-        "times": times,
-        "peak_rss": max(rss),
-        "ok": ok,
-    }
+        for name, cmd in cases:
+            dst.unlink(missing_ok=True)
+            t, r = timed(cmd)
+            times[name].append(t)
+            rss[name] = max(rss[name], r)
+            if name not in ok:
+                ok[name] = digest(dst) == expect
+    return [
+        {
+            "name": n,
+            "median_s": statistics.median(times[n]),
+            "times": times[n],
+            "peak_rss": rss[n],
+            "ok": ok[n],
+        }
+        for n, _ in cases
+    ]
 
 
 def full_bench(hamal: str, work: Path, runs: int) -> list[dict]:
@@ -92,13 +117,10 @@ def full_bench(hamal: str, work: Path, runs: int) -> list[dict]:
         ("hamal sync", [hamal, "sync", str(src), str(dst), "--no-progress"]),
         ("cp --sparse=always", ["cp", "--sparse=always", str(src), str(dst)]),
         ("qemu-img convert -O raw", ["qemu-img", "convert", "-f", "raw", "-O", "raw", str(src), str(dst)]),
-        ("nbdcopy", ["nbdcopy", str(src), str(dst)]),
+        # nbdcopy writes into an existing destination of the source's size.
+        ("nbdcopy", ["sh", "-c", f"truncate -s {src.stat().st_size} {dst} && nbdcopy {src} {dst}"]),
     ]
-    results = []
-    for name, cmd in cases:
-        if name == "nbdcopy":  # nbdcopy writes into an existing destination of the right size
-            cmd = ["sh", "-c", f"truncate -s {src.stat().st_size} {dst} && nbdcopy {src} {dst}"]
-        results.append(run_case(name, cmd, dst, runs, expect))
+    results = run_cases(cases, dst, runs, expect)
     dst.unlink(missing_ok=True)
     return results
 
@@ -158,7 +180,7 @@ def report(title: str, rows: list[dict], base: float) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hamal", required=True)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -36,9 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("sync", help="copy a disk's allocated or changed extents to a target")
-    s.add_argument("source", help="source disk URI: file:PATH or a plain path")
-    s.add_argument("target", help="target disk URI: file:PATH or a plain path (created if missing)")
+    s.add_argument(
+        "source",
+        help="source disk URI: file:PATH, a plain path, nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH",
+    )
+    s.add_argument("target", help="target disk URI: as the source; a missing file is created")
     s.add_argument("--changed", metavar="FILE.json", help="JSON list of [offset, length] byte pairs to sync")
+    s.add_argument("--bitmap", metavar="NAME", help="NBD source: sync the extents dirty in this bitmap")
+    s.add_argument("--source-id", help="name of the snapshot read; lets an NBD sync resume from its journal")
     s.add_argument("--disk-id", help="name of the disk in logs and summaries (default: the target)")
     s.add_argument("--chunk-size", type=_size, default=4 << 20, help="chunk grid (default 4M)")
     s.add_argument(
@@ -63,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--fsync-period", type=float, metavar="S", help="flush cadence (default fsync_period_frequency)"
     )
-    s.add_argument("--journal", help="resume journal path (default TARGET.hamal-journal)")
+    s.add_argument("--journal", help="resume journal (default TARGET.hamal-journal, or under hamal_lib_dir)")
     s.add_argument("--json", action="store_true", help="print a machine-readable summary")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -75,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--checksum", choices=["blake3", "sha256"], default="blake3")
     v.add_argument("--io", choices=["auto", "uring", "pread"], default="auto")
     v.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("map", help="print a source's size, allocated extents and dirty extents")
+    m.add_argument("source")
+    m.add_argument("--bitmap", metavar="NAME", help="NBD source: also list the extents dirty in this bitmap")
+    m.add_argument("--json", action="store_true")
+
+    k = sub.add_parser("kvm", help="KVM / qcow2 images: change tracking with persistent dirty bitmaps")
+    ksub = k.add_subparsers(dest="kvm_command", required=True)
+    ks = ksub.add_parser("sync", help="one cycle: new bitmap, export, sync the old bitmap's changes, rotate")
+    ks.add_argument("image", help="qcow2 image (its guest must not be writing to it)")
+    ks.add_argument("target", help="target disk URI")
+    ks.add_argument("--full", action="store_true", help="ignore the cursor and sync every allocated extent")
+    ks.add_argument("--journal", help="resume journal path")
+    ks.add_argument("--json", action="store_true")
 
     c = sub.add_parser("config", help="configuration")
     csub = c.add_subparsers(dest="config_command", required=True)
@@ -121,6 +141,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
             changed=_changed(args.changed),
             changed_origin=args.changed,
             journal=args.journal,
+            bitmap=args.bitmap,
+            source_id=args.source_id,
         )
     ]
     job = sync.start(plan, cfg, options)
@@ -169,6 +191,31 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_map(args: argparse.Namespace) -> int:
+    m = _native.map_source(args.source, bitmap=args.bitmap)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return EXIT_OK
+    print(f"{m['source']}: {human(m['size'])}")
+    for name in ("allocated", "changed"):
+        extents = m[name]
+        if extents is None:
+            continue
+        print(f"{name}: {len(extents)} extents, {human(sum(ln for _, ln in extents))}")
+        for off, ln in extents:
+            print(f"  {off:>16} {ln:>14}")
+    return EXIT_OK
+
+
+def cmd_kvm(args: argparse.Namespace) -> int:
+    from hamal.platforms import kvm
+
+    cfg = load_config(args.config)
+    summary = kvm.sync_image(args.image, args.target, cfg, full=args.full, journal=args.journal)
+    print(json.dumps(summary, indent=2) if args.json else _describe_sync(summary))
+    return EXIT_OK
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = load_config(args.path or args.config)
     state = "" if cfg.found else "  (file not found: defaults)"
@@ -183,7 +230,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir, args.size)
 
 
-COMMANDS = {"sync": cmd_sync, "verify": cmd_verify, "config": cmd_config_check, "demo": cmd_demo}
+COMMANDS = {
+    "sync": cmd_sync,
+    "verify": cmd_verify,
+    "map": cmd_map,
+    "kvm": cmd_kvm,
+    "config": cmd_config_check,
+    "demo": cmd_demo,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     except SyncCancelled as e:
         print(f"hamal: {e} (finished chunks are journaled; rerun to resume)", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # output piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print("hamal: interrupted (finished chunks are journaled; rerun to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -6,6 +6,8 @@ this module adds *how* (threads, cadence, throttles) from the config and starts 
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +82,16 @@ def disk(
     changed: list[tuple[int, int]] | None = None,
     changed_origin: str | None = None,
     journal: str | None = None,
+    bitmap: str | None = None,
+    source_id: str | None = None,
 ) -> dict[str, Any]:
-    """One disk of a plan. ``changed=None`` syncs every allocated extent (a full sync)."""
+    """One disk of a plan. With neither ``changed`` nor ``bitmap`` every allocated extent is
+    synced (a full sync); ``bitmap`` names the dirty bitmap of an NBD source to take changes from.
+    ``source_id`` names the snapshot read; a resume journal is trusted only for the same id
+    (file sources identify themselves by their modification time)."""
     return {
+        "bitmap": bitmap,
+        "source_id": source_id,
         "disk_id": disk_id or target,
         "source": source,
         "target": target,
@@ -92,8 +101,24 @@ def disk(
     }
 
 
+def is_remote(uri: str) -> bool:
+    """True for a URI that is not a local file (NBD today)."""
+    return "://" in uri and not uri.startswith("file://")
+
+
+def journal_path(cfg: _native.Config, disk_id: str) -> str:
+    """Resume journal of a disk whose target is not a local file: under ``hamal_lib_dir``."""
+    lib_dir = cfg.as_dict()["DEFAULT"]["hamal_lib_dir"]
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", disk_id)[-120:]
+    os.makedirs(os.path.join(lib_dir, "journal"), exist_ok=True)
+    return os.path.join(lib_dir, "journal", f"{safe}.journal")
+
+
 def start(
     disks: list[dict[str, Any]], cfg: _native.Config, options: SyncOptions | None = None
 ) -> _native.Job:
     """Starts a job; the returned handle has ``progress()``, ``wait(timeout)`` and ``cancel()``."""
+    for d in disks:
+        if d.get("journal") is None and is_remote(d["target"]):
+            d["journal"] = journal_path(cfg, d["disk_id"])
     return _native.start_sync(disks, **(options or SyncOptions()).engine_kwargs(cfg))

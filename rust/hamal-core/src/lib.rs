@@ -9,6 +9,7 @@ pub mod engine;
 pub mod error;
 pub mod extent;
 pub mod io;
+pub mod nbd;
 pub mod source;
 pub mod target;
 pub mod uri;

@@ -1,13 +1,16 @@
-//! Source and target URIs. Today: `file:PATH` or a plain path; later issues add `nbd://`,
-//! `rbd:`, `vddk://`, `dir:` and `s3://` as new variants.
+//! Source and target URIs: `file:PATH` or a plain path, and the NBD forms (`nbd://`,
+//! `nbd+unix://`, `nbds://`). Later issues add `rbd:`, `vddk://`, `dir:` and `s3://`.
 
+use crate::nbd::NbdUri;
 use crate::{Error, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DiskUri {
     /// A raw image file or a block device.
     File(PathBuf),
+    /// An NBD export.
+    Nbd(NbdUri),
 }
 
 impl DiskUri {
@@ -22,8 +25,11 @@ impl DiskUri {
             return Self::file(rest, s);
         }
         if let Some((scheme, _)) = s.split_once("://") {
+            if scheme.starts_with("nbd") {
+                return Ok(DiskUri::Nbd(NbdUri::parse(s)?));
+            }
             return Err(Error::Plan(format!(
-                "unsupported URI scheme '{scheme}' in '{s}': this build reads and writes file: paths only"
+                "unsupported URI scheme '{scheme}' in '{s}': use file:PATH, nbd://, nbd+unix:// or a plain path"
             )));
         }
         Self::file(s, s)
@@ -36,9 +42,11 @@ impl DiskUri {
         Ok(DiskUri::File(PathBuf::from(path)))
     }
 
-    pub fn path(&self) -> &std::path::Path {
+    /// The local path, for file URIs.
+    pub fn file_path(&self) -> Option<&Path> {
         match self {
-            DiskUri::File(p) => p,
+            DiskUri::File(p) => Some(p),
+            DiskUri::Nbd(_) => None,
         }
     }
 }
@@ -47,6 +55,7 @@ impl std::fmt::Display for DiskUri {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             DiskUri::File(p) => write!(f, "{}", p.display()),
+            DiskUri::Nbd(u) => f.write_str(&u.text),
         }
     }
 }
@@ -69,8 +78,12 @@ mod tests {
             DiskUri::parse("file:///a/b").unwrap(),
             DiskUri::File("/a/b".into())
         );
-        let e = DiskUri::parse("nbd://127.0.0.1/x").unwrap_err().to_string();
-        assert!(e.contains("'nbd'"), "{e}");
+        assert!(matches!(
+            DiskUri::parse("nbd://127.0.0.1/x").unwrap(),
+            DiskUri::Nbd(_)
+        ));
+        let e = DiskUri::parse("s3://bucket/x").unwrap_err().to_string();
+        assert!(e.contains("'s3'"), "{e}");
         assert!(DiskUri::parse("file:").is_err());
     }
 }

@@ -36,6 +36,8 @@ fn plan(src: &Path, dst: &Path, changed: Option<Vec<(i128, i128)>>, tuning: Tuni
                 origin: "test".into(),
             }),
             journal: None,
+            bitmap: None,
+            source_id: None,
         }],
         tuning,
     }
@@ -189,6 +191,8 @@ fn several_disks_in_parallel() {
             target: DiskUri::File(t),
             changed: None,
             journal: None,
+            bitmap: None,
+            source_id: None,
         });
     }
     let tuning = Tuning {

@@ -83,6 +83,8 @@ pub fn disk_plan(d: &Bound<'_, PyDict>, i: usize) -> PyResult<DiskPlan> {
         target: uri("target")?,
         changed,
         journal: item::<String>(d, "journal", i)?.map(Into::into),
+        bitmap: item::<String>(d, "bitmap", i)?,
+        source_id: item::<String>(d, "source_id", i)?,
     })
 }
 

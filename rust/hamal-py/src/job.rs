@@ -171,3 +171,14 @@ pub fn load_changed_file(path: &str) -> PyResult<Vec<(i128, i128)>> {
     })?;
     engine::parse_changed_json(&text, path).map_err(|e| errors::to_py(&e))
 }
+
+/// Size, allocated extents and (with `bitmap`) dirty extents of a source.
+#[pyfunction]
+#[pyo3(signature = (source, *, bitmap=None))]
+pub fn map_source(py: Python<'_>, source: &str, bitmap: Option<&str>) -> PyResult<Py<PyAny>> {
+    let uri = hamal_core::uri::DiskUri::parse(source).map_err(|e| errors::to_py(&e))?;
+    let map = py
+        .detach(|| engine::map_source(&uri, bitmap))
+        .map_err(|e| errors::to_py(&e))?;
+    convert::to_py(py, &map)
+}

@@ -30,6 +30,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(job::start_sync, m)?)?;
     m.add_function(wrap_pyfunction!(job::verify, m)?)?;
     m.add_function(wrap_pyfunction!(job::load_changed_file, m)?)?;
+    m.add_function(wrap_pyfunction!(job::map_source, m)?)?;
     m.add_function(wrap_pyfunction!(config::load_config, m)?)?;
     m.add_function(wrap_pyfunction!(io_uring_status, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

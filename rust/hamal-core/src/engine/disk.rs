@@ -15,15 +15,15 @@ use super::throttle::{release_cpu, Pacer};
 use crate::checksum::{is_zero, ContentDigest, Digest};
 use crate::extent::{ChunkWork, ExtentMap};
 use crate::io::{ReadReq, WriteReq};
-use crate::source::{FileSource, Source};
-use crate::target::{FileTarget, Target};
+use crate::source::{FileSource, NbdSource, Source};
+use crate::target::{FileTarget, NbdTarget, Target};
 use crate::uri::DiskUri;
 use crate::{Error, Result};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// What one finished disk sync reports.
 #[derive(Clone, Debug, Serialize)]
@@ -54,48 +54,85 @@ struct Filled {
     digest: Digest,
 }
 
-/// Chunks written but not yet flushed, and the journal they go to after the flush.
+/// Chunks written but not yet flushed, and the journal they go to after the flush. Writers
+/// only push to `pending`; the flusher thread (and the final flush) do the slow part without
+/// holding that lock.
 struct Durability<'t> {
     target: &'t dyn Target,
-    warn_after: Option<std::time::Duration>,
-    journal: Journal,
-    pending: Vec<(u64, Digest)>,
-    last_flush: Instant,
-    digest: ContentDigest,
+    warn_after: Option<Duration>,
+    journal: Mutex<Journal>,
+    pending: Mutex<Vec<(u64, Digest)>>,
+    digest: Mutex<ContentDigest>,
 }
 
 impl Durability<'_> {
-    fn flush(&mut self) -> Result<()> {
+    /// Flushes the target, then journals every chunk written before the flush began.
+    fn flush(&self) -> Result<()> {
+        let batch = std::mem::take(&mut *self.pending.lock().unwrap());
         let t0 = Instant::now();
         self.target.flush()?;
         if let Some(limit) = self.warn_after.filter(|l| t0.elapsed() > *l) {
             let took = t0.elapsed().as_secs_f64();
             tracing::warn!(target_path = %self.target.describe(), "flush took {took:.1} s, over fsync_timeout {} s", limit.as_secs());
         }
-        self.journal.append(&self.pending)?;
-        self.pending.clear();
-        self.last_flush = Instant::now();
-        Ok(())
+        self.journal.lock().unwrap().append(&batch)
     }
 }
 
-pub(crate) fn open_source(uri: &DiskUri, t: &Tuning) -> Result<Box<dyn Source>> {
+/// One read per range of `chunk`, packed back to back at the start of `buf`.
+pub(crate) fn read_requests<'b>(chunk: &ChunkWork, buf: &'b mut [u8]) -> Vec<ReadReq<'b>> {
+    let mut rest = buf;
+    let mut reqs = Vec::with_capacity(chunk.ranges.len());
+    for r in &chunk.ranges {
+        let (head, tail) = rest.split_at_mut(r.len as usize);
+        reqs.push(ReadReq {
+            offset: r.offset,
+            buf: head,
+        });
+        rest = tail;
+    }
+    reqs
+}
+
+pub(crate) fn open_source(
+    uri: &DiskUri,
+    t: &Tuning,
+    bitmap: Option<&str>,
+) -> Result<Box<dyn Source>> {
     match uri {
         DiskUri::File(p) => Ok(Box::new(FileSource::open(p, t.io_mode)?)),
+        DiskUri::Nbd(u) => Ok(Box::new(NbdSource::open(u, bitmap)?)),
     }
 }
 
 fn open_target(uri: &DiskUri, size: u64, t: &Tuning) -> Result<Box<dyn Target>> {
     match uri {
         DiskUri::File(p) => Ok(Box::new(FileTarget::open(p, size, t.io_mode)?)),
+        DiskUri::Nbd(u) => Ok(Box::new(NbdTarget::open(u, size)?)),
     }
 }
 
 /// Fingerprint of everything a journal's entries depend on.
-fn fingerprint(source: &dyn Source, target: &dyn Target, t: &Tuning, data: &ExtentMap) -> Digest {
+fn fingerprint(
+    plan: &DiskPlan,
+    source: &dyn Source,
+    target: &dyn Target,
+    t: &Tuning,
+    data: &ExtentMap,
+) -> Digest {
+    let identity = match (&plan.source_id, source.identity()) {
+        (Some(id), own) => format!("{id}\0{}", own.unwrap_or_default()),
+        (None, Some(own)) => own,
+        // Nothing identifies the content: a journal of an earlier run must never match.
+        (None, None) => format!(
+            "unidentified:{}:{:?}",
+            std::process::id(),
+            std::time::SystemTime::now()
+        ),
+    };
     let mut h = blake3::Hasher::new();
     for part in [
-        source.identity(),
+        identity,
         target.describe(),
         t.checksum.map_or("none", |c| c.name()).to_owned(),
     ] {
@@ -122,21 +159,35 @@ impl DiskRun<'_> {
     pub fn run(&self) -> Result<DiskSummary> {
         let (t, plan) = (self.tuning, self.plan);
         let started = Instant::now();
-        let source = open_source(&plan.source, t)?;
+        let source = open_source(&plan.source, t, plan.bitmap.as_deref())?;
         let size = source.size();
-        let (data, full) = match &plan.changed {
-            Some(c) => (validate_changed(&c.pairs, size, &c.origin)?, false),
-            None => (source.allocated()?, true),
+        let changed = match &plan.changed {
+            Some(c) => Some(validate_changed(&c.pairs, size, &c.origin)?),
+            None => source.changed()?,
         };
+        let allocated = source.allocated()?;
         let target = open_target(&plan.target, size, t)?;
-        let holes = if full && !target.is_fresh() {
-            ExtentMap::whole(size).subtract(&data)
-        } else {
-            ExtentMap::new()
+        // Read only what holds data; what changed into zeros (or is a hole of a full sync onto an
+        // old target) is zeroed on the target without reading.
+        let (data, zeros) = match &changed {
+            Some(ch) => (ch.intersect(&allocated), ch.subtract(&allocated)),
+            None if target.is_fresh() => (allocated, ExtentMap::new()),
+            None => (
+                allocated.clone(),
+                ExtentMap::whole(size).subtract(&allocated),
+            ),
         };
+        let full = changed.is_none();
+        let align = source.alignment().max(target.alignment());
+        let data = if align > 1 {
+            data.align_to_grid(align, size)
+        } else {
+            data
+        };
+        let zeros = zeros.subtract(&data);
         let journal = Journal::open(
-            &plan.journal_path(),
-            &fingerprint(&*source, &*target, t, &data),
+            &plan.journal_path()?,
+            &fingerprint(plan, &*source, &*target, t, &data),
             size.div_ceil(t.chunk_size),
         )?;
         let p = self.progress;
@@ -146,26 +197,24 @@ impl DiskRun<'_> {
         if journal.resumed_chunks > 0 {
             tracing::info!(disk = %plan.disk_id, chunks = journal.resumed_chunks, "resuming from journal");
         }
-        for hole in holes.extents() {
+        for hole in zeros.extents() {
             if self.cancel.load(Relaxed) {
                 return Err(Error::Cancelled);
             }
             target.zero_range(hole.offset, hole.len)?;
         }
         let resumed_digest = journal.resumed_digest;
-        let durable = Mutex::new(Durability {
+        let durable = Durability {
             target: &*target,
             warn_after: t.fsync_warn_after,
-            journal,
-            pending: Vec::new(),
-            last_flush: Instant::now(),
-            digest: ContentDigest::default(),
-        });
+            journal: Mutex::new(journal),
+            pending: Mutex::new(Vec::new()),
+            digest: Mutex::new(ContentDigest::default()),
+        };
         let backend = self.pipeline(&*source, &*target, &data, &durable)?;
-        let d = durable.into_inner().unwrap();
-        let mut digest = d.digest;
+        let mut digest = durable.digest.into_inner().unwrap();
         digest.merge(&resumed_digest);
-        d.journal.remove()?;
+        durable.journal.into_inner().unwrap().remove()?;
         let snap = p.snapshot();
         Ok(DiskSummary {
             disk_id: plan.disk_id.clone(),
@@ -177,7 +226,7 @@ impl DiskRun<'_> {
             bytes_written: snap.bytes_done - snap.bytes_zero,
             bytes_zero: snap.bytes_zero,
             bytes_resumed: snap.bytes_resumed,
-            holes_zeroed: holes.total_len(),
+            holes_zeroed: zeros.total_len(),
             chunks: snap.chunks_total,
             seconds: started.elapsed().as_secs_f64(),
             io_backend: backend,
@@ -193,14 +242,14 @@ impl DiskRun<'_> {
         source: &dyn Source,
         target: &dyn Target,
         data: &ExtentMap,
-        durable: &Mutex<Durability>,
+        durable: &Durability,
     ) -> Result<&'static str> {
         let t = self.tuning;
         let per_thread = t.readers + t.writers;
         let buffers =
             (self.memory_budget / t.chunk_size).clamp(2, u64::from(per_thread * t.queue_depth + 2));
         let pool = BufferPool::new(t.chunk_size as usize, buffers as usize);
-        let done = durable.lock().unwrap().journal.done_set();
+        let done = durable.journal.lock().unwrap().done_set();
         let work = Mutex::new(data.chunks(t.chunk_size));
         let failure: Mutex<Option<Error>> = Mutex::new(None);
         let abort = AtomicBool::new(false);
@@ -211,6 +260,7 @@ impl DiskRun<'_> {
         let backend = Mutex::new("pread");
         let (tx, rx) = sync_channel::<Filled>(buffers as usize);
         let rx = Mutex::new(rx);
+        let live_writers = &AtomicUsize::new(t.writers as usize);
         std::thread::scope(|s| {
             for _ in 0..t.readers {
                 let tx = tx.clone();
@@ -232,12 +282,18 @@ impl DiskRun<'_> {
                             pool.put(f.buf);
                         }
                     }
+                    live_writers.fetch_sub(1, Relaxed);
                 });
             }
+            s.spawn(move || {
+                if let Err(e) = self.flusher_loop(target, durable, live_writers) {
+                    fail(e);
+                }
+            });
         });
         // Make everything written durable and journaled, also after an error or a cancel,
         // so that a rerun resumes from here.
-        let flushed = durable.lock().unwrap().flush();
+        let flushed = durable.flush();
         if let Some(e) = failure.into_inner().unwrap() {
             return Err(e);
         }
@@ -295,15 +351,7 @@ impl DiskRun<'_> {
             }
             let mut reqs = Vec::new();
             for (c, buf) in batch.iter().zip(bufs.iter_mut()) {
-                let mut rest = &mut buf[..];
-                for r in &c.ranges {
-                    let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len as usize);
-                    reqs.push(ReadReq {
-                        offset: r.offset,
-                        buf: head,
-                    });
-                    rest = tail;
-                }
+                reqs.extend(read_requests(c, buf));
             }
             reader.read_batch(&mut reqs)?;
             drop(reqs);
@@ -333,7 +381,7 @@ impl DiskRun<'_> {
         rx: &Mutex<Receiver<Filled>>,
         pool: &BufferPool,
         abort: &AtomicBool,
-        durable: &Mutex<Durability>,
+        durable: &Durability,
     ) -> Result<()> {
         let t = self.tuning;
         let p = self.progress;
@@ -373,7 +421,8 @@ impl DiskRun<'_> {
                     target.zero_range(r.offset, r.len)?;
                 }
             }
-            let mut d = durable.lock().unwrap();
+            let mut pending = durable.pending.lock().unwrap();
+            let mut digest = durable.digest.lock().unwrap();
             for f in batch {
                 let len = f.work.len();
                 p.bytes_done.fetch_add(len, Relaxed);
@@ -382,15 +431,39 @@ impl DiskRun<'_> {
                 }
                 p.chunks_done.fetch_add(1, Relaxed);
                 if t.checksum.is_some() {
-                    d.digest.add(f.work.index, &f.digest);
+                    digest.add(f.work.index, &f.digest);
                 }
-                d.pending.push((f.work.index, f.digest));
+                pending.push((f.work.index, f.digest));
                 pool.put(f.buf);
             }
-            if d.last_flush.elapsed() >= t.fsync_period {
-                d.flush()?;
+        }
+    }
+
+    /// While writers run: starts write-back of what they wrote every `WRITEBACK_BYTES` (so the
+    /// disk works during the copy instead of after it), and flushes + journals every
+    /// `fsync_period`. Writers never wait for either.
+    fn flusher_loop(
+        &self,
+        target: &dyn Target,
+        durable: &Durability,
+        live_writers: &AtomicUsize,
+    ) -> Result<()> {
+        const WRITEBACK_BYTES: u64 = 64 * 1024 * 1024;
+        let mut last_flush = Instant::now();
+        let mut kicked_at = 0;
+        while live_writers.load(Relaxed) > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+            let written = self.progress.bytes_done.load(Relaxed);
+            if written - kicked_at >= WRITEBACK_BYTES {
+                target.start_writeback();
+                kicked_at = written;
+            }
+            if last_flush.elapsed() >= self.tuning.fsync_period {
+                durable.flush()?;
+                last_flush = Instant::now();
             }
         }
+        Ok(())
     }
 }
 

@@ -74,15 +74,27 @@ pub struct DiskPlan {
     pub changed: Option<ChangedList>,
     /// Resume journal; `None` puts it beside a file target (`TARGET.hamal-journal`).
     pub journal: Option<PathBuf>,
+    /// Dirty bitmap of an NBD source whose extents are the changes to sync.
+    pub bitmap: Option<String>,
+    /// Names the snapshot being read (for example a platform's snapshot id). A journal is
+    /// trusted only for the same source identity: the file's mtime, or this id.
+    pub source_id: Option<String>,
 }
 
 impl DiskPlan {
-    pub fn journal_path(&self) -> PathBuf {
-        self.journal.clone().unwrap_or_else(|| {
-            let mut p = self.target.path().as_os_str().to_owned();
-            p.push(".hamal-journal");
-            PathBuf::from(p)
-        })
+    pub fn journal_path(&self) -> Result<PathBuf> {
+        if let Some(j) = &self.journal {
+            return Ok(j.clone());
+        }
+        let target = self.target.file_path().ok_or_else(|| {
+            Error::Plan(format!(
+                "disk '{}': target {} needs an explicit journal path",
+                self.disk_id, self.target
+            ))
+        })?;
+        let mut p = target.as_os_str().to_owned();
+        p.push(".hamal-journal");
+        Ok(PathBuf::from(p))
     }
 }
 
@@ -139,19 +151,34 @@ impl JobPlan {
         }
         let (mut ids, mut targets) = (HashSet::new(), HashSet::new());
         for d in &self.disks {
+            if d.bitmap.is_some() && !matches!(d.source, DiskUri::Nbd(_)) {
+                return Err(Error::Plan(format!(
+                    "disk '{}': a dirty bitmap needs an NBD source",
+                    d.disk_id
+                )));
+            }
+            if d.bitmap.is_some() && d.changed.is_some() {
+                return Err(Error::Plan(format!(
+                    "disk '{}': give a changed list or a bitmap, not both",
+                    d.disk_id
+                )));
+            }
+            d.journal_path()?;
             if !ids.insert(&d.disk_id) {
                 return Err(Error::Plan(format!(
                     "disk id '{}' appears twice in the plan",
                     d.disk_id
                 )));
             }
-            if !targets.insert(d.target.path()) {
+            if !targets.insert(d.target.to_string()) {
                 return Err(Error::Plan(format!(
                     "target {} appears twice in the plan",
                     d.target
                 )));
             }
-            if same_file(d.source.path(), d.target.path()) {
+            if d.source.to_string() == d.target.to_string()
+                || matches!((d.source.file_path(), d.target.file_path()), (Some(a), Some(b)) if same_file(a, b))
+            {
                 return Err(Error::Plan(format!(
                     "disk '{}': source and target are the same file {}",
                     d.disk_id, d.source

@@ -2,11 +2,10 @@
 //! everything either side has allocated, and reports the offsets that differ.
 
 use super::changed::validate_changed;
-use super::disk::open_source;
+use super::disk::{open_source, read_requests};
 use super::plan::{check_chunk_size, ChangedList, Tuning};
 use crate::checksum::{ChecksumKind, ContentDigest};
 use crate::extent::ExtentMap;
-use crate::io::ReadReq;
 use crate::uri::DiskUri;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -34,7 +33,10 @@ pub fn verify(
 ) -> Result<VerifyReport> {
     check_chunk_size(tuning.chunk_size)?;
     let kind = tuning.checksum.unwrap_or(ChecksumKind::Blake3);
-    let (src, tgt) = (open_source(source, tuning)?, open_source(target, tuning)?);
+    let (src, tgt) = (
+        open_source(source, tuning, None)?,
+        open_source(target, tuning, None)?,
+    );
     let size = src.size();
     if tgt.size() < size {
         return Err(Error::Mismatch(format!(
@@ -70,17 +72,7 @@ pub fn verify(
     for chunk in extents.chunks(tuning.chunk_size) {
         let len = chunk.len() as usize;
         for (reader, buf) in [(&mut rs, &mut a), (&mut rt, &mut b)] {
-            let mut rest = &mut buf[..len];
-            let mut reqs = Vec::new();
-            for r in &chunk.ranges {
-                let (head, tail) = std::mem::take(&mut rest).split_at_mut(r.len as usize);
-                reqs.push(ReadReq {
-                    offset: r.offset,
-                    buf: head,
-                });
-                rest = tail;
-            }
-            reader.read_batch(&mut reqs)?;
+            reader.read_batch(&mut read_requests(&chunk, buf))?;
         }
         let (da, db) = (kind.digest([&a[..len]]), kind.digest([&b[..len]]));
         digest.add(chunk.index, &da);

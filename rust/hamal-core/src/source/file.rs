@@ -120,8 +120,8 @@ impl Source for FileSource {
         Ok(found.unwrap_or_else(|| ExtentMap::whole(self.size)))
     }
 
-    fn identity(&self) -> String {
-        self.identity.clone()
+    fn identity(&self) -> Option<String> {
+        Some(self.identity.clone())
     }
 
     fn reader(&self, depth: u32) -> Result<Box<dyn SourceReader>> {

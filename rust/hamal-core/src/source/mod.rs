@@ -2,8 +2,10 @@
 //! each engine reader thread gets its own [`SourceReader`].
 
 pub(crate) mod file;
+pub(crate) mod nbd;
 
 pub use file::FileSource;
+pub use nbd::NbdSource;
 
 use crate::extent::ExtentMap;
 use crate::io::ReadReq;
@@ -16,8 +18,19 @@ pub trait Source: Send + Sync {
     fn size(&self) -> u64;
     /// Extents that may hold data; everything else reads as zero.
     fn allocated(&self) -> Result<ExtentMap>;
-    /// A string that changes when the source content may have changed (journal fingerprint).
-    fn identity(&self) -> String;
+    /// Extents changed since the source's own change-tracking point (a dirty bitmap), or
+    /// `None` when the source tracks no changes.
+    fn changed(&self) -> Result<Option<ExtentMap>> {
+        Ok(None)
+    }
+    /// Reads must start and end on multiples of this (NBD minimum block size).
+    fn alignment(&self) -> u64 {
+        1
+    }
+    /// A string that changes when the source content may have changed (journal fingerprint);
+    /// `None` when the source cannot tell (then a journal is only trusted with a plan's
+    /// `source_id`).
+    fn identity(&self) -> Option<String>;
     /// A reader for one engine thread, with up to `depth` reads in flight.
     fn reader(&self, depth: u32) -> Result<Box<dyn SourceReader>>;
 }

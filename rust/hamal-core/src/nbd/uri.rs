@@ -1,0 +1,154 @@
+//! NBD URIs as in the NBD URI specification: `nbd://HOST[:PORT]/EXPORT`,
+//! `nbd+unix:///EXPORT?socket=PATH`; `nbds://` and `nbds+unix://` ask for TLS.
+
+use crate::{Error, Result};
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdAddress {
+    Tcp { host: String, port: u16 },
+    Unix(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NbdUri {
+    pub address: NbdAddress,
+    pub export: String,
+    pub tls: bool,
+    /// The text given, for messages.
+    pub text: String,
+}
+
+impl NbdUri {
+    pub fn parse(text: &str) -> Result<NbdUri> {
+        let bad = |why: &str| Error::Plan(format!("bad NBD URI '{text}': {why}"));
+        let (scheme, rest) = text.split_once("://").ok_or_else(|| bad("no scheme"))?;
+        let (tls, unix) = match scheme {
+            "nbd" | "nbd+tcp" => (false, false),
+            "nbds" | "nbds+tcp" => (true, false),
+            "nbd+unix" => (false, true),
+            "nbds+unix" => (true, true),
+            other => return Err(bad(&format!("unknown scheme '{other}'"))),
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i + 1..]),
+            None => (rest, ""),
+        };
+        let export = percent_decode(path).ok_or_else(|| bad("bad %-escape in the export name"))?;
+        let mut socket = None;
+        for pair in query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter(|p| !p.is_empty())
+        {
+            match pair.split_once('=') {
+                Some(("socket", v)) => {
+                    socket = Some(percent_decode(v).ok_or_else(|| bad("bad %-escape in socket"))?)
+                }
+                _ => return Err(bad(&format!("unsupported query parameter '{pair}'"))),
+            }
+        }
+        let address = if unix {
+            if !authority.is_empty() {
+                return Err(bad("a unix-socket URI has no host"));
+            }
+            NbdAddress::Unix(socket.ok_or_else(|| bad("missing ?socket=PATH"))?.into())
+        } else {
+            if socket.is_some() {
+                return Err(bad("?socket= needs the nbd+unix scheme"));
+            }
+            let (host, port) = split_host_port(authority).ok_or_else(|| bad("bad host or port"))?;
+            NbdAddress::Tcp { host, port }
+        };
+        Ok(NbdUri {
+            address,
+            export,
+            tls,
+            text: text.to_owned(),
+        })
+    }
+}
+
+fn split_host_port(authority: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (h, after) = rest.split_once(']')?;
+        (h, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let host = if host.is_empty() { "localhost" } else { host };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None => 10809,
+    };
+    Some((host.to_owned(), port))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_specified_forms() {
+        let u = NbdUri::parse("nbd://127.0.0.1:10810/disk%20a").unwrap();
+        assert_eq!(
+            u.address,
+            NbdAddress::Tcp {
+                host: "127.0.0.1".into(),
+                port: 10810
+            }
+        );
+        assert_eq!(u.export, "disk a");
+        let u = NbdUri::parse("nbd://[::1]/").unwrap();
+        assert_eq!(
+            u.address,
+            NbdAddress::Tcp {
+                host: "::1".into(),
+                port: 10809
+            }
+        );
+        let u = NbdUri::parse("nbd+unix:///exp?socket=/tmp/s.sock").unwrap();
+        assert_eq!(u.address, NbdAddress::Unix("/tmp/s.sock".into()));
+        assert_eq!(u.export, "exp");
+        assert!(NbdUri::parse("nbds://h/x").unwrap().tls);
+    }
+
+    #[test]
+    fn rejects_bad_forms_with_the_reason() {
+        for (uri, why) in [
+            ("nbd+unix:///x", "missing ?socket"),
+            ("nbd://h:notaport/x", "bad host or port"),
+            ("nbd://h/x?socket=/s", "needs the nbd+unix"),
+            ("nbd+unix://host/x?socket=/s", "has no host"),
+            ("nbd://h/x?tls=on", "unsupported query parameter"),
+            ("nbdx://h/x", "unknown scheme"),
+        ] {
+            let e = NbdUri::parse(uri).unwrap_err().to_string();
+            assert!(e.contains(uri) && e.contains(why), "{uri}: {e}");
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! An NBD export as a target: WRITE for data, WRITE_ZEROES for zero chunks, FLUSH on every
+//! connection at each flush (so it is correct whether or not the server offers multi-conn).
+
+use super::{Target, TargetWriter};
+use crate::io::WriteReq;
+use crate::nbd::{Connection, NbdUri};
+use crate::source::nbd::NBD_TIMEOUT;
+use crate::{Error, Result};
+use std::sync::{Arc, Mutex};
+
+pub struct NbdTarget {
+    uri: NbdUri,
+    control: Mutex<Connection>,
+    writers: Mutex<Vec<Arc<Mutex<Connection>>>>,
+}
+
+impl NbdTarget {
+    pub fn open(uri: &NbdUri, source_size: u64) -> Result<NbdTarget> {
+        let control = connect(uri)?;
+        let info = control.info().clone();
+        if info.read_only() {
+            return Err(Error::Plan(format!(
+                "target {} is a read-only NBD export",
+                uri.text
+            )));
+        }
+        if info.size < source_size {
+            return Err(Error::Plan(format!(
+                "target {} is smaller than the source: {} < {source_size} bytes; nothing was written",
+                uri.text, info.size
+            )));
+        }
+        Ok(NbdTarget {
+            uri: uri.clone(),
+            control: Mutex::new(control),
+            writers: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn fail(&self, what: &'static str, e: crate::nbd::NbdFail) -> Error {
+        Error::target_io(&self.uri.text, what, e.offset, e.error)
+    }
+}
+
+fn connect(uri: &NbdUri) -> Result<Connection> {
+    Connection::connect(uri, &[], NBD_TIMEOUT)
+        .map_err(|e| Error::target_io(&uri.text, "cannot open NBD export", e.offset, e.error))
+}
+
+impl Target for NbdTarget {
+    fn describe(&self) -> String {
+        self.uri.text.clone()
+    }
+
+    fn is_fresh(&self) -> bool {
+        false
+    }
+
+    fn alignment(&self) -> u64 {
+        u64::from(self.control.lock().unwrap().info().min_block)
+    }
+
+    fn zero_range(&self, offset: u64, len: u64) -> Result<()> {
+        self.control
+            .lock()
+            .unwrap()
+            .write_zeroes(offset, len)
+            .map_err(|e| self.fail("cannot zero range", e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.control
+            .lock()
+            .unwrap()
+            .flush()
+            .map_err(|e| self.fail("flush failed", e))?;
+        for w in self.writers.lock().unwrap().iter() {
+            w.lock()
+                .unwrap()
+                .flush()
+                .map_err(|e| self.fail("flush failed", e))?;
+        }
+        Ok(())
+    }
+
+    fn writer(&self, _depth: u32) -> Result<Box<dyn TargetWriter>> {
+        let conn = Arc::new(Mutex::new(connect(&self.uri)?));
+        self.writers.lock().unwrap().push(Arc::clone(&conn));
+        Ok(Box::new(NbdWriter {
+            conn,
+            uri: self.uri.text.clone(),
+        }))
+    }
+}
+
+struct NbdWriter {
+    conn: Arc<Mutex<Connection>>,
+    uri: String,
+}
+
+impl TargetWriter for NbdWriter {
+    fn write_batch(&mut self, reqs: &[WriteReq<'_>]) -> Result<()> {
+        self.conn
+            .lock()
+            .unwrap()
+            .write_batch(reqs)
+            .map_err(|e| Error::target_io(&self.uri, "NBD write failed", e.offset, e.error))
+    }
+}
