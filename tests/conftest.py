@@ -66,3 +66,7 @@ def image(tmp_path: Path) -> Path:
     p = tmp_path / "source.raw"
     make_image(p, 64 * MIB)
     return p
+
+
+# NBD server fixtures (qemu-nbd, nbdkit on private unix sockets).
+from nbd_servers import servers, sockdir  # noqa: E402, F401

@@ -101,27 +101,28 @@ class Export:
         os.rmdir(self.dir)
 
 
-class Cursor:
-    """Where the last committed cycle left off: the bitmap name, per image and target, in
-    ``hamal_lib_dir/kvm``. Written atomically after the sync committed."""
+class ImageState:
+    """Which bitmap is the cursor of each target of an image, in ``hamal_lib_dir/kvm``.
+    Bitmaps live in the image, shared by its targets: one referenced by no target is a
+    leftover of a failed cycle. Written atomically, after a sync committed."""
 
-    def __init__(self, state_dir: str, image: str, target: str) -> None:
-        key = hashlib.sha256(f"{os.path.abspath(image)}\0{target}".encode()).hexdigest()[:32]
+    def __init__(self, state_dir: str, image: str) -> None:
+        self.image = os.path.abspath(image)
+        key = hashlib.sha256(self.image.encode()).hexdigest()[:32]
         self.path = os.path.join(state_dir, f"{key}.json")
-        self.image, self.target = os.path.abspath(image), target
 
-    def load(self) -> str | None:
+    def cursors(self) -> dict[str, str]:
         try:
             with open(self.path) as f:
-                return json.load(f).get("bitmap")
+                return dict(json.load(f).get("cursors", {}))
         except FileNotFoundError:
-            return None
+            return {}
 
-    def save(self, bitmap: str) -> None:
+    def save(self, cursors: dict[str, str]) -> None:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"image": self.image, "target": self.target, "bitmap": bitmap}, f)
+            json.dump({"image": self.image, "cursors": cursors}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -141,9 +142,10 @@ def sync_image(
     if not os.path.isfile(image):
         raise SourceError(f"{image}: no such qcow2 image")
     state_dir = state_dir or os.path.join(cfg.as_dict()["DEFAULT"]["hamal_lib_dir"], "kvm")
-    cursor_store = Cursor(state_dir, image, target)
+    state = ImageState(state_dir, image)
+    cursors = state.cursors()
     present = bitmaps(image)
-    cursor = None if full else cursor_store.load()
+    cursor = None if full else cursors.get(target)
     if cursor and cursor not in present:
         log.warning("%s: cursor bitmap %s is gone; doing a full sync", image, cursor)
         cursor = None
@@ -153,8 +155,9 @@ def sync_image(
         )
         remove_bitmap(image, cursor)
         cursor = None
+    in_use = set(cursors.values()) | {cursor}
     for name in present:  # leftovers of failed cycles
-        if name.startswith(PREFIX) and name != cursor:
+        if name.startswith(PREFIX) and name not in in_use:
             remove_bitmap(image, name)
     new = f"{PREFIX}{int(time.time() * 1000)}"
     add_bitmap(image, new)
@@ -167,8 +170,10 @@ def sync_image(
     except BaseException:
         remove_bitmap(image, new)
         raise
-    cursor_store.save(new)
-    if cursor:
-        remove_bitmap(image, cursor)
+    old = cursors.get(target)
+    cursors[target] = new
+    state.save(cursors)
+    if old and old in present and old not in cursors.values():
+        remove_bitmap(image, old)
     summary["bitmap"] = new
     return summary

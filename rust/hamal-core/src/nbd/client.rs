@@ -656,6 +656,13 @@ fn with_message(err: u32, msg: &str) -> io::Error {
 }
 
 fn option_error(what: &str, kind: u32, data: &[u8]) -> NbdFail {
+    if kind == REP_ERR_TLS_REQD {
+        let text = "the server requires TLS (nbds://), which this build does not support yet";
+        return NbdFail {
+            offset: None,
+            error: io::Error::new(io::ErrorKind::PermissionDenied, text),
+        };
+    }
     let msg = String::from_utf8_lossy(data);
     let name = rep_error_name(kind);
     let text = if msg.is_empty() {
