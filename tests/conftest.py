@@ -61,6 +61,14 @@ def run_hamal(
     return Result(p.returncode, p.stdout, p.stderr)
 
 
+def one_error_line(err: str) -> str:
+    # Warnings (such as the missing config, said once) may precede; the error is one line.
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("hamal: WARNING: ")]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hamal: error: "), err
+    return lines[0]
+
+
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     p = tmp_path / "source.raw"

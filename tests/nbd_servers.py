@@ -68,6 +68,15 @@ def nbdkit_file(image: Path, sock: Path) -> Server:
     return Server(["nbdkit", "-f", "-U", str(sock), "file", f"file={image}"], sock)
 
 
+def qemu_io(image: Path, *cmds: str) -> None:
+    """Runs qemu-io commands (``write -P 0x11 0 1M``, ...) on a qcow2 image."""
+    need("qemu-io", "qemu-utils")
+    args = ["qemu-io", "-f", "qcow2"]
+    for c in cmds:
+        args += ["-c", c]
+    subprocess.run([*args, str(image)], check=True, capture_output=True)
+
+
 def nbdinfo_map(uri: str, context: str = "base:allocation") -> list[dict]:
     need("nbdinfo", "libnbd-bin")
     out = subprocess.run(

@@ -7,15 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import MIB, run_hamal, sha256
-
-
-def one_error_line(err: str) -> str:
-    # Warnings (such as the missing config, said once) may precede; the error is one line.
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("hamal: WARNING: ")]
-    assert len(lines) == 1, err
-    assert lines[0].startswith("hamal: error: "), err
-    return lines[0]
+from conftest import MIB, one_error_line, run_hamal, sha256
 
 
 def test_missing_source(tmp_path: Path) -> None:

@@ -11,13 +11,7 @@ import hamal
 import pytest
 from conftest import MIB, sha256
 from hamal.platforms import kvm
-
-
-def qemu_io(image: Path, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "qcow2"]
-    for c in cmds:
-        args += ["-c", c]
-    subprocess.run([*args, str(image)], check=True, capture_output=True)
+from nbd_servers import qemu_io
 
 
 def as_raw(image: Path, out: Path) -> Path:

@@ -10,14 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MIB, make_image, run_hamal, sha256
-from nbd_servers import merged, nbdinfo_map, nbdkit_file, qemu_nbd
-
-
-def one_error_line(err: str) -> str:
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("hamal: WARNING: ")]
-    assert len(lines) == 1 and lines[0].startswith("hamal: error: "), err
-    return lines[0]
+from conftest import MIB, make_image, one_error_line, run_hamal, sha256
+from nbd_servers import merged, nbdinfo_map, nbdkit_file, qemu_io, qemu_nbd
 
 
 def allocated_per_nbdinfo(uri: str) -> list[tuple[int, int]]:
@@ -40,13 +34,6 @@ def test_full_sync_from_export_and_map_agrees_with_nbdinfo(tmp_path, servers, so
     assert s["io_backend"] == "nbd" and s["bytes_total"] == sum(ln for _, ln in m["allocated"])
     assert s["bytes_total"] < 64 * MIB  # holes were not read
     assert sha256(src) == sha256(tmp_path / "out.raw")
-
-
-def qemu_io(image: Path, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "qcow2"]
-    for c in cmds:
-        args += ["-c", c]
-    subprocess.run([*args, str(image)], check=True, capture_output=True)
 
 
 def test_dirty_bitmap_incremental_reads_only_dirty_extents(tmp_path, servers, sockdir) -> None:

@@ -284,7 +284,7 @@ def main() -> int:
     ap.add_argument("--skip-incremental", action="store_true")
     ap.add_argument("--only", choices=["file", "nbd"], help="run only the file or only the NBD cases")
     a = ap.parse_args()
-    work = Path(a.work)
+    work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     os.environ["HAMAL_CONF"] = str(work / "hamal.conf")  # defaults; keeps /etc out of it
     (work / "hamal.conf").write_text("")

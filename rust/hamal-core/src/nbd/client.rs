@@ -8,6 +8,9 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+/// Largest read or write request sent (the server's maximum block size may lower it).
+const REQUEST_SIZE: usize = 1 << 20;
+
 /// What the server told us about the export during `NBD_OPT_GO`.
 #[derive(Clone, Debug)]
 pub struct ExportInfo {
@@ -370,9 +373,11 @@ impl Connection {
         Ok(cookie)
     }
 
-    /// Splits `[offset, offset+len)` into pieces the server accepts.
+    /// Splits `[offset, offset+len)` into pieces the server accepts, at most `REQUEST_SIZE`
+    /// each: servers such as qemu-nbd work on several requests at once, so more, smaller
+    /// requests in flight move data faster than a few large ones.
     fn pieces(&self, offset: u64, len: usize) -> impl Iterator<Item = (usize, u64, usize)> {
-        let max = self.info.max_block as usize;
+        let max = (self.info.max_block as usize).min(REQUEST_SIZE);
         (0..len)
             .step_by(max.max(1))
             .map(move |at| (at, offset + at as u64, (len - at).min(max)))
