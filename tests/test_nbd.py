@@ -125,12 +125,34 @@ def test_bad_uri_unknown_export_missing_bitmap(tmp_path, servers, sockdir) -> No
     assert r.code == 1 and "needs an NBD source" in one_error_line(r.err)
 
 
-def make_tls_creds(d: Path) -> None:
-    """A CA and a server certificate for 127.0.0.1, as qemu's tls-creds-x509 expects them."""
+def make_tls_creds(d: Path, name: str = "hamal test CA") -> None:
+    """A CA, a server certificate for localhost / 127.0.0.1 and a client certificate, laid out
+    as qemu's tls-creds-x509 and hamal's ?tls-certificates= expect (ca-cert.pem, server-*.pem,
+    client-*.pem). qemu-nbd verifies client certificates by default."""
 
     def ssl(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True)
 
+    def issue(who: str, subject: str, ext: str) -> None:
+        key, csr, cert = (str(d / f"{who}-{x}") for x in ("key.pem", "req.pem", "cert.pem"))
+        ssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            subject,
+            "-addext",
+            ext,
+            "-keyout",
+            key,
+            "-out",
+            csr,
+        )
+        ca = ["-CA", str(d / "ca-cert.pem"), "-CAkey", str(d / "ca-key.pem"), "-CAcreateserial"]
+        ssl("x509", "-req", "-in", csr, *ca, "-days", "2", "-copy_extensions", "copy", "-out", cert)
+
+    d.mkdir(parents=True, exist_ok=True)
     ssl(
         "req",
         "-x509",
@@ -140,50 +162,42 @@ def make_tls_creds(d: Path) -> None:
         "-days",
         "2",
         "-subj",
-        "/CN=hamal test CA",
+        f"/CN={name}",
         "-keyout",
         str(d / "ca-key.pem"),
         "-out",
         str(d / "ca-cert.pem"),
     )
-    ssl(
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=127.0.0.1",
-        "-keyout",
-        str(d / "server-key.pem"),
-        "-out",
-        str(d / "server.csr"),
-    )
-    ssl(
-        "x509",
-        "-req",
-        "-in",
-        str(d / "server.csr"),
-        "-CA",
-        str(d / "ca-cert.pem"),
-        "-CAkey",
-        str(d / "ca-key.pem"),
-        "-CAcreateserial",
-        "-days",
-        "2",
-        "-out",
-        str(d / "server-cert.pem"),
-    )
+    issue("server", "/CN=localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1")
+    issue("client", "/CN=hamal client", "extendedKeyUsage=clientAuth")
 
 
-def test_tls_required_or_requested_gives_a_clear_error(tmp_path, servers, sockdir) -> None:
+def test_tls_sync_and_refusals(tmp_path, servers, sockdir) -> None:
     src = tmp_path / "src.raw"
-    make_image(src, 8 * MIB, seed=15)
-    creds = tmp_path / "tls"
-    creds.mkdir()
+    make_image(src, 16 * MIB, seed=15)
+    creds, other = tmp_path / "tls", tmp_path / "other-ca"
     make_tls_creds(creds)
+    make_tls_creds(other, name="another CA")
     extra = ["--object", f"tls-creds-x509,id=tls0,endpoint=server,dir={creds}", "--tls-creds", "tls0"]
     server = servers(qemu_nbd(src, sockdir / "tls.sock", extra=extra))
-    r = run_hamal("sync", server.uri, str(tmp_path / "o.raw"))
-    assert r.code == 1 and "requires TLS" in one_error_line(r.err)
-    r = run_hamal("sync", f"nbds+unix:///?socket={server.sock}", str(tmp_path / "o.raw"))
-    assert r.code == 1 and "TLS (nbds://) is not supported" in one_error_line(r.err)
+    out = tmp_path / "o.raw"
+    # A plain client is told the server wants TLS.
+    r = run_hamal("sync", server.uri, str(out))
+    assert r.code == 1 and "requires TLS: use an nbds:// URI" in one_error_line(r.err)
+    # With the right CA the sync runs inside TLS.
+    tls_uri = f"nbds+unix:///?socket={server.sock}&tls-certificates={creds}"
+    r = run_hamal("sync", tls_uri, str(out), "--json")
+    assert r.code == 0, r.err
+    assert sha256(src) == sha256(out)
+    # A server certificate from an unknown CA is refused.
+    r = run_hamal(
+        "sync", f"nbds+unix:///?socket={server.sock}&tls-certificates={other}", str(tmp_path / "p.raw")
+    )
+    line = one_error_line(r.err)
+    assert r.code == 1 and "TLS handshake failed" in line and "certificate" in line.lower(), line
+    # A certificate for another name is refused too.
+    r = run_hamal("sync", tls_uri + "&tls-hostname=elsewhere.example", str(tmp_path / "p.raw"))
+    assert r.code == 1 and "TLS handshake failed" in one_error_line(r.err)
+    r = run_hamal("sync", f"nbds+unix:///?socket={server.sock}", str(tmp_path / "p.raw"))
+    assert r.code == 1 and "needs ?tls-certificates=DIR" in one_error_line(r.err)
+    assert not (tmp_path / "p.raw").exists()

@@ -83,15 +83,13 @@ fn protocol(msg: impl Into<String>) -> NbdFail {
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, Stream>>),
+    /// Only while the plain stream is being wrapped in TLS.
+    Detached,
 }
 
-impl Stream {
-    fn try_clone(&self) -> io::Result<Stream> {
-        Ok(match self {
-            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
-            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
-        })
-    }
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "connection is being upgraded")
 }
 
 impl Read for Stream {
@@ -99,6 +97,8 @@ impl Read for Stream {
         match self {
             Stream::Tcp(s) => s.read(buf),
             Stream::Unix(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+            Stream::Detached => Err(detached()),
         }
     }
 }
@@ -108,16 +108,21 @@ impl Write for Stream {
         match self {
             Stream::Tcp(s) => s.write(buf),
             Stream::Unix(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+            Stream::Detached => Err(detached()),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Stream::Tls(s) => s.flush(),
+            _ => Ok(()),
+        }
     }
 }
 
 pub struct Connection {
-    rx: BufReader<Stream>,
-    tx: Stream,
+    /// Replies are read through the buffer; requests are written to the stream underneath.
+    io: BufReader<Stream>,
     info: ExportInfo,
     next_cookie: u64,
 }
@@ -156,15 +161,6 @@ impl Connection {
         contexts: &[String],
         timeout: Duration,
     ) -> Result<Connection, NbdFail> {
-        if uri.tls {
-            return Err(NbdFail {
-                offset: None,
-                error: io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    "TLS (nbds://) is not supported by this build",
-                ),
-            });
-        }
         let stream = match &uri.address {
             NbdAddress::Tcp { host, port } => {
                 let s = TcpStream::connect((host.as_str(), *port))?;
@@ -180,10 +176,8 @@ impl Connection {
                 Stream::Unix(s)
             }
         };
-        let tx = stream.try_clone()?;
         let mut c = Connection {
-            rx: BufReader::with_capacity(256 * 1024, stream),
-            tx,
+            io: BufReader::with_capacity(256 * 1024, stream),
             info: ExportInfo {
                 size: 0,
                 flags: 0,
@@ -194,7 +188,7 @@ impl Connection {
             },
             next_cookie: 1,
         };
-        c.handshake(&uri.export, contexts)?;
+        c.handshake(uri, contexts)?;
         Ok(c)
     }
 
@@ -204,26 +198,27 @@ impl Connection {
 
     fn u16(&mut self) -> io::Result<u16> {
         let mut b = [0; 2];
-        self.rx.read_exact(&mut b)?;
+        self.io.read_exact(&mut b)?;
         Ok(u16::from_be_bytes(b))
     }
     fn u32(&mut self) -> io::Result<u32> {
         let mut b = [0; 4];
-        self.rx.read_exact(&mut b)?;
+        self.io.read_exact(&mut b)?;
         Ok(u32::from_be_bytes(b))
     }
     fn u64(&mut self) -> io::Result<u64> {
         let mut b = [0; 8];
-        self.rx.read_exact(&mut b)?;
+        self.io.read_exact(&mut b)?;
         Ok(u64::from_be_bytes(b))
     }
     fn bytes(&mut self, n: usize) -> io::Result<Vec<u8>> {
         let mut v = vec![0; n];
-        self.rx.read_exact(&mut v)?;
+        self.io.read_exact(&mut v)?;
         Ok(v)
     }
 
-    fn handshake(&mut self, export: &str, contexts: &[String]) -> Result<(), NbdFail> {
+    fn handshake(&mut self, uri: &NbdUri, contexts: &[String]) -> Result<(), NbdFail> {
+        let export = uri.export.as_str();
         if self.u64()? != NBDMAGIC {
             return Err(protocol("not an NBD server (bad greeting)"));
         }
@@ -242,7 +237,10 @@ impl Connection {
         if hflags & FLAG_NO_ZEROES != 0 {
             cflags |= FLAG_C_NO_ZEROES;
         }
-        self.tx.write_all(&cflags.to_be_bytes())?;
+        self.io.get_mut().write_all(&cflags.to_be_bytes())?;
+        if uri.tls {
+            self.start_tls(uri)?;
+        }
 
         self.send_option(OPT_STRUCTURED_REPLY, &[])?;
         let (kind, data) = self.option_reply(OPT_STRUCTURED_REPLY)?;
@@ -322,13 +320,39 @@ impl Connection {
         }
     }
 
+    /// NBD_OPT_STARTTLS, then the TLS handshake; the rest of the session runs inside TLS.
+    fn start_tls(&mut self, uri: &NbdUri) -> Result<(), NbdFail> {
+        let tls = super::tls::client(uri)?;
+        self.send_option(OPT_STARTTLS, &[])?;
+        let (kind, data) = self.option_reply(OPT_STARTTLS)?;
+        if kind != REP_ACK {
+            return Err(option_error("TLS", kind, &data));
+        }
+        if !self.io.buffer().is_empty() {
+            return Err(protocol("server sent data before the TLS handshake"));
+        }
+        let plain = std::mem::replace(self.io.get_mut(), Stream::Detached);
+        let mut stream = rustls::StreamOwned::new(tls, plain);
+        while stream.conn.is_handshaking() {
+            stream
+                .conn
+                .complete_io(&mut stream.sock)
+                .map_err(|e| NbdFail {
+                    offset: None,
+                    error: io::Error::new(e.kind(), format!("TLS handshake failed: {e}")),
+                })?;
+        }
+        *self.io.get_mut() = Stream::Tls(Box::new(stream));
+        Ok(())
+    }
+
     fn send_option(&mut self, option: u32, data: &[u8]) -> io::Result<()> {
         let mut b = Vec::with_capacity(16 + data.len());
         b.extend_from_slice(&IHAVEOPT.to_be_bytes());
         b.extend_from_slice(&option.to_be_bytes());
         b.extend_from_slice(&(data.len() as u32).to_be_bytes());
         b.extend_from_slice(data);
-        self.tx.write_all(&b)
+        self.io.get_mut().write_all(&b)
     }
 
     fn option_reply(&mut self, option: u32) -> Result<(u32, Vec<u8>), NbdFail> {
@@ -366,9 +390,9 @@ impl Connection {
         h[8..16].copy_from_slice(&cookie.to_be_bytes());
         h[16..24].copy_from_slice(&offset.to_be_bytes());
         h[24..28].copy_from_slice(&len.to_be_bytes());
-        self.tx.write_all(&h)?;
+        self.io.get_mut().write_all(&h)?;
         if let Some(d) = data {
-            self.tx.write_all(d)?;
+            self.io.get_mut().write_all(d)?;
         }
         Ok(cookie)
     }
@@ -592,7 +616,7 @@ impl Connection {
                 // Simple reply: success; a read's data follows directly.
                 (SIMPLE_REPLY_MAGIC, u16::MAX) if p.reads => {
                     scratch.resize(p.len, 0);
-                    self.rx.read_exact(&mut scratch)?;
+                    self.io.read_exact(&mut scratch)?;
                     land(p, 0, &scratch);
                 }
                 (SIMPLE_REPLY_MAGIC, u16::MAX) => {}
@@ -610,7 +634,7 @@ impl Connection {
                         return Err(protocol(format!("data chunk at {off} outside the request")));
                     };
                     scratch.resize(n, 0);
-                    self.rx.read_exact(&mut scratch)?;
+                    self.io.read_exact(&mut scratch)?;
                     land(p, at, &scratch);
                 }
                 (_, REPLY_TYPE_OFFSET_HOLE) if length == 12 => {
@@ -662,7 +686,7 @@ fn with_message(err: u32, msg: &str) -> io::Error {
 
 fn option_error(what: &str, kind: u32, data: &[u8]) -> NbdFail {
     if kind == REP_ERR_TLS_REQD {
-        let text = "the server requires TLS (nbds://), which this build does not support yet";
+        let text = "the server requires TLS: use an nbds:// URI with ?tls-certificates=DIR";
         return NbdFail {
             offset: None,
             error: io::Error::new(io::ErrorKind::PermissionDenied, text),

@@ -9,6 +9,7 @@
 
 mod client;
 mod proto;
+mod tls;
 mod uri;
 
 pub use client::{Connection, ExportInfo, NbdFail, StatusExtent};

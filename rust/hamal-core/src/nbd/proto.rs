@@ -14,6 +14,7 @@ pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1;
 pub const FLAG_C_NO_ZEROES: u32 = 2;
 
 // Options.
+pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
 pub const OPT_SET_META_CONTEXT: u32 = 10;

@@ -15,6 +15,12 @@ pub struct NbdUri {
     pub address: NbdAddress,
     pub export: String,
     pub tls: bool,
+    /// `?tls-certificates=DIR`: `ca-cert.pem`, and `client-cert.pem` + `client-key.pem` for
+    /// client authentication, as qemu and libnbd lay them out.
+    pub tls_certificates: Option<PathBuf>,
+    /// `?tls-hostname=NAME`: the name the server certificate must carry (default: the host, or
+    /// `localhost` for a unix socket).
+    pub tls_hostname: Option<String>,
     /// The text given, for messages.
     pub text: String,
 }
@@ -39,16 +45,19 @@ impl NbdUri {
             None => (rest, ""),
         };
         let export = percent_decode(path).ok_or_else(|| bad("bad %-escape in the export name"))?;
-        let mut socket = None;
+        let (mut socket, mut tls_certificates, mut tls_hostname) = (None, None, None);
         for pair in query
             .into_iter()
             .flat_map(|q| q.split('&'))
             .filter(|p| !p.is_empty())
         {
+            let value = |v: &str| percent_decode(v).ok_or_else(|| bad("bad %-escape in the query"));
             match pair.split_once('=') {
-                Some(("socket", v)) => {
-                    socket = Some(percent_decode(v).ok_or_else(|| bad("bad %-escape in socket"))?)
+                Some(("socket", v)) => socket = Some(value(v)?),
+                Some(("tls-certificates", v)) if tls => {
+                    tls_certificates = Some(PathBuf::from(value(v)?))
                 }
+                Some(("tls-hostname", v)) if tls => tls_hostname = Some(value(v)?),
                 _ => return Err(bad(&format!("unsupported query parameter '{pair}'"))),
             }
         }
@@ -68,6 +77,8 @@ impl NbdUri {
             address,
             export,
             tls,
+            tls_certificates,
+            tls_hostname,
             text: text.to_owned(),
         })
     }
@@ -134,7 +145,16 @@ mod tests {
         let u = NbdUri::parse("nbd+unix:///exp?socket=/tmp/s.sock").unwrap();
         assert_eq!(u.address, NbdAddress::Unix("/tmp/s.sock".into()));
         assert_eq!(u.export, "exp");
-        assert!(NbdUri::parse("nbds://h/x").unwrap().tls);
+        let u = NbdUri::parse("nbds://h/x?tls-certificates=/etc/pki/nbd&tls-hostname=nbd.example")
+            .unwrap();
+        assert!(u.tls);
+        assert_eq!(
+            u.tls_certificates.as_deref(),
+            Some(std::path::Path::new("/etc/pki/nbd"))
+        );
+        assert_eq!(u.tls_hostname.as_deref(), Some("nbd.example"));
+        // TLS parameters mean nothing without TLS.
+        assert!(NbdUri::parse("nbd://h/x?tls-certificates=/d").is_err());
     }
 
     #[test]
