@@ -480,7 +480,8 @@ pub(crate) fn run_disk(run: DiskRun<'_>) -> Result<DiskSummary> {
         Ok(s) => {
             tracing::info!(disk = %s.disk_id, bytes = s.bytes_written, zero = s.bytes_zero, resumed = s.bytes_resumed, seconds = s.seconds, "disk synced")
         }
-        Err(e) => tracing::warn!(disk = %run.plan.disk_id, "disk sync stopped: {e}"),
+        // The caller reports the error itself (the CLI prints it once); this is the trace.
+        Err(e) => tracing::info!(disk = %run.plan.disk_id, "disk sync stopped: {e}"),
     }
     out
 }
