@@ -66,7 +66,7 @@ def start_sync(
     *,
     chunk_size: int = ...,
     readers: int = 2,
-    writers: int = 2,
+    writers: int = 1,
     queue_depth: int = 4,
     parallel_disks: int = 4,
     checksum: str | None = None,

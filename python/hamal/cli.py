@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--readers", type=int, help="reader threads (default [data_sync_v2] pre_disk_readers_count)"
     )
-    s.add_argument("--writers", type=int, default=2, help="writer threads (default 2)")
+    s.add_argument("--writers", type=int, default=1, help="writer threads (default 1)")
     s.add_argument("--queue-depth", type=int, default=4, help="I/O requests in flight per thread (default 4)")
     s.add_argument(
         "--checksum", choices=["blake3", "sha256"], help="hash every chunk; report a content digest"

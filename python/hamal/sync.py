@@ -24,7 +24,7 @@ class SyncOptions:
 
     chunk_size: int = 4 << 20
     readers: int | None = None
-    writers: int = 2
+    writers: int = 1
     queue_depth: int = 4
     parallel_disks: int | None = None
     checksum: str | None = None

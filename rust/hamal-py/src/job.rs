@@ -87,7 +87,7 @@ impl Job {
 /// Starts a sync job over `disks` (a list of dicts, see `hamal.sync`). The plan is checked
 /// before this returns; disk-level errors are raised by `Job.wait()`.
 #[pyfunction]
-#[pyo3(signature = (disks, *, chunk_size=4*1024*1024, readers=2, writers=2, queue_depth=4, parallel_disks=4,
+#[pyo3(signature = (disks, *, chunk_size=4*1024*1024, readers=2, writers=1, queue_depth=4, parallel_disks=4,
     checksum=None, release_cpu_ms_per_mb=0, bwlimit_bps=None, io_mode="auto", memory_budget=256*1024*1024,
     fsync_period_s=3.0, fsync_timeout_s=0))]
 pub fn start_sync(

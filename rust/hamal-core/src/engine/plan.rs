@@ -17,7 +17,8 @@ pub struct Tuning {
     pub chunk_size: u64,
     /// Reader threads per disk (`[data_sync_v2] pre_disk_readers_count`).
     pub readers: u32,
-    /// Writer threads per disk.
+    /// Writer threads per disk. One by default: on small hosts more threads take CPU from the
+    /// kernel's write-back and make a full sync slower (measured with tools/bench).
     pub writers: u32,
     /// Requests each reader or writer keeps in flight (io_uring queue depth).
     pub queue_depth: u32,
@@ -43,7 +44,7 @@ impl Default for Tuning {
         Tuning {
             chunk_size: 4 * MIB,
             readers: 2,
-            writers: 2,
+            writers: 1,
             queue_depth: 4,
             parallel_disks: 4,
             checksum: None,
