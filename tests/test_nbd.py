@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -91,7 +92,7 @@ def test_server_killed_mid_sync_fails_cleanly_then_rerun_completes(tmp_path, ser
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**__import__("os").environ, "HAMAL_CONF": "/nonexistent"},
+        env={**os.environ, "HAMAL_CONF": "/nonexistent"},
     )
     time.sleep(1.5)
     server.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]

@@ -266,6 +266,11 @@ def nbd_incremental_bench(hamal: str, work: Path, runs: int) -> list[dict]:
     return results
 
 
+def data_gib(work: Path) -> float:
+    """Allocated data of the full-sync test image, in GiB."""
+    return (work / "full-4g.raw").stat().st_blocks * 512 / GIB
+
+
 def report(title: str, rows: list[dict], base: float) -> None:
     print(f"\n{title}")
     print(f"{'case':<26} {'median s':>9} {'ratio':>7} {'peak RSS MiB':>13}  content")
@@ -289,49 +294,55 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ["HAMAL_CONF"] = str(work / "hamal.conf")  # defaults; keeps /etc out of it
     (work / "hamal.conf").write_text("")
-    out: dict[str, list[dict]] = {}
-    ok = True
     file_cases, nbd_cases = a.only in (None, "file"), a.only in (None, "nbd")
-    if file_cases and not a.skip_full:
-        rows = full_bench(a.hamal, work, a.runs)
-        fastest_peer = min(r["median_s"] for r in rows[1:])
-        data = (work / "full-4g.raw").stat().st_blocks * 512 / GIB
-        report(
-            f"Full sync, 4 GiB sparse image ({data:.1f} GiB data), time includes sync; "
-            "ratio to the fastest peer",
-            rows,
-            fastest_peer,
-        )
-        out["full"] = rows
-        ok &= all(r["ok"] for r in rows)
-    if file_cases and not a.skip_incremental:
-        rows = incremental_bench(a.hamal, work, a.runs)
-        report(
-            f"Incremental with --changed, {rows[0]['changed_bytes'] // MIB} MiB changed; ratio to 8 GiB",
-            rows,
-            rows[0]["median_s"],
-        )
-        out["incremental"] = rows
-        ok &= all(r["ok"] for r in rows)
-    if nbd_cases and not a.skip_full:
-        rows = nbd_full_bench(a.hamal, work, a.runs)
-        report(
-            "Full copy from a qemu-nbd export of the 4 GiB image, time includes sync; ratio to hamal",
-            rows,
-            rows[0]["median_s"],
-        )
-        out["nbd_full"] = rows
-        ok &= all(r["ok"] for r in rows)
-    if nbd_cases and not a.skip_incremental:
-        rows = nbd_incremental_bench(a.hamal, work, a.runs)
-        report(
-            f"qcow2 dirty-bitmap incremental over NBD, {rows[0]['changed_bytes'] // MIB} MiB dirty; "
-            "ratio to 8 GiB",
-            rows,
-            rows[0]["median_s"],
-        )
-        out["nbd_incremental"] = rows
-        ok &= all(r["ok"] for r in rows)
+    # (key, selected, run, title, base): `base` picks the row the ratios are taken against.
+    suites = [
+        (
+            "full",
+            file_cases and not a.skip_full,
+            full_bench,
+            lambda r: (
+                f"Full sync, 4 GiB sparse image ({data_gib(work):.1f} GiB data), time includes sync; "
+                "ratio to the fastest peer"
+            ),
+            lambda r: min(x["median_s"] for x in r[1:]),
+        ),
+        (
+            "incremental",
+            file_cases and not a.skip_incremental,
+            incremental_bench,
+            lambda r: (
+                f"Incremental with --changed, {r[0]['changed_bytes'] // MIB} MiB changed; ratio to 8 GiB"
+            ),
+            lambda r: r[0]["median_s"],
+        ),
+        (
+            "nbd_full",
+            nbd_cases and not a.skip_full,
+            nbd_full_bench,
+            lambda r: (
+                "Full copy from a qemu-nbd export of the 4 GiB image, time includes sync; ratio to hamal"
+            ),
+            lambda r: r[0]["median_s"],
+        ),
+        (
+            "nbd_incremental",
+            nbd_cases and not a.skip_incremental,
+            nbd_incremental_bench,
+            lambda r: (
+                f"qcow2 dirty-bitmap incremental over NBD, {r[0]['changed_bytes'] // MIB} MiB dirty; "
+                "ratio to 8 GiB"
+            ),
+            lambda r: r[0]["median_s"],
+        ),
+    ]
+    out: dict[str, list[dict]] = {}
+    for key, selected, run, title, base in suites:
+        if selected:
+            rows = run(a.hamal, work, a.runs)
+            report(title(rows), rows, base(rows))
+            out[key] = rows
+    ok = all(r["ok"] for rows in out.values() for r in rows)
     (work / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\nresults in {work / 'results.json'}")
     return 0 if ok else 1

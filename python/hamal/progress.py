@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from hamal import _native
+from hamal.units import human
 
 POLL_S = 0.25
 
@@ -41,11 +42,5 @@ def _update(bar: Any, p: dict[str, Any]) -> None:
     if bar.total != total:
         bar.total = total
     bar.n = p["bytes_done"] + p["bytes_resumed"]
-    bar.set_postfix(zero=_short(p["bytes_zero"]), resumed=_short(p["bytes_resumed"]), refresh=False)
+    bar.set_postfix(zero=human(p["bytes_zero"]), resumed=human(p["bytes_resumed"]), refresh=False)
     bar.refresh()
-
-
-def _short(n: int) -> str:
-    from hamal.units import human
-
-    return human(n)

@@ -33,12 +33,6 @@ impl ExportInfo {
     pub fn can_write_zeroes(&self) -> bool {
         self.flags & TFLAG_SEND_WRITE_ZEROES != 0
     }
-    pub fn can_trim(&self) -> bool {
-        self.flags & TFLAG_SEND_TRIM != 0
-    }
-    pub fn multi_conn(&self) -> bool {
-        self.flags & TFLAG_CAN_MULTI_CONN != 0
-    }
 }
 
 /// One extent of a block-status answer.

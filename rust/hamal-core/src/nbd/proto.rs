@@ -37,9 +37,7 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 // Transmission flags.
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
-pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // Commands.
 pub const CMD_READ: u16 = 0;
