@@ -47,6 +47,30 @@ impl ChecksumKind {
     }
 }
 
+/// How the engine names a chunk: a plain checksum, or the keyed BLAKE3 of an encrypted chunk
+/// store (so stored names do not reveal equal plaintext).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkHasher {
+    Plain(ChecksumKind),
+    KeyedBlake3([u8; 32]),
+}
+
+impl ChunkHasher {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChunkHasher::Plain(k) => k.name(),
+            ChunkHasher::KeyedBlake3(_) => "blake3-keyed",
+        }
+    }
+
+    pub fn digest(self, data: &[u8]) -> Digest {
+        match self {
+            ChunkHasher::Plain(k) => k.digest([data]),
+            ChunkHasher::KeyedBlake3(key) => *blake3::keyed_hash(&key, data).as_bytes(),
+        }
+    }
+}
+
 /// Order-independent digest of a whole sync: the XOR of `blake3(chunk index || chunk digest)`
 /// over all chunks, so parallel writers and resumed runs give the same value as `verify`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -42,7 +42,12 @@ pub enum Error {
         source: io::Error,
     },
 
-    /// `verify` found different content.
+    /// A chunk store could not be opened, read or written (bad credentials, missing bucket,
+    /// I/O errors, busy).
+    #[error("{0}")]
+    Store(String),
+
+    /// `verify` found different content, or stored data failed its check.
     #[error("{0}")]
     Mismatch(String),
 

@@ -11,6 +11,7 @@ pub mod extent;
 pub mod io;
 pub mod nbd;
 pub mod source;
+pub mod store;
 pub mod target;
 pub mod uri;
 

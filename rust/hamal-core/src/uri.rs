@@ -1,7 +1,9 @@
 //! Source and target URIs: `file:PATH` or a plain path, and the NBD forms (`nbd://`,
-//! `nbd+unix://`, `nbds://`). Later issues add `rbd:`, `vddk://`, `dir:` and `s3://`.
+//! `nbd+unix://`, `nbds://`) and chunk stores (`dir:`, `s3://`). Later issues add `rbd:` and
+//! `vddk://`.
 
 use crate::nbd::NbdUri;
+use crate::store::StoreUri;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -11,6 +13,8 @@ pub enum DiskUri {
     File(PathBuf),
     /// An NBD export.
     Nbd(NbdUri),
+    /// A chunk store (`dir:` or `s3://`).
+    Store(StoreUri),
 }
 
 impl DiskUri {
@@ -24,12 +28,15 @@ impl DiskUri {
         if let Some(rest) = s.strip_prefix("file:") {
             return Self::file(rest, s);
         }
+        if let Some(store) = StoreUri::parse(s) {
+            return Ok(DiskUri::Store(store?));
+        }
         if let Some((scheme, _)) = s.split_once("://") {
             if scheme.starts_with("nbd") {
                 return Ok(DiskUri::Nbd(NbdUri::parse(s)?));
             }
             return Err(Error::Plan(format!(
-                "unsupported URI scheme '{scheme}' in '{s}': use file:PATH, nbd://, nbd+unix:// or a plain path"
+                "unsupported URI scheme '{scheme}' in '{s}': use file:PATH, nbd://, nbd+unix://, nbds://, dir:PATH, s3://BUCKET/PREFIX or a plain path"
             )));
         }
         Self::file(s, s)
@@ -46,7 +53,7 @@ impl DiskUri {
     pub fn file_path(&self) -> Option<&Path> {
         match self {
             DiskUri::File(p) => Some(p),
-            DiskUri::Nbd(_) => None,
+            DiskUri::Nbd(_) | DiskUri::Store(_) => None,
         }
     }
 }
@@ -56,6 +63,7 @@ impl std::fmt::Display for DiskUri {
         match self {
             DiskUri::File(p) => write!(f, "{}", p.display()),
             DiskUri::Nbd(u) => f.write_str(&u.text),
+            DiskUri::Store(u) => f.write_str(&u.text),
         }
     }
 }
@@ -82,8 +90,17 @@ mod tests {
             DiskUri::parse("nbd://127.0.0.1/x").unwrap(),
             DiskUri::Nbd(_)
         ));
-        let e = DiskUri::parse("s3://bucket/x").unwrap_err().to_string();
-        assert!(e.contains("'s3'"), "{e}");
+        let e = DiskUri::parse("gs://bucket/x").unwrap_err().to_string();
+        assert!(e.contains("'gs'"), "{e}");
+        assert!(matches!(
+            DiskUri::parse("s3://bucket/x").unwrap(),
+            DiskUri::Store(_)
+        ));
+        assert!(matches!(
+            DiskUri::parse("dir:/x").unwrap(),
+            DiskUri::Store(_)
+        ));
+        assert!(DiskUri::parse("s3://B/x").is_err());
         assert!(DiskUri::parse("file:").is_err());
     }
 }

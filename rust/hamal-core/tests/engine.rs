@@ -38,6 +38,7 @@ fn plan(src: &Path, dst: &Path, changed: Option<Vec<(i128, i128)>>, tuning: Tuni
             journal: None,
             bitmap: None,
             source_id: None,
+            version: None,
         }],
         tuning,
     }
@@ -193,6 +194,7 @@ fn several_disks_in_parallel() {
             journal: None,
             bitmap: None,
             source_id: None,
+            version: None,
         });
     }
     let tuning = Tuning {

@@ -85,6 +85,7 @@ pub fn disk_plan(d: &Bound<'_, PyDict>, i: usize) -> PyResult<DiskPlan> {
         journal: item::<String>(d, "journal", i)?.map(Into::into),
         bitmap: item::<String>(d, "bitmap", i)?,
         source_id: item::<String>(d, "source_id", i)?,
+        version: item::<String>(d, "version", i)?,
     })
 }
 

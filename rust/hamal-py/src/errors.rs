@@ -43,6 +43,12 @@ create_exception!(
 );
 create_exception!(
     _native,
+    StoreError,
+    HamalError,
+    "A chunk store could not be opened, read or written (credentials, bucket, I/O, busy)."
+);
+create_exception!(
+    _native,
     MismatchError,
     HamalError,
     "Verification found different content."
@@ -68,6 +74,7 @@ pub fn to_py(e: &Error) -> PyErr {
         Error::Source { .. } => SourceError::new_err(msg),
         Error::Target { .. } => TargetError::new_err(msg),
         Error::Journal { .. } => JournalError::new_err(msg),
+        Error::Store(_) => StoreError::new_err(msg),
         Error::Mismatch(_) => MismatchError::new_err(msg),
         Error::Cancelled => SyncCancelled::new_err(msg),
         Error::Internal(_) => InternalError::new_err(msg),
@@ -82,6 +89,7 @@ pub fn kind(e: &Error) -> &'static str {
         Error::Source { .. } => "SourceError",
         Error::Target { .. } => "TargetError",
         Error::Journal { .. } => "JournalError",
+        Error::Store(_) => "StoreError",
         Error::Mismatch(_) => "MismatchError",
         Error::Cancelled => "SyncCancelled",
         Error::Internal(_) => "InternalError",
@@ -96,6 +104,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SourceError", py.get_type::<SourceError>())?;
     m.add("TargetError", py.get_type::<TargetError>())?;
     m.add("JournalError", py.get_type::<JournalError>())?;
+    m.add("StoreError", py.get_type::<StoreError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
     m.add("SyncCancelled", py.get_type::<SyncCancelled>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;

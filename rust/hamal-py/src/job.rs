@@ -89,7 +89,7 @@ impl Job {
 #[pyfunction]
 #[pyo3(signature = (disks, *, chunk_size=4*1024*1024, readers=2, writers=1, queue_depth=4, parallel_disks=4,
     checksum=None, release_cpu_ms_per_mb=0, bwlimit_bps=None, io_mode="auto", memory_budget=256*1024*1024,
-    fsync_period_s=3.0, fsync_timeout_s=0))]
+    fsync_period_s=3.0, fsync_timeout_s=0, store=None))]
 pub fn start_sync(
     disks: Vec<Bound<'_, PyDict>>,
     chunk_size: u64,
@@ -104,6 +104,7 @@ pub fn start_sync(
     memory_budget: u64,
     fsync_period_s: f64,
     fsync_timeout_s: u64,
+    store: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Job> {
     let tuning = Tuning {
         chunk_size,
@@ -118,6 +119,7 @@ pub fn start_sync(
         memory_budget,
         fsync_period: convert::seconds("fsync period", fsync_period_s)?,
         fsync_warn_after: (fsync_timeout_s > 0).then(|| Duration::from_secs(fsync_timeout_s)),
+        store: crate::store::options(store.as_ref())?,
     };
     let disks = disks
         .iter()

@@ -9,6 +9,7 @@ mod config;
 mod convert;
 mod errors;
 mod job;
+mod store;
 
 use pyo3::prelude::*;
 
@@ -32,6 +33,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(job::load_changed_file, m)?)?;
     m.add_function(wrap_pyfunction!(job::map_source, m)?)?;
     m.add_function(wrap_pyfunction!(config::load_config, m)?)?;
+    m.add_function(wrap_pyfunction!(store::list_versions, m)?)?;
+    m.add_function(wrap_pyfunction!(store::verify_store, m)?)?;
+    m.add_function(wrap_pyfunction!(store::prune_store, m)?)?;
     m.add_function(wrap_pyfunction!(io_uring_status, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

@@ -12,11 +12,12 @@ use super::plan::{DiskPlan, Tuning};
 use super::pool::BufferPool;
 use super::progress::{DiskProgress, DiskState};
 use super::throttle::{release_cpu, Pacer};
-use crate::checksum::{is_zero, ContentDigest, Digest};
+use crate::checksum::{is_zero, ChunkHasher, ContentDigest, Digest};
 use crate::extent::{ChunkWork, ExtentMap};
 use crate::io::{ReadReq, WriteReq};
 use crate::source::{FileSource, NbdSource, Source};
-use crate::target::{FileTarget, NbdTarget, Target};
+use crate::store::{StoreSource, StoreTarget};
+use crate::target::{CommitInfo, FileTarget, NbdTarget, Target};
 use crate::uri::DiskUri;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -44,6 +45,8 @@ pub struct DiskSummary {
     pub checksum: Option<&'static str>,
     /// Order-independent digest over all chunks of the plan (see `checksum::ContentDigest`).
     pub content_digest: Option<String>,
+    /// The version committed, for a chunk-store target.
+    pub version: Option<String>,
 }
 
 /// A chunk read and checked, on its way to a writer.
@@ -98,17 +101,28 @@ pub(crate) fn open_source(
     uri: &DiskUri,
     t: &Tuning,
     bitmap: Option<&str>,
+    disk_id: &str,
+    version: Option<&str>,
 ) -> Result<Box<dyn Source>> {
     match uri {
         DiskUri::File(p) => Ok(Box::new(FileSource::open(p, t.io_mode)?)),
         DiskUri::Nbd(u) => Ok(Box::new(NbdSource::open(u, bitmap)?)),
+        DiskUri::Store(u) => Ok(Box::new(StoreSource::open(u, &t.store, disk_id, version)?)),
     }
 }
 
-fn open_target(uri: &DiskUri, size: u64, t: &Tuning) -> Result<Box<dyn Target>> {
-    match uri {
+fn open_target(plan: &DiskPlan, size: u64, t: &Tuning, full: bool) -> Result<Box<dyn Target>> {
+    match &plan.target {
         DiskUri::File(p) => Ok(Box::new(FileTarget::open(p, size, t.io_mode)?)),
         DiskUri::Nbd(u) => Ok(Box::new(NbdTarget::open(u, size)?)),
+        DiskUri::Store(u) => Ok(Box::new(StoreTarget::open(
+            u,
+            &t.store,
+            &plan.disk_id,
+            size,
+            t.chunk_size,
+            full,
+        )?)),
     }
 }
 
@@ -118,6 +132,7 @@ fn fingerprint(
     source: &dyn Source,
     target: &dyn Target,
     t: &Tuning,
+    hasher: Option<ChunkHasher>,
     data: &ExtentMap,
 ) -> Digest {
     let identity = match (&plan.source_id, source.identity()) {
@@ -131,10 +146,12 @@ fn fingerprint(
         ),
     };
     let mut h = blake3::Hasher::new();
+    let base = target.as_chunk_sink().map(|s| s.base()).unwrap_or_default();
     for part in [
         identity,
         target.describe(),
-        t.checksum.map_or("none", |c| c.name()).to_owned(),
+        base,
+        hasher.map_or("none", |h| h.name()).to_owned(),
     ] {
         h.update(part.as_bytes()).update(&[0]);
     }
@@ -159,14 +176,33 @@ impl DiskRun<'_> {
     pub fn run(&self) -> Result<DiskSummary> {
         let (t, plan) = (self.tuning, self.plan);
         let started = Instant::now();
-        let source = open_source(&plan.source, t, plan.bitmap.as_deref())?;
+        let source = open_source(
+            &plan.source,
+            t,
+            plan.bitmap.as_deref(),
+            &plan.disk_id,
+            plan.version.as_deref(),
+        )?;
         let size = source.size();
         let changed = match &plan.changed {
             Some(c) => Some(validate_changed(&c.pairs, size, &c.origin)?),
             None => source.changed()?,
         };
         let allocated = source.allocated()?;
-        let target = open_target(&plan.target, size, t)?;
+        let target = open_target(plan, size, t, changed.is_none())?;
+        let sink = target.as_chunk_sink();
+        let hasher = sink
+            .map(|s| s.hasher())
+            .or(t.checksum.map(ChunkHasher::Plain));
+        // Changes are handled in whole blocks of the alignment (a chunk for a chunk store).
+        let align = source.alignment().max(target.alignment());
+        let changed = changed.map(|c| {
+            if align > 1 {
+                c.align_to_grid(align, size)
+            } else {
+                c
+            }
+        });
         // Read only what holds data; what changed into zeros (or is a hole of a full sync onto an
         // old target) is zeroed on the target without reading.
         let (data, zeros) = match &changed {
@@ -178,18 +214,23 @@ impl DiskRun<'_> {
             ),
         };
         let full = changed.is_none();
-        let align = source.alignment().max(target.alignment());
         let data = if align > 1 {
             data.align_to_grid(align, size)
         } else {
             data
         };
         let zeros = zeros.subtract(&data);
-        let journal = Journal::open(
+        let mut journal = Journal::open(
             &plan.journal_path()?,
-            &fingerprint(plan, &*source, &*target, t, &data),
+            &fingerprint(plan, &*source, &*target, t, hasher, &data),
             size.div_ceil(t.chunk_size),
+            sink.is_some(),
         )?;
+        if let Some(sink) = sink {
+            if !sink.resume(&journal.resumed)? {
+                journal.restart()?;
+            }
+        }
         let p = self.progress;
         p.bytes_total.store(data.total_len(), Relaxed);
         p.chunks_total
@@ -211,11 +252,23 @@ impl DiskRun<'_> {
             pending: Mutex::new(Vec::new()),
             digest: Mutex::new(ContentDigest::default()),
         };
-        let backend = self.pipeline(&*source, &*target, &data, &durable)?;
+        let backend = self.pipeline(&*source, &*target, hasher, &data, &durable)?;
         let mut digest = durable.digest.into_inner().unwrap();
         digest.merge(&resumed_digest);
-        durable.journal.into_inner().unwrap().remove()?;
         let snap = p.snapshot();
+        let version = match sink {
+            Some(sink) => Some(sink.commit(&CommitInfo {
+                source: source.describe(),
+                cursor: plan.source_id.clone().or(plan.bitmap.clone()),
+                full,
+                bytes_read: snap.bytes_done - snap.bytes_resumed,
+                chunks_changed: snap.chunks_total + zeros.chunk_count(t.chunk_size),
+                chunks_zero: zeros.chunk_count(t.chunk_size),
+                millis: started.elapsed().as_millis() as u64,
+            })?),
+            None => None,
+        };
+        durable.journal.into_inner().unwrap().remove()?;
         Ok(DiskSummary {
             disk_id: plan.disk_id.clone(),
             source: source.describe(),
@@ -230,8 +283,9 @@ impl DiskRun<'_> {
             chunks: snap.chunks_total,
             seconds: started.elapsed().as_secs_f64(),
             io_backend: backend,
-            checksum: t.checksum.map(|c| c.name()),
-            content_digest: t.checksum.map(|_| digest.hex()),
+            checksum: hasher.map(|h| h.name()),
+            content_digest: hasher.map(|_| digest.hex()),
+            version,
         })
     }
 
@@ -241,11 +295,15 @@ impl DiskRun<'_> {
         &self,
         source: &dyn Source,
         target: &dyn Target,
+        hasher: Option<ChunkHasher>,
         data: &ExtentMap,
         durable: &Durability,
     ) -> Result<&'static str> {
         let t = self.tuning;
-        let per_thread = t.readers + t.writers;
+        let writers = target
+            .as_chunk_sink()
+            .map_or(t.writers, |s| s.writers().max(t.writers));
+        let per_thread = t.readers + writers;
         let buffers =
             (self.memory_budget / t.chunk_size).clamp(2, u64::from(per_thread * t.queue_depth + 2));
         let pool = BufferPool::new(t.chunk_size as usize, buffers as usize);
@@ -260,19 +318,20 @@ impl DiskRun<'_> {
         let backend = Mutex::new("pread");
         let (tx, rx) = sync_channel::<Filled>(buffers as usize);
         let rx = Mutex::new(rx);
-        let live_writers = &AtomicUsize::new(t.writers as usize);
+        let live_writers = &AtomicUsize::new(writers as usize);
         std::thread::scope(|s| {
             for _ in 0..t.readers {
                 let tx = tx.clone();
                 let (work, pool, abort, done, backend) = (&work, &pool, &abort, &done, &backend);
                 s.spawn(move || {
-                    if let Err(e) = self.reader_loop(source, work, pool, abort, done, tx, backend) {
+                    let r = self.reader_loop(source, hasher, work, pool, abort, done, tx, backend);
+                    if let Err(e) = r {
                         fail(e);
                     }
                 });
             }
             drop(tx);
-            for _ in 0..t.writers {
+            for _ in 0..writers {
                 let (rx, pool, abort) = (&rx, &pool, &abort);
                 s.spawn(move || {
                     if let Err(e) = self.writer_loop(target, rx, pool, abort, durable) {
@@ -308,6 +367,7 @@ impl DiskRun<'_> {
     fn reader_loop(
         &self,
         source: &dyn Source,
+        hasher: Option<ChunkHasher>,
         work: &Mutex<crate::extent::ChunkIter<'_>>,
         pool: &BufferPool,
         abort: &AtomicBool,
@@ -358,7 +418,7 @@ impl DiskRun<'_> {
             for (work, buf) in batch.into_iter().zip(bufs) {
                 let len = work.len() as usize;
                 let zero = is_zero(&buf[..len]);
-                let digest = t.checksum.map_or([0; 32], |k| k.digest([&buf[..len]]));
+                let digest = hasher.map_or([0; 32], |h| h.digest(&buf[..len]));
                 release_cpu(t.release_cpu_ms_per_mb, len as u64);
                 if tx
                     .send(Filled {
@@ -384,8 +444,11 @@ impl DiskRun<'_> {
         durable: &Durability,
     ) -> Result<()> {
         let t = self.tuning;
-        let p = self.progress;
-        let mut writer = target.writer(t.queue_depth)?;
+        let sink = target.as_chunk_sink();
+        let mut writer = match sink {
+            Some(_) => None,
+            None => Some(target.writer(t.queue_depth)?),
+        };
         loop {
             let batch: Vec<Filled> = {
                 let rx = rx.lock().unwrap();
@@ -403,6 +466,21 @@ impl DiskRun<'_> {
                 batch.into_iter().for_each(|f| pool.put(f.buf));
                 continue;
             }
+            let Some(writer) = writer.as_mut() else {
+                let sink = sink.expect("a target without a writer is a chunk sink");
+                // Whole chunks by name; zero chunks are recorded, not stored, and journaled
+                // with the all-zero name.
+                for f in &batch {
+                    let len = f.work.len();
+                    if f.zero {
+                        target.zero_range(f.work.first_offset(), len)?;
+                    } else {
+                        sink.put(f.work.index, &f.buf[..len as usize], &f.digest)?;
+                    }
+                }
+                self.finish_chunks(batch, durable, pool, true);
+                continue;
+            };
             let mut reqs = Vec::new();
             for f in batch.iter().filter(|f| !f.zero) {
                 let mut pos = 0usize;
@@ -421,21 +499,36 @@ impl DiskRun<'_> {
                     target.zero_range(r.offset, r.len)?;
                 }
             }
-            let mut pending = durable.pending.lock().unwrap();
-            let mut digest = durable.digest.lock().unwrap();
-            for f in batch {
-                let len = f.work.len();
-                p.bytes_done.fetch_add(len, Relaxed);
-                if f.zero {
-                    p.bytes_zero.fetch_add(len, Relaxed);
-                }
-                p.chunks_done.fetch_add(1, Relaxed);
-                if t.checksum.is_some() {
-                    digest.add(f.work.index, &f.digest);
-                }
-                pending.push((f.work.index, f.digest));
-                pool.put(f.buf);
+            self.finish_chunks(batch, durable, pool, false);
+        }
+    }
+
+    /// Counts written chunks and queues them for the journal.
+    fn finish_chunks(
+        &self,
+        batch: Vec<Filled>,
+        durable: &Durability,
+        pool: &BufferPool,
+        zero_names: bool,
+    ) {
+        let p = self.progress;
+        let mut pending = durable.pending.lock().unwrap();
+        let mut digest = durable.digest.lock().unwrap();
+        for f in batch {
+            let len = f.work.len();
+            p.bytes_done.fetch_add(len, Relaxed);
+            if f.zero {
+                p.bytes_zero.fetch_add(len, Relaxed);
             }
+            p.chunks_done.fetch_add(1, Relaxed);
+            let name = if f.zero && zero_names {
+                [0; 32]
+            } else {
+                f.digest
+            };
+            digest.add(f.work.index, &name);
+            pending.push((f.work.index, name));
+            pool.put(f.buf);
         }
     }
 

@@ -36,11 +36,20 @@ pub struct Journal {
     pub resumed_chunks: u64,
     /// Content digest of the chunks found done (for the run's order-independent digest).
     pub resumed_digest: ContentDigest,
+    /// The chunks found done with their digests, when asked for (a chunk store needs the names).
+    pub resumed: Vec<(u64, Digest)>,
+    keep_entries: bool,
+    fingerprint: Digest,
 }
 
 impl Journal {
     /// Opens the journal at `path` for a plan with `fingerprint` and `chunk_count` chunk slots.
-    pub fn open(path: &Path, fingerprint: &Digest, chunk_slots: u64) -> Result<Journal> {
+    pub fn open(
+        path: &Path,
+        fingerprint: &Digest,
+        chunk_slots: u64,
+        keep_entries: bool,
+    ) -> Result<Journal> {
         let err = |what, e| Error::journal_io(path, what, e);
         let mut file = OpenOptions::new()
             .read(true)
@@ -58,6 +67,9 @@ impl Journal {
             done: DoneSet(vec![0; chunk_slots.div_ceil(64) as usize]),
             resumed_chunks: 0,
             resumed_digest: ContentDigest::default(),
+            resumed: Vec::new(),
+            keep_entries,
+            fingerprint: *fingerprint,
         };
         let header_ok = bytes.len() >= 40 && &bytes[..8] == MAGIC && &bytes[8..40] == fingerprint;
         let good_len = if header_ok {
@@ -69,12 +81,7 @@ impl Journal {
             if !bytes.is_empty() {
                 tracing::warn!(journal = %path.display(), "journal belongs to another plan or is damaged; starting over");
             }
-            j.file.set_len(0).map_err(|e| err("cannot reset", e))?;
-            j.file
-                .write_all(MAGIC)
-                .and_then(|_| j.file.write_all(fingerprint))
-                .map_err(|e| err("cannot write header", e))?;
-            j.file.sync_data().map_err(|e| err("cannot fsync", e))?;
+            j.write_header()?;
         } else if good_len < bytes.len() {
             tracing::warn!(journal = %path.display(), "cut a torn tail of {} bytes", bytes.len() - good_len);
             j.file
@@ -85,6 +92,27 @@ impl Journal {
             .seek(SeekFrom::End(0))
             .map_err(|e| err("cannot seek", e))?;
         Ok(j)
+    }
+
+    fn write_header(&mut self) -> Result<()> {
+        let err = |what, e| Error::journal_io(&self.path, what, e);
+        self.file.set_len(0).map_err(|e| err("cannot reset", e))?;
+        self.file
+            .seek(SeekFrom::Start(0))
+            .and_then(|_| self.file.write_all(MAGIC))
+            .and_then(|_| self.file.write_all(&self.fingerprint))
+            .map_err(|e| err("cannot write header", e))?;
+        self.file.sync_data().map_err(|e| err("cannot fsync", e))
+    }
+
+    /// Forgets every journaled chunk (their data is no longer on the target).
+    pub fn restart(&mut self) -> Result<()> {
+        self.write_header()?;
+        self.done.0.fill(0);
+        self.resumed_chunks = 0;
+        self.resumed_digest = ContentDigest::default();
+        self.resumed.clear();
+        Ok(())
     }
 
     /// Replays valid batches into the bitmap; returns the length of the valid prefix.
@@ -103,7 +131,11 @@ impl Journal {
                 if index < chunk_slots && !self.is_done(index) {
                     self.mark(index);
                     self.resumed_chunks += 1;
-                    self.resumed_digest.add(index, rec[8..].try_into().unwrap());
+                    let digest: Digest = rec[8..].try_into().unwrap();
+                    self.resumed_digest.add(index, &digest);
+                    if self.keep_entries {
+                        self.resumed.push((index, digest));
+                    }
                 }
             }
             pos = end + 8;
@@ -172,7 +204,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
         let fp = [7u8; 32];
-        let mut j = Journal::open(&p, &fp, 100).unwrap();
+        let mut j = Journal::open(&p, &fp, 100, false).unwrap();
         j.append(&[(3, [1; 32]), (5, [2; 32])]).unwrap();
         j.append(&[(9, [3; 32])]).unwrap();
         drop(j);
@@ -181,7 +213,7 @@ mod tests {
         f.write_all(&1u32.to_le_bytes()).unwrap();
         f.write_all(&[0u8; 20]).unwrap();
         drop(f);
-        let j = Journal::open(&p, &fp, 100).unwrap();
+        let j = Journal::open(&p, &fp, 100, false).unwrap();
         assert_eq!(j.resumed_chunks, 3);
         assert!(j.is_done(3) && j.is_done(5) && j.is_done(9) && !j.is_done(4));
         let mut want = ContentDigest::default();
@@ -200,10 +232,10 @@ mod tests {
     fn other_fingerprint_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("j");
-        let mut j = Journal::open(&p, &[1; 32], 10).unwrap();
+        let mut j = Journal::open(&p, &[1; 32], 10, false).unwrap();
         j.append(&[(1, [0; 32])]).unwrap();
         drop(j);
-        let j = Journal::open(&p, &[2; 32], 10).unwrap();
+        let j = Journal::open(&p, &[2; 32], 10, false).unwrap();
         assert_eq!(j.resumed_chunks, 0);
         assert!(!j.is_done(1));
         j.remove().unwrap();

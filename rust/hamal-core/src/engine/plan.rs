@@ -2,6 +2,7 @@
 
 use crate::checksum::ChecksumKind;
 use crate::io::IoMode;
+use crate::store::StoreOptions;
 use crate::uri::DiskUri;
 use crate::{Error, Result};
 use std::collections::HashSet;
@@ -37,6 +38,8 @@ pub struct Tuning {
     pub fsync_period: Duration,
     /// A flush slower than this is logged as a warning (`[data_sync_v2] fsync_timeout`; 0 = off).
     pub fsync_warn_after: Option<Duration>,
+    /// How chunk stores are opened (compression, key, S3 connection, metadata copies).
+    pub store: StoreOptions,
 }
 
 impl Default for Tuning {
@@ -54,6 +57,7 @@ impl Default for Tuning {
             memory_budget: 256 * MIB,
             fsync_period: Duration::from_secs(3),
             fsync_warn_after: None,
+            store: StoreOptions::default(),
         }
     }
 }
@@ -80,6 +84,8 @@ pub struct DiskPlan {
     /// Names the snapshot being read (for example a platform's snapshot id). A journal is
     /// trusted only for the same source identity: the file's mtime, or this id.
     pub source_id: Option<String>,
+    /// For a chunk-store source: the version to read (`None`: the disk's newest).
+    pub version: Option<String>,
 }
 
 impl DiskPlan {
@@ -164,6 +170,15 @@ impl JobPlan {
                     d.disk_id
                 )));
             }
+            if d.version.is_some() && !matches!(d.source, DiskUri::Store(_)) {
+                return Err(Error::Plan(format!(
+                    "disk '{}': a version is only chosen when reading from a chunk store",
+                    d.disk_id
+                )));
+            }
+            if matches!(d.target, DiskUri::Store(_)) {
+                crate::store::version::check_disk_id(&d.disk_id).map_err(Error::Plan)?;
+            }
             d.journal_path()?;
             if !ids.insert(&d.disk_id) {
                 return Err(Error::Plan(format!(
@@ -171,7 +186,11 @@ impl JobPlan {
                     d.disk_id
                 )));
             }
-            if !targets.insert(d.target.to_string()) {
+            let target_key = match &d.target {
+                DiskUri::Store(u) => format!("{} disk {}", u.text, d.disk_id),
+                t => t.to_string(),
+            };
+            if !targets.insert(target_key) {
                 return Err(Error::Plan(format!(
                     "target {} appears twice in the plan",
                     d.target

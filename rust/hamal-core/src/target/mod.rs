@@ -7,6 +7,7 @@ mod nbd;
 pub use file::FileTarget;
 pub use nbd::NbdTarget;
 
+use crate::checksum::{ChunkHasher, Digest};
 use crate::io::WriteReq;
 use crate::Result;
 
@@ -27,6 +28,41 @@ pub trait Target: Send + Sync {
     fn start_writeback(&self) {}
     /// A writer for one engine thread, with up to `depth` writes in flight.
     fn writer(&self, depth: u32) -> Result<Box<dyn TargetWriter>>;
+    /// The chunk-store face of a target that keeps whole chunks by name instead of writing
+    /// at offsets.
+    fn as_chunk_sink(&self) -> Option<&dyn ChunkSink> {
+        None
+    }
+}
+
+/// A target that stores whole chunks (aligned to the chunk grid, see `alignment`) named by a
+/// hash of their content, and commits a version at the end.
+pub trait ChunkSink: Sync {
+    /// How chunks are named; engine readers hash, and the journal keeps the names.
+    fn hasher(&self) -> ChunkHasher;
+    /// Writer (upload) threads the engine should run for this target.
+    fn writers(&self) -> u32;
+    /// Stores chunk `index` (its whole bytes) named `name`.
+    fn put(&self, index: u64, data: &[u8], name: &Digest) -> Result<()>;
+    /// Takes back the chunks an interrupted run journaled (zero chunks have the all-zero
+    /// name). Returns false when one of them is gone from the target; the run then starts over.
+    fn resume(&self, done: &[(u64, Digest)]) -> Result<bool>;
+    /// What the chunks build on (the parent version), for the journal's fingerprint.
+    fn base(&self) -> String;
+    /// Makes the run a version (the commit point) after everything is flushed; returns its id.
+    fn commit(&self, info: &CommitInfo) -> Result<String>;
+}
+
+/// What a committed version records about its sync.
+#[derive(Clone, Debug)]
+pub struct CommitInfo {
+    pub source: String,
+    pub cursor: Option<String>,
+    pub full: bool,
+    pub bytes_read: u64,
+    pub chunks_changed: u64,
+    pub chunks_zero: u64,
+    pub millis: u64,
 }
 
 pub trait TargetWriter: Send {

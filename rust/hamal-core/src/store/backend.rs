@@ -1,0 +1,34 @@
+//! Where a chunk store keeps its objects: a blocking key/value interface over a local directory
+//! or an S3 bucket. Keys are `/`-separated relative names such as `chunks/ab/abcd...`.
+
+use crate::Result;
+use std::time::SystemTime;
+
+/// One listed object.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub key: String,
+    pub modified: SystemTime,
+}
+
+pub trait Backend: Send + Sync {
+    /// The store URI, for messages.
+    fn describe(&self) -> String;
+    /// Writes a whole object; when this returns, a reader sees all of it or (before) nothing.
+    fn put(&self, key: &str, data: Vec<u8>) -> Result<()>;
+    /// Reads a whole object; `None` when it does not exist.
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
+    /// Reads several objects at once (concurrently where the backend can).
+    fn get_many(&self, keys: &[String]) -> Vec<Result<Option<Vec<u8>>>> {
+        keys.iter().map(|k| self.get(k)).collect()
+    }
+    fn exists(&self, key: &str) -> Result<bool>;
+    /// Every object whose key starts with `prefix` (a folder such as `chunks/`).
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>>;
+    /// Removes an object; a missing one is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Makes every completed `put` durable (directory entries included).
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,213 @@
+//! How a chunk or an index page becomes a stored object, and back.
+//!
+//! Object layout: `b"HMC1"`, one flag byte (bit 0: zstd, bit 1: AES-256-GCM), then, when
+//! encrypted, a random 12-byte nonce followed by the ciphertext with its 16-byte tag; otherwise
+//! the (maybe compressed) bytes. The object's name is the hash of its plaintext: BLAKE3, or
+//! keyed BLAKE3 when the store is encrypted (so equal plaintext is not revealed). Decoding always
+//! re-hashes the plaintext and compares it with the name.
+
+use crate::checksum::{ChecksumKind, ChunkHasher, Digest};
+use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use std::path::Path;
+
+const MAGIC: &[u8; 4] = b"HMC1";
+const ZSTD: u8 = 1;
+const AES: u8 = 2;
+const NONCE: usize = 12;
+
+/// Keys derived from the operator's key file.
+#[derive(Clone)]
+pub struct Keys {
+    cipher: Aes256Gcm,
+    address: [u8; 32],
+    /// Published in the store's config so a wrong key is reported before any chunk is read.
+    pub check: String,
+}
+
+impl Keys {
+    /// Reads a key file: 32 raw bytes, or 64 hex digits (surrounding whitespace ignored).
+    pub fn load(path: &Path) -> Result<Keys, String> {
+        let raw = std::fs::read(path)
+            .map_err(|e| format!("encryption key file {}: {e}", path.display()))?;
+        let text = String::from_utf8_lossy(&raw);
+        let master: [u8; 32] = if raw.len() == 32 {
+            raw.as_slice().try_into().unwrap()
+        } else if let Some(bytes) = hex_decode(text.trim()).filter(|b| b.len() == 32) {
+            bytes.try_into().unwrap()
+        } else {
+            return Err(format!(
+                "encryption key file {}: expected 32 bytes or 64 hex digits, found {} bytes",
+                path.display(),
+                raw.len()
+            ));
+        };
+        Ok(Keys::from_master(&master))
+    }
+
+    pub fn from_master(master: &[u8; 32]) -> Keys {
+        let enc = blake3::derive_key("hamal chunk store 2026 encryption", master);
+        let check = blake3::derive_key("hamal chunk store 2026 key check", master);
+        Keys {
+            cipher: Aes256Gcm::new_from_slice(&enc).expect("32-byte key"),
+            address: blake3::derive_key("hamal chunk store 2026 address", master),
+            check: hex(&check[..16]),
+        }
+    }
+}
+
+/// Encodes and decodes stored objects for one store.
+#[derive(Clone)]
+pub struct Codec {
+    /// zstd level; 0 stores plain bytes.
+    pub level: i32,
+    pub keys: Option<Keys>,
+}
+
+impl Codec {
+    /// The object name of `plain`.
+    pub fn address(&self, plain: &[u8]) -> Digest {
+        self.hasher().digest(plain)
+    }
+
+    pub fn hasher(&self) -> ChunkHasher {
+        match &self.keys {
+            Some(k) => ChunkHasher::KeyedBlake3(k.address),
+            None => ChunkHasher::Plain(ChecksumKind::Blake3),
+        }
+    }
+
+    pub fn encode(&self, plain: &[u8]) -> Vec<u8> {
+        let mut flags = 0;
+        let packed;
+        let mut body: &[u8] = plain;
+        if self.level > 0 {
+            packed = zstd::bulk::compress(plain, self.level).expect("zstd compress to memory");
+            if packed.len() < plain.len() {
+                body = &packed;
+                flags |= ZSTD;
+            }
+        }
+        let mut out = Vec::with_capacity(body.len() + 5 + NONCE + 16);
+        out.extend_from_slice(MAGIC);
+        match &self.keys {
+            Some(k) => {
+                let mut nonce = [0u8; NONCE];
+                getrandom::getrandom(&mut nonce).expect("the OS random source");
+                let sealed = k
+                    .cipher
+                    .encrypt(Nonce::from_slice(&nonce), body)
+                    .expect("AES-GCM encrypts any length we store");
+                out.push(flags | AES);
+                out.extend_from_slice(&nonce);
+                out.extend_from_slice(&sealed);
+            }
+            None => {
+                out.push(flags);
+                out.extend_from_slice(body);
+            }
+        }
+        out
+    }
+
+    /// The plaintext of an object named `address`, or why it cannot be trusted. `max_len` bounds
+    /// decompression (a chunk is never larger than the chunk size).
+    pub fn decode(&self, address: &Digest, obj: &[u8], max_len: usize) -> Result<Vec<u8>, String> {
+        if obj.len() < 5 || &obj[..4] != MAGIC {
+            return Err("not a hamal object (bad header)".into());
+        }
+        let flags = obj[4];
+        let opened;
+        let mut body = &obj[5..];
+        if flags & AES != 0 {
+            let k = self
+                .keys
+                .as_ref()
+                .ok_or("object is encrypted but no key is set")?;
+            if body.len() < NONCE + 16 {
+                return Err("encrypted object is truncated".into());
+            }
+            let (nonce, sealed) = body.split_at(NONCE);
+            opened = k
+                .cipher
+                .decrypt(Nonce::from_slice(nonce), sealed)
+                .map_err(|_| "authentication failed (wrong key or damaged object)")?;
+            body = &opened;
+        } else if self.keys.is_some() {
+            return Err("object is not encrypted in an encrypted store".into());
+        }
+        let plain = if flags & ZSTD != 0 {
+            zstd::bulk::decompress(body, max_len).map_err(|e| format!("zstd: {e}"))?
+        } else {
+            body.to_vec()
+        };
+        if &self.address(&plain) != address {
+            return Err("content does not match its hash".into());
+        }
+        Ok(plain)
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+pub fn parse_digest(s: &str) -> Option<Digest> {
+    hex_decode(s)?.try_into().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_detects_damage() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
+        for keys in [None, Some(Keys::from_master(&[9; 32]))] {
+            let c = Codec { level: 3, keys };
+            let a = c.address(&data);
+            let obj = c.encode(&data);
+            assert!(
+                obj.len() < data.len() / 10,
+                "compressible data is compressed"
+            );
+            assert_eq!(c.decode(&a, &obj, data.len()).unwrap(), data);
+            let mut bad = obj.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(c.decode(&a, &bad, data.len()).is_err());
+        }
+        let plain = Codec {
+            level: 0,
+            keys: None,
+        };
+        let enc = Codec {
+            level: 0,
+            keys: Some(Keys::from_master(&[1; 32])),
+        };
+        assert_ne!(
+            plain.address(&data),
+            enc.address(&data),
+            "keyed names hide content"
+        );
+        let other = Codec {
+            level: 0,
+            keys: Some(Keys::from_master(&[2; 32])),
+        };
+        let obj = enc.encode(&data);
+        let e = other
+            .decode(&enc.address(&data), &obj, data.len())
+            .unwrap_err();
+        assert!(e.contains("wrong key"), "{e}");
+    }
+}

@@ -1,0 +1,184 @@
+//! `dir:/path` backend: one file per object. A put writes a temporary file, fsyncs it and
+//! renames it into place, so an object is either whole or absent; `sync` fsyncs the folders
+//! whose entries changed.
+
+use super::backend::{Backend, Listed};
+use crate::{Error, Result};
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+
+pub struct DirBackend {
+    root: PathBuf,
+    text: String,
+    /// Folders with new or removed entries since the last `sync`.
+    dirty: Mutex<HashSet<PathBuf>>,
+    tmp_seq: AtomicU64,
+}
+
+const TMP_MARK: &str = ".tmp-";
+
+impl DirBackend {
+    pub fn open(root: &Path, text: &str, create: bool) -> Result<DirBackend> {
+        let err = |what: &str, e: std::io::Error| {
+            Error::Store(format!("store {text}: {what} {}: {e}", root.display()))
+        };
+        match fs::metadata(root) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(Error::Store(format!(
+                    "store {text}: {} is not a directory",
+                    root.display()
+                )))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound && create => {
+                fs::create_dir_all(root).map_err(|e| err("cannot create", e))?
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::Store(format!(
+                    "store {text}: {} does not exist",
+                    root.display()
+                )))
+            }
+            Err(e) => return Err(err("cannot open", e)),
+        }
+        Ok(DirBackend {
+            root: root.to_owned(),
+            text: text.to_owned(),
+            dirty: Mutex::new(HashSet::new()),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn err(&self, what: &str, key: &str, e: std::io::Error) -> Error {
+        Error::Store(format!("store {}: {what} {key}: {e}", self.text))
+    }
+
+    fn mark_dirty(&self, dir: &Path) {
+        self.dirty.lock().unwrap().insert(dir.to_owned());
+    }
+
+    /// Creates the folders of `dir` that are missing, remembering each new entry for `sync`.
+    fn ensure_dir(&self, dir: &Path) -> std::io::Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        if let Some(parent) = dir.parent() {
+            self.ensure_dir(parent)?;
+            match fs::create_dir(dir) {
+                Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(e),
+                _ => self.mark_dirty(parent),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for DirBackend {
+    fn describe(&self) -> String {
+        self.text.clone()
+    }
+
+    fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
+        let path = self.path(key);
+        let dir = path.parent().expect("keys have a folder").to_owned();
+        self.ensure_dir(&dir)
+            .map_err(|e| self.err("cannot create the folder of", key, e))?;
+        let seq = self.tmp_seq.fetch_add(1, Relaxed);
+        let tmp = dir.join(format!(
+            "{}{TMP_MARK}{}-{seq}",
+            path.file_name().unwrap().to_string_lossy(),
+            std::process::id()
+        ));
+        let write = || -> std::io::Result<()> {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_data()?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            self.err("cannot write", key, e)
+        })?;
+        self.mark_dirty(&dir);
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match fs::read(self.path(key)) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err("cannot read", key, e)),
+        }
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        match fs::metadata(self.path(key)) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(self.err("cannot stat", key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.path(prefix)];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err("cannot list", prefix, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.err("cannot list", prefix, e))?;
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| self.err("cannot list", prefix, e))?;
+                let path = entry.path();
+                if meta.is_dir() {
+                    stack.push(path);
+                } else if !entry.file_name().to_string_lossy().contains(TMP_MARK) {
+                    let rel = path.strip_prefix(&self.root).expect("listed under root");
+                    out.push(Listed {
+                        key: rel.to_string_lossy().into_owned(),
+                        modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                self.mark_dirty(path.parent().unwrap());
+                Ok(())
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.err("cannot remove", key, e)),
+        }
+    }
+
+    fn sync(&self) -> Result<()> {
+        let dirs: Vec<PathBuf> = self.dirty.lock().unwrap().drain().collect();
+        for d in dirs {
+            File::open(&d).and_then(|f| f.sync_all()).map_err(|e| {
+                Error::Store(format!(
+                    "store {}: cannot fsync {}: {e}",
+                    self.text,
+                    d.display()
+                ))
+            })?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,223 @@
+//! Store upkeep: list versions, verify them, prune old ones and collect unreferenced objects.
+
+use super::lock::{self, LockKind};
+use super::repo::Store;
+use super::tree;
+use super::version::Version;
+use super::{StoreOptions, StoreUri};
+use crate::checksum::Digest;
+use crate::{Error, Result};
+use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+
+/// Versions of one disk or of all, oldest first, and the records that failed their check.
+pub fn list_versions(
+    uri: &StoreUri,
+    o: &StoreOptions,
+    disk: Option<&str>,
+) -> Result<(Vec<Version>, Vec<String>)> {
+    let store = Store::open(uri, o, false)?;
+    let r = store.records(disk)?;
+    let damaged = r.damaged.iter().map(|(k, p)| format!("{k}: {p}")).collect();
+    Ok((r.good.into_values().flatten().collect(), damaged))
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct StoreVerifyReport {
+    pub versions: usize,
+    pub chunks: u64,
+    /// Bytes of chunk plaintext re-hashed (deep only).
+    pub bytes_checked: u64,
+    pub deep: bool,
+    /// One line per problem: record, page or chunk with its disk offset.
+    pub problems: Vec<String>,
+}
+
+const MAX_PROBLEMS: usize = 1000;
+
+/// Checks version records, index pages and chunks. Shallow: every referenced chunk exists.
+/// Deep: every chunk is read, decrypted, decompressed and re-hashed.
+pub fn verify_store(
+    uri: &StoreUri,
+    o: &StoreOptions,
+    disk: Option<&str>,
+    version: Option<&str>,
+    deep: bool,
+) -> Result<StoreVerifyReport> {
+    let store = Store::open(uri, o, false)?;
+    let records = store.records(disk)?;
+    let mut report = StoreVerifyReport {
+        deep,
+        ..Default::default()
+    };
+    report
+        .problems
+        .extend(records.damaged.iter().map(|(k, p)| format!("{k}: {p}")));
+    let mut versions: Vec<Version> = records.good.into_values().flatten().collect();
+    if let Some(id) = version {
+        versions.retain(|v| v.version == id);
+        if versions.is_empty() {
+            return Err(Error::Plan(format!(
+                "store {}: no version '{id}'{}",
+                uri.text,
+                disk.map(|d| format!(" of disk '{d}'")).unwrap_or_default()
+            )));
+        }
+    }
+    // First place each chunk is used: (record, offset, plaintext length).
+    let mut first_use: HashMap<Digest, (String, u64, usize)> = HashMap::new();
+    for v in &versions {
+        report.versions += 1;
+        let root = v.root_digest().expect("checked when parsed");
+        let walked = tree::walk(&store, root, v.depth, &mut |_| {}, &mut |i, name| {
+            let off = i * v.chunk_size;
+            let len = v.chunk_size.min(v.size - off) as usize;
+            first_use
+                .entry(*name)
+                .or_insert_with(|| (format!("disk '{}' version {}", v.disk, v.version), off, len));
+            Ok(())
+        });
+        if let Err(e) = walked {
+            report
+                .problems
+                .push(format!("disk '{}' version {}: {e}", v.disk, v.version));
+        }
+    }
+    let uses: Vec<(Digest, (String, u64, usize))> = first_use.into_iter().collect();
+    for batch in uses.chunks(8) {
+        if report.problems.len() >= MAX_PROBLEMS {
+            report.problems.push("too many problems; stopped".into());
+            break;
+        }
+        let keys: Vec<String> = batch.iter().map(|(n, _)| Store::chunk_key(n)).collect();
+        let results: Vec<Result<std::result::Result<usize, String>>> = if deep {
+            store
+                .backend
+                .get_many(&keys)
+                .into_iter()
+                .zip(batch)
+                .map(|(obj, (name, (_, _, len)))| {
+                    Ok(store.decode_chunk(name, obj?, *len).map(|p| p.len()))
+                })
+                .collect()
+        } else {
+            keys.iter()
+                .map(|k| {
+                    Ok(if store.backend.exists(k)? {
+                        Ok(0)
+                    } else {
+                        Err("missing".into())
+                    })
+                })
+                .collect()
+        };
+        for ((name, (whom, off, _)), r) in batch.iter().zip(results) {
+            report.chunks += 1;
+            match r? {
+                Ok(n) => report.bytes_checked += n as u64,
+                Err(p) => report.problems.push(format!(
+                    "{whom}: chunk at disk offset {off} ({}) is {p}",
+                    Store::chunk_key(name)
+                )),
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct PruneReport {
+    /// `disk/version` of each removed version.
+    pub removed_versions: Vec<String>,
+    pub kept_versions: usize,
+    /// Why garbage collection did not run (a sync holds the store, a damaged record...).
+    pub gc_skipped: Option<String>,
+    pub removed_chunks: u64,
+    pub removed_pages: u64,
+}
+
+/// Keeps the newest `keep` versions of each disk (or of `disk`), then removes chunks and pages
+/// no remaining version references. Collection runs under the exclusive lock and is skipped
+/// while a sync runs; removing version records is always safe.
+pub fn prune(
+    uri: &StoreUri,
+    o: &StoreOptions,
+    keep: usize,
+    disk: Option<&str>,
+) -> Result<PruneReport> {
+    if !(1..=129).contains(&keep) {
+        return Err(Error::Plan(format!(
+            "--keep {keep} is out of range 1..=129"
+        )));
+    }
+    let store = Store::open(uri, o, false)?;
+    let records = store.records(None)?;
+    let mut report = PruneReport::default();
+    let mut kept = Vec::new();
+    for (d, list) in records.good {
+        let cut = if disk.is_none_or(|want| want == d) {
+            list.len().saturating_sub(keep)
+        } else {
+            0
+        };
+        for v in &list[..cut] {
+            store.delete_version(v)?;
+            report
+                .removed_versions
+                .push(format!("{}/{}", v.disk, v.version));
+        }
+        kept.extend(list.into_iter().skip(cut));
+    }
+    report.kept_versions = kept.len();
+    if let Some((key, problem)) = records.damaged.first() {
+        report.gc_skipped = Some(format!(
+            "damaged version record {key} ({problem}): its chunks cannot be told apart"
+        ));
+        return Ok(report);
+    }
+    let _lock = match lock::acquire(&store.backend, LockKind::Exclusive, "prune") {
+        Ok(l) => l,
+        Err(e) => {
+            report.gc_skipped = Some(e.to_string());
+            return Ok(report);
+        }
+    };
+    let (mut pages, mut chunks) = (HashSet::new(), HashSet::new());
+    for v in &kept {
+        let root = v.root_digest().expect("checked when parsed");
+        let walked = tree::walk(
+            &store,
+            root,
+            v.depth,
+            &mut |p| {
+                pages.insert(*p);
+            },
+            &mut |_, c| {
+                chunks.insert(*c);
+                Ok(())
+            },
+        );
+        if let Err(e) = walked {
+            report.gc_skipped = Some(format!("disk '{}' version {}: {e}", v.disk, v.version));
+            return Ok(report);
+        }
+    }
+    for (prefix, live, count) in [
+        ("chunks/", &chunks, &mut report.removed_chunks),
+        ("index/", &pages, &mut report.removed_pages),
+    ] {
+        for item in store.backend.list(prefix)? {
+            let name = item
+                .key
+                .rsplit('/')
+                .next()
+                .and_then(super::codec::parse_digest);
+            if name.is_some_and(|n| !live.contains(&n)) {
+                store.backend.delete(&item.key)?;
+                *count += 1;
+            }
+        }
+    }
+    store.backend.sync()?;
+    Ok(report)
+}

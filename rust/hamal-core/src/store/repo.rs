@@ -1,0 +1,304 @@
+//! An open chunk store: its backend, codec and version records.
+
+use super::backend::Backend;
+use super::codec::{hex, Codec, Keys};
+use super::dir::DirBackend;
+use super::s3::S3Backend;
+use super::tree::{self, PageIo, ZERO};
+use super::version::{Version, FORMAT};
+use super::{StoreLocation, StoreOptions, StoreUri};
+use crate::checksum::Digest;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+const CONFIG_KEY: &str = "hamal-store.json";
+/// Index pages kept in memory (32 KiB each at most).
+const PAGE_CACHE: usize = 512;
+
+#[derive(Serialize, Deserialize)]
+struct StoreConfig {
+    format: u32,
+    hash: String,
+    encryption: Option<EncryptionInfo>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct EncryptionInfo {
+    cipher: String,
+    key_check: String,
+}
+
+pub struct Store {
+    pub uri: StoreUri,
+    pub backend: Arc<dyn Backend>,
+    pub codec: Codec,
+    /// Where version records are written (the store itself and/or a local folder).
+    record_places: Vec<Arc<dyn Backend>>,
+    pages: Mutex<HashMap<Digest, Arc<Vec<Digest>>>>,
+}
+
+/// Version records of a store: the good ones by disk, and the damaged ones with the problem.
+pub struct Records {
+    pub good: BTreeMap<String, Vec<Version>>,
+    pub damaged: Vec<(String, String)>,
+}
+
+impl Store {
+    /// Opens the store at `uri`; `create` makes a new one (a sync) where there is none.
+    pub fn open(uri: &StoreUri, o: &StoreOptions, create: bool) -> Result<Store> {
+        let text = &uri.text;
+        let backend: Arc<dyn Backend> = match &uri.location {
+            StoreLocation::Dir(p) => Arc::new(DirBackend::open(p, text, create)?),
+            StoreLocation::S3 { bucket, prefix } => {
+                Arc::new(S3Backend::open(bucket, prefix, text, &o.s3)?)
+            }
+        };
+        let keys = match &o.key_file {
+            Some(k) => Some(Keys::load(k).map_err(Error::Store)?),
+            None => None,
+        };
+        let bad = |m: String| Error::Store(format!("store {text}: {m}"));
+        let config = match backend.get(CONFIG_KEY)? {
+            Some(bytes) => serde_json::from_slice::<StoreConfig>(&bytes)
+                .map_err(|e| bad(format!("{CONFIG_KEY} is damaged: {e}")))?,
+            None if create => {
+                let c = StoreConfig {
+                    format: FORMAT,
+                    hash: if keys.is_some() {
+                        "blake3-keyed"
+                    } else {
+                        "blake3"
+                    }
+                    .into(),
+                    encryption: keys.as_ref().map(|k| EncryptionInfo {
+                        cipher: "aes-256-gcm".into(),
+                        key_check: k.check.clone(),
+                    }),
+                };
+                backend.put(
+                    CONFIG_KEY,
+                    serde_json::to_vec_pretty(&c).expect("serializable"),
+                )?;
+                backend.sync()?;
+                c
+            }
+            None => {
+                return Err(bad(format!(
+                    "no {CONFIG_KEY}: not a hamal chunk store (nothing synced to it yet?)"
+                )))
+            }
+        };
+        if config.format != FORMAT {
+            return Err(bad(format!(
+                "store format {} is not supported (this hamal reads {FORMAT})",
+                config.format
+            )));
+        }
+        match (&config.encryption, &keys, &o.key_file) {
+            (Some(_), None, _) => return Err(bad("the store is encrypted: give its key file (--key-file or [store] encryption_key_file)".into())),
+            (None, Some(_), Some(k)) => return Err(bad(format!("the store is not encrypted but key file {} was given", k.display()))),
+            (Some(e), Some(k), Some(path)) if e.key_check != k.check => {
+                return Err(bad(format!("encryption key file {} is not this store's key", path.display())))
+            }
+            _ => {}
+        }
+        let mut record_places = Vec::new();
+        if matches!(uri.location, StoreLocation::Dir(_)) || o.upload_metadata {
+            record_places.push(backend.clone());
+        }
+        if let Some(local) = &o.local_metadata {
+            let folder = local.join(hex(&blake3::hash(text.as_bytes()).as_bytes()[..8]));
+            let dir = DirBackend::open(
+                &folder,
+                &format!("{} (local metadata of {text})", folder.display()),
+                true,
+            )?;
+            dir.put("store-uri.txt", text.clone().into_bytes())?;
+            record_places.push(Arc::new(dir));
+        }
+        if record_places.is_empty() {
+            return Err(bad("version records would be kept nowhere: upload_metadata_to_oss is off and no local metadata folder is set".into()));
+        }
+        Ok(Store {
+            uri: uri.clone(),
+            backend,
+            codec: Codec {
+                level: o.compression_level,
+                keys,
+            },
+            record_places,
+            pages: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn chunk_key(a: &Digest) -> String {
+        let h = hex(a);
+        format!("chunks/{}/{h}", &h[..2])
+    }
+
+    pub fn page_key(a: &Digest) -> String {
+        let h = hex(a);
+        format!("index/{}/{h}", &h[..2])
+    }
+
+    pub fn has_chunk(&self, a: &Digest) -> Result<bool> {
+        self.backend.exists(&Self::chunk_key(a))
+    }
+
+    /// Stores a chunk unless the store has it; returns the bytes uploaded (0 when present).
+    pub fn put_chunk(&self, a: &Digest, plain: &[u8]) -> Result<u64> {
+        let key = Self::chunk_key(a);
+        if self.backend.exists(&key)? {
+            return Ok(0);
+        }
+        let obj = self.codec.encode(plain);
+        let n = obj.len() as u64;
+        self.backend.put(&key, obj)?;
+        Ok(n)
+    }
+
+    /// A chunk's plaintext from its object (`None`: missing), or what is wrong with it.
+    pub fn decode_chunk(
+        &self,
+        a: &Digest,
+        obj: Option<Vec<u8>>,
+        max_len: usize,
+    ) -> Result<Vec<u8>, String> {
+        let obj = obj.ok_or("missing")?;
+        self.codec
+            .decode(a, &obj, max_len)
+            .map_err(|e| format!("damaged: {e}"))
+    }
+
+    /// Every version record, checked.
+    pub fn records(&self, disk: Option<&str>) -> Result<Records> {
+        let prefix = match disk {
+            Some(d) => format!("versions/{d}/"),
+            None => "versions/".into(),
+        };
+        let mut seen = BTreeMap::new();
+        for place in &self.record_places {
+            for item in place.list(&prefix)? {
+                if !item.key.ends_with(".json") || seen.contains_key(&item.key) {
+                    continue;
+                }
+                let bytes = place.get(&item.key)?;
+                seen.insert(item.key.clone(), (place.describe(), bytes));
+            }
+        }
+        let mut out = Records {
+            good: BTreeMap::new(),
+            damaged: Vec::new(),
+        };
+        for (key, (place, bytes)) in seen {
+            let Some(bytes) = bytes else { continue };
+            match Version::parse(&bytes) {
+                Ok(v) if v.key() == key => out.good.entry(v.disk.clone()).or_default().push(v),
+                Ok(_) => out.damaged.push((
+                    format!("{place}: {key}"),
+                    "record names another disk or version".into(),
+                )),
+                Err(e) => out.damaged.push((format!("{place}: {key}"), e)),
+            }
+        }
+        for list in out.good.values_mut() {
+            list.sort_by(|a, b| a.version.cmp(&b.version));
+        }
+        Ok(out)
+    }
+
+    /// The newest version of `disk`; a damaged record of that disk is an error (it could be the
+    /// newest, and an incremental on an older parent would be wrong).
+    pub fn latest(&self, disk: &str) -> Result<Option<Version>> {
+        let mut r = self.records(Some(disk))?;
+        if let Some((key, problem)) = r.damaged.first() {
+            return Err(Error::Mismatch(format!("{key}: {problem}")));
+        }
+        Ok(r.good.remove(disk).and_then(|mut v| v.pop()))
+    }
+
+    /// Version `id` of `disk`, or its newest.
+    pub fn find_version(&self, disk: &str, id: Option<&str>) -> Result<Version> {
+        let Some(id) = id else {
+            return self.latest(disk)?.ok_or_else(|| {
+                Error::Plan(format!(
+                    "store {}: disk '{disk}' has no version",
+                    self.uri.text
+                ))
+            });
+        };
+        let mut r = self.records(Some(disk))?;
+        if let Some((key, problem)) = r
+            .damaged
+            .iter()
+            .find(|(k, _)| k.ends_with(&format!("/{id}.json")))
+        {
+            return Err(Error::Mismatch(format!("{key}: {problem}")));
+        }
+        r.good
+            .remove(disk)
+            .and_then(|list| list.into_iter().find(|v| v.version == id))
+            .ok_or_else(|| {
+                Error::Plan(format!(
+                    "store {}: disk '{disk}' has no version '{id}'",
+                    self.uri.text
+                ))
+            })
+    }
+
+    /// Writes a version record everywhere records are kept; the write to the store is the
+    /// commit point, so the local copy goes first.
+    pub fn write_version(&self, v: &mut Version) -> Result<()> {
+        let bytes = v.seal();
+        for place in self.record_places.iter().rev() {
+            place.put(&v.key(), bytes.clone())?;
+            place.sync()?;
+        }
+        Ok(())
+    }
+
+    pub fn delete_version(&self, v: &Version) -> Result<()> {
+        for place in &self.record_places {
+            place.delete(&v.key())?;
+            place.sync()?;
+        }
+        Ok(())
+    }
+}
+
+impl PageIo for Store {
+    fn load_page(&self, addr: &Digest) -> Result<Vec<Digest>> {
+        if let Some(p) = self.pages.lock().unwrap().get(addr) {
+            return Ok(p.as_ref().clone());
+        }
+        let key = Self::page_key(addr);
+        let obj = self.backend.get(&key)?;
+        let entries = self
+            .decode_chunk(addr, obj, (tree::FANOUT * 32) as usize)
+            .and_then(|b| tree::page_entries(&b).ok_or_else(|| "damaged: not an index page".into()))
+            .map_err(|e| {
+                Error::Mismatch(format!("store {}: index page {key} is {e}", self.uri.text))
+            })?;
+        let mut cache = self.pages.lock().unwrap();
+        if cache.len() >= PAGE_CACHE {
+            cache.clear();
+        }
+        cache.insert(*addr, Arc::new(entries.clone()));
+        Ok(entries)
+    }
+
+    fn store_page(&self, entries: &[Digest]) -> Result<Digest> {
+        let bytes = tree::page_bytes(entries);
+        if bytes.is_empty() {
+            return Ok(ZERO);
+        }
+        let a = self.codec.address(&bytes);
+        let key = Self::page_key(&a);
+        if !self.backend.exists(&key)? {
+            self.backend.put(&key, self.codec.encode(&bytes))?;
+        }
+        Ok(a)
+    }
+}

@@ -1,0 +1,233 @@
+//! `s3://bucket/prefix` backend over the `object_store` crate (SigV4 signing, retries with
+//! backoff on 5xx, timeouts and resets). The engine's threads call it through a small tokio
+//! runtime owned by the backend.
+
+use super::backend::{Backend, Listed};
+use crate::{Error, Result};
+use futures::TryStreamExt;
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as ObjPath;
+use object_store::{
+    BackoffConfig, Certificate, ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig,
+};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Connection settings (`[s3]` in hamal.conf; the `AWS_*` environment fills what is unset).
+#[derive(Clone, Default)]
+pub struct S3Options {
+    /// `http(s)://host:port`; unset means AWS.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// `bucket.host/key` instead of `host/bucket/key`.
+    pub virtual_hosted: bool,
+    /// Extra CA certificate (PEM) to trust besides the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Retries of a failed request (5xx, timeout, connection reset) before giving up.
+    pub max_retries: usize,
+}
+
+impl std::fmt::Debug for S3Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Options")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "***"),
+            )
+            .field("virtual_hosted", &self.virtual_hosted)
+            .finish()
+    }
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+pub struct S3Backend {
+    store: AmazonS3,
+    prefix: String,
+    text: String,
+    rt: tokio::runtime::Runtime,
+}
+
+impl S3Backend {
+    pub fn open(bucket: &str, prefix: &str, text: &str, o: &S3Options) -> Result<S3Backend> {
+        let bad = |m: String| Error::Store(format!("store {text}: {m}"));
+        let key = o.access_key_id.clone().or_else(|| env("AWS_ACCESS_KEY_ID"));
+        let secret = o
+            .secret_access_key
+            .clone()
+            .or_else(|| env("AWS_SECRET_ACCESS_KEY"));
+        let (Some(key), Some(secret)) = (key, secret) else {
+            return Err(bad("no S3 credentials: set access_key_id and secret_access_key in [s3] of hamal.conf, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY".into()));
+        };
+        let endpoint = o.endpoint.clone().or_else(|| env("AWS_ENDPOINT_URL"));
+        let region = o
+            .region
+            .clone()
+            .or_else(|| env("AWS_REGION"))
+            .or_else(|| env("AWS_DEFAULT_REGION"));
+        let mut client = ClientOptions::new()
+            .with_timeout(if o.timeout.is_zero() {
+                Duration::from_secs(60)
+            } else {
+                o.timeout
+            })
+            .with_connect_timeout(Duration::from_secs(5));
+        if let Some(ep) = &endpoint {
+            if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                return Err(bad(format!(
+                    "endpoint '{ep}' must start with http:// or https://"
+                )));
+            }
+            client = client.with_allow_http(ep.starts_with("http://"));
+        }
+        if let Some(ca) = &o.ca_file {
+            let pem =
+                std::fs::read(ca).map_err(|e| bad(format!("ca_file {}: {e}", ca.display())))?;
+            let cert = Certificate::from_pem(&pem)
+                .map_err(|e| bad(format!("ca_file {}: {e}", ca.display())))?;
+            client = client.with_root_certificate(cert);
+        }
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
+            max_retries: o.max_retries,
+            retry_timeout: Duration::from_secs(120),
+        };
+        let mut b = AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_region(region.unwrap_or_else(|| "us-east-1".into()))
+            .with_access_key_id(key)
+            .with_secret_access_key(secret)
+            .with_virtual_hosted_style_request(o.virtual_hosted)
+            .with_client_options(client)
+            .with_retry(retry);
+        if let Some(ep) = endpoint {
+            b = b.with_endpoint(ep);
+        }
+        let store = b.build().map_err(|e| bad(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("hamal-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| bad(format!("cannot start the S3 client runtime: {e}")))?;
+        let me = S3Backend {
+            store,
+            prefix: prefix.trim_matches('/').to_owned(),
+            text: text.to_owned(),
+            rt,
+        };
+        me.check_bucket(bucket)?;
+        Ok(me)
+    }
+
+    /// One listing request, so a missing bucket or bad credentials fail before any upload.
+    fn check_bucket(&self, bucket: &str) -> Result<()> {
+        let prefix = self.path("");
+        let r = self
+            .rt
+            .block_on(self.store.list_with_delimiter(Some(&prefix)));
+        match r {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotFound { .. }) => Err(Error::Store(format!(
+                "store {}: bucket '{bucket}' does not exist",
+                self.text
+            ))),
+            Err(e) => Err(self.err("cannot list bucket", bucket, e)),
+        }
+    }
+
+    fn path(&self, key: &str) -> ObjPath {
+        match (self.prefix.is_empty(), key.is_empty()) {
+            (true, _) => ObjPath::from(key),
+            (false, true) => ObjPath::from(self.prefix.as_str()),
+            (false, false) => ObjPath::from(format!("{}/{key}", self.prefix)),
+        }
+    }
+
+    fn err(&self, what: &str, key: &str, e: object_store::Error) -> Error {
+        Error::Store(format!("store {}: {what} {key}: {e}", self.text))
+    }
+
+    async fn get_async(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        let got = match self.store.get(&self.path(key)).await {
+            Ok(g) => g.bytes().await,
+            Err(e) => Err(e),
+        };
+        match got {
+            Ok(b) => Ok(Some(b.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err("cannot read", key, e)),
+        }
+    }
+}
+
+impl Backend for S3Backend {
+    fn describe(&self) -> String {
+        self.text.clone()
+    }
+
+    fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
+        self.rt
+            .block_on(self.store.put(&self.path(key), PutPayload::from(data)))
+            .map(|_| ())
+            .map_err(|e| self.err("cannot write", key, e))
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.rt.block_on(self.get_async(key))
+    }
+
+    fn get_many(&self, keys: &[String]) -> Vec<Result<Option<Vec<u8>>>> {
+        self.rt.block_on(futures::future::join_all(
+            keys.iter().map(|k| self.get_async(k)),
+        ))
+    }
+
+    fn exists(&self, key: &str) -> Result<bool> {
+        match self.rt.block_on(self.store.head(&self.path(key))) {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.err("cannot check", key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let base = self.path(prefix.trim_end_matches('/'));
+        let skip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        let metas: Vec<_> = self
+            .rt
+            .block_on(self.store.list(Some(&base)).try_collect())
+            .map_err(|e| self.err("cannot list", prefix, e))?;
+        Ok(metas
+            .into_iter()
+            .map(|m| Listed {
+                key: m.location.as_ref()[skip..].to_owned(),
+                modified: m.last_modified.into(),
+            })
+            .collect())
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        match self.rt.block_on(self.store.delete(&self.path(key))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("cannot remove", key, e)),
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! A version in the chunk store as a sync source: what `hamal restore` reads.
+
+use super::repo::Store;
+use super::tree::{self, ZERO};
+use super::version::Version;
+use super::{StoreOptions, StoreUri};
+use crate::checksum::Digest;
+use crate::extent::{Extent, ExtentMap};
+use crate::io::ReadReq;
+use crate::source::{Source, SourceReader};
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+pub struct StoreSource {
+    store: Arc<Store>,
+    version: Version,
+    root: Digest,
+}
+
+impl StoreSource {
+    /// Opens version `version` (default: the newest) of `disk`.
+    pub fn open(
+        uri: &StoreUri,
+        o: &StoreOptions,
+        disk: &str,
+        version: Option<&str>,
+    ) -> Result<StoreSource> {
+        let store = Arc::new(Store::open(uri, o, false)?);
+        let version = store.find_version(disk, version)?;
+        let root = version.root_digest().expect("checked when parsed");
+        Ok(StoreSource {
+            store,
+            version,
+            root,
+        })
+    }
+
+    pub fn version(&self) -> &Version {
+        &self.version
+    }
+}
+
+impl Source for StoreSource {
+    fn describe(&self) -> String {
+        format!(
+            "{} disk {} version {}",
+            self.store.uri.text, self.version.disk, self.version.version
+        )
+    }
+
+    fn size(&self) -> u64 {
+        self.version.size
+    }
+
+    fn allocated(&self) -> Result<ExtentMap> {
+        let (cs, size) = (self.version.chunk_size, self.version.size);
+        let mut map = ExtentMap::new();
+        tree::walk(
+            &*self.store,
+            self.root,
+            self.version.depth,
+            &mut |_| {},
+            &mut |i, _| {
+                let start = i * cs;
+                map.push(Extent::new(start, cs.min(size - start)));
+                Ok(())
+            },
+        )?;
+        Ok(map)
+    }
+
+    fn identity(&self) -> Option<String> {
+        Some(format!(
+            "{}@{}:{}",
+            self.version.disk, self.version.version, self.version.root
+        ))
+    }
+
+    fn reader(&self, _depth: u32) -> Result<Box<dyn SourceReader>> {
+        Ok(Box::new(StoreReader {
+            store: self.store.clone(),
+            version: self.version.clone(),
+            root: self.root,
+        }))
+    }
+}
+
+struct StoreReader {
+    store: Arc<Store>,
+    version: Version,
+    root: Digest,
+}
+
+impl StoreReader {
+    /// Fetches chunks `indexes` at once and decodes them; errors name the disk offset.
+    fn fetch(&self, indexes: &[u64]) -> Result<HashMap<u64, Vec<u8>>> {
+        let v = &self.version;
+        let mut names = Vec::new();
+        for &i in indexes {
+            names.push(tree::lookup(&*self.store, self.root, v.depth, i)?);
+        }
+        let wanted: Vec<(u64, Digest)> = indexes
+            .iter()
+            .copied()
+            .zip(names)
+            .filter(|(_, n)| *n != ZERO)
+            .collect();
+        let keys: Vec<String> = wanted.iter().map(|(_, n)| Store::chunk_key(n)).collect();
+        let objects = self.store.backend.get_many(&keys);
+        let mut out = HashMap::new();
+        for ((i, name), obj) in wanted.into_iter().zip(objects) {
+            let len = v.chunk_size.min(v.size - i * v.chunk_size) as usize;
+            let plain = self
+                .store
+                .decode_chunk(&name, obj?, len)
+                .map_err(|problem| {
+                    Error::Mismatch(format!(
+                        "store {} disk '{}' version {}: chunk at disk offset {} ({}) is {problem}",
+                        self.store.uri.text,
+                        v.disk,
+                        v.version,
+                        i * v.chunk_size,
+                        Store::chunk_key(&name)
+                    ))
+                })?;
+            if plain.len() != len {
+                return Err(Error::Mismatch(format!(
+                    "store {} disk '{}' version {}: chunk at disk offset {} has {} bytes, expected {len}",
+                    self.store.uri.text,
+                    v.disk,
+                    v.version,
+                    i * v.chunk_size,
+                    plain.len()
+                )));
+            }
+            out.insert(i, plain);
+        }
+        Ok(out)
+    }
+}
+
+impl SourceReader for StoreReader {
+    fn read_batch(&mut self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
+        let cs = self.version.chunk_size;
+        let mut indexes: Vec<u64> = reqs
+            .iter()
+            .flat_map(|r| r.offset / cs..(r.offset + r.buf.len() as u64).div_ceil(cs))
+            .collect();
+        indexes.dedup();
+        let chunks = self.fetch(&indexes)?;
+        for r in reqs.iter_mut() {
+            let mut pos = 0usize;
+            while pos < r.buf.len() {
+                let off = r.offset + pos as u64;
+                let (i, within) = (off / cs, (off % cs) as usize);
+                let n = (r.buf.len() - pos).min(cs as usize - within);
+                match chunks.get(&i) {
+                    Some(c) => r.buf[pos..pos + n].copy_from_slice(&c[within..within + n]),
+                    None => r.buf[pos..pos + n].fill(0),
+                }
+                pos += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn backend(&self) -> &'static str {
+        "chunk store"
+    }
+}

@@ -1,0 +1,113 @@
+//! Version records: `versions/<disk>/<version>.json`, one per committed sync, written last.
+
+use super::codec::{hex, parse_digest};
+use crate::checksum::Digest;
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT: u32 = 1;
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionStats {
+    /// "full" or "incremental".
+    pub mode: String,
+    pub chunks_changed: u64,
+    pub chunks_zero: u64,
+    /// Chunks uploaded by this sync (the rest were already in the store).
+    pub chunks_new: u64,
+    pub bytes_read: u64,
+    /// Bytes sent to the store (after compression and encryption).
+    pub bytes_stored: u64,
+    pub millis: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Version {
+    pub format: u32,
+    pub disk: String,
+    pub version: String,
+    pub parent: Option<String>,
+    pub size: u64,
+    pub chunk_size: u64,
+    /// Root index page (hex; all zeros for an all-zero disk) and the tree's depth.
+    pub root: String,
+    pub depth: u32,
+    pub source: String,
+    /// The change cursor this version brings the disk to (snapshot id, bitmap, changeId).
+    pub cursor: Option<String>,
+    /// RFC 3339, UTC.
+    pub created: String,
+    pub stats: VersionStats,
+    /// BLAKE3 of this record serialized with an empty checksum.
+    pub checksum: String,
+}
+
+impl Version {
+    pub fn key(&self) -> String {
+        version_key(&self.disk, &self.version)
+    }
+
+    fn own_checksum(&self) -> String {
+        let mut v = self.clone();
+        v.checksum.clear();
+        hex(blake3::hash(&serde_json::to_vec(&v).expect("serializable")).as_bytes())
+    }
+
+    /// Fills in the checksum and returns the record's bytes.
+    pub fn seal(&mut self) -> Vec<u8> {
+        self.checksum = self.own_checksum();
+        serde_json::to_vec_pretty(self).expect("serializable")
+    }
+
+    /// Parses and checks a stored record; the error says what is wrong.
+    pub fn parse(bytes: &[u8]) -> Result<Version, String> {
+        let v: Version =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a version record: {e}"))?;
+        if v.format != FORMAT {
+            return Err(format!(
+                "version record format {} is not supported (this hamal reads {FORMAT})",
+                v.format
+            ));
+        }
+        if v.own_checksum() != v.checksum {
+            return Err("version record checksum does not match (damaged)".into());
+        }
+        if v.root_digest().is_none() {
+            return Err("version record has a bad root".into());
+        }
+        Ok(v)
+    }
+
+    pub fn root_digest(&self) -> Option<Digest> {
+        parse_digest(&self.root)
+    }
+}
+
+pub fn version_key(disk: &str, version: &str) -> String {
+    format!("versions/{disk}/{version}.json")
+}
+
+/// A new version id: UTC time to the millisecond, so ids sort by age; always after `parent`.
+pub fn new_version_id(parent: Option<&str>) -> String {
+    let id = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ").to_string();
+    match parent {
+        Some(p) if p >= id.as_str() => format!("{p}-1"),
+        _ => id,
+    }
+}
+
+/// Disk ids name folders in the store: letters, digits, `.`, `_`, `-`, at most 128.
+pub fn check_disk_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "disk id '{id}' cannot name a store folder: use 1 to 128 letters, digits, '.', '_' or '-', not starting with '.'"
+        ))
+    }
+}

@@ -1,0 +1,303 @@
+//! Chunk store over a local directory: versions, restore, dedup, damage, encryption, prune.
+
+use hamal_core::engine::{ChangedList, DiskPlan, Job, JobPlan, Tuning, MIB};
+use hamal_core::store::{self, StoreOptions, StoreUri};
+use hamal_core::uri::DiskUri;
+use hamal_core::Error;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+type R<T> = Result<T, Arc<Error>>;
+
+fn fill(path: &Path, size: u64, blocks: &[(u64, u8)]) {
+    let f = File::options()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    f.set_len(size).unwrap();
+    for &(mib, v) in blocks {
+        let data: Vec<u8> = (0..MIB).map(|j| (j % 251) as u8 ^ v).collect();
+        f.write_all_at(&data, mib * MIB).unwrap();
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    store: String,
+}
+
+impl Env {
+    fn new() -> Env {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().to_owned();
+        let store = format!("dir:{}", root.join("store").display());
+        Env {
+            _dir: d,
+            root,
+            store,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    fn tuning(&self, o: &StoreOptions) -> Tuning {
+        Tuning {
+            chunk_size: MIB,
+            store: o.clone(),
+            ..Default::default()
+        }
+    }
+
+    fn run(
+        &self,
+        source: DiskUri,
+        target: DiskUri,
+        changed: Option<Vec<(i128, i128)>>,
+        version: Option<&str>,
+        o: &StoreOptions,
+    ) -> R<hamal_core::engine::DiskSummary> {
+        let plan = JobPlan {
+            disks: vec![DiskPlan {
+                disk_id: "vm1-disk0".into(),
+                source,
+                target,
+                changed: changed.map(|pairs| ChangedList {
+                    pairs,
+                    origin: "test".into(),
+                }),
+                journal: Some(self.path("journal")),
+                bitmap: None,
+                source_id: Some("snap".into()),
+                version: version.map(str::to_owned),
+            }],
+            tuning: self.tuning(o),
+        };
+        Job::run(plan).unwrap().pop().unwrap()
+    }
+
+    fn sync(&self, src: &Path, changed: Option<Vec<(i128, i128)>>, o: &StoreOptions) -> R<String> {
+        let store = DiskUri::parse(&self.store).unwrap();
+        Ok(self
+            .run(DiskUri::File(src.into()), store, changed, None, o)?
+            .version
+            .unwrap())
+    }
+
+    fn restore(&self, version: &str, out: &Path, o: &StoreOptions) -> R<()> {
+        let store = DiskUri::parse(&self.store).unwrap();
+        self.run(store, DiskUri::File(out.into()), None, Some(version), o)
+            .map(|_| ())
+    }
+
+    fn uri(&self) -> StoreUri {
+        StoreUri::parse(&self.store).unwrap().unwrap()
+    }
+
+    fn objects(&self, folder: &str) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.join("store").join(folder)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p)
+                } else {
+                    out.push(p)
+                }
+            }
+        }
+        out
+    }
+}
+
+fn same(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+#[test]
+fn versions_restore_identical_and_dedup() {
+    let env = Env::new();
+    let o = StoreOptions::default();
+    let src = env.path("src.raw");
+    fill(&src, 16 * MIB + 4096, &[(0, 1), (3, 2), (4, 2), (9, 3)]);
+    let v1 = env.sync(&src, None, &o).unwrap();
+    std::fs::copy(&src, env.path("v1.raw")).unwrap();
+    let chunks_after_v1 = env.objects("chunks").len();
+    assert_eq!(
+        chunks_after_v1, 3,
+        "blocks 3 and 4 hold equal data: stored once"
+    );
+
+    // Change block 9 to zeros (a hole), block 5 gets data, a 4 KiB write at the odd tail.
+    fill(&src, 16 * MIB + 4096, &[(5, 7)]);
+    File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&[0u8; MIB as usize], 9 * MIB)
+        .unwrap();
+    File::options()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .write_all_at(&[5u8; 4096], 16 * MIB)
+        .unwrap();
+    let changed = vec![
+        (5 * MIB as i128, MIB as i128),
+        (9 * MIB as i128, MIB as i128),
+        (16 * MIB as i128, 4096),
+    ];
+    let v2 = env.sync(&src, Some(changed), &o).unwrap();
+    assert!(v2 > v1);
+
+    // An unchanged disk with an empty change list stores nothing but the record.
+    let before = env.objects("chunks").len() + env.objects("index").len();
+    let v3 = env.sync(&src, Some(vec![]), &o).unwrap();
+    assert_eq!(
+        env.objects("chunks").len() + env.objects("index").len(),
+        before
+    );
+
+    for (v, want) in [
+        (&v1, env.path("v1.raw")),
+        (&v2, src.clone()),
+        (&v3, src.clone()),
+    ] {
+        let out = env.path(&format!("restore-{v}.raw"));
+        env.restore(v, &out, &o).unwrap();
+        assert!(same(&out, &want), "version {v} restores identical");
+    }
+    let (versions, damaged) = store::list_versions(&env.uri(), &o, Some("vm1-disk0")).unwrap();
+    assert!(damaged.is_empty());
+    assert_eq!(
+        versions
+            .iter()
+            .map(|v| v.version.clone())
+            .collect::<Vec<_>>(),
+        vec![v1.clone(), v2.clone(), v3.clone()]
+    );
+    assert_eq!(versions[1].parent.as_deref(), Some(v1.as_str()));
+    assert_eq!(versions[1].stats.chunks_changed, 3);
+
+    // Prune to the newest one; the older restore is gone, the kept one is identical.
+    let r = store::prune(&env.uri(), &o, 1, None).unwrap();
+    assert_eq!(r.removed_versions.len(), 2);
+    assert!(r.gc_skipped.is_none(), "{:?}", r.gc_skipped);
+    assert!(
+        r.removed_chunks >= 1,
+        "block 9's old data is no longer referenced"
+    );
+    let out = env.path("after-prune.raw");
+    env.restore(&v3, &out, &o).unwrap();
+    assert!(same(&out, &src));
+    assert!(store::verify_store(&env.uri(), &o, None, None, true)
+        .unwrap()
+        .problems
+        .is_empty());
+}
+
+#[test]
+fn damaged_and_missing_chunks_are_reported_with_their_offset() {
+    let env = Env::new();
+    let o = StoreOptions::default();
+    let src = env.path("src.raw");
+    fill(&src, 8 * MIB, &[(2, 1), (6, 2)]);
+    let v = env.sync(&src, None, &o).unwrap();
+    let mut chunks = env.objects("chunks");
+    chunks.sort();
+    // Flip one byte in one chunk and remove the other.
+    let mut bytes = std::fs::read(&chunks[0]).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    std::fs::write(&chunks[0], bytes).unwrap();
+    std::fs::remove_file(&chunks[1]).unwrap();
+
+    let shallow = store::verify_store(&env.uri(), &o, None, None, false).unwrap();
+    assert_eq!(shallow.problems.len(), 1, "{:?}", shallow.problems);
+    assert!(
+        shallow.problems[0].contains("is missing"),
+        "{:?}",
+        shallow.problems
+    );
+    let deep = store::verify_store(&env.uri(), &o, None, None, true).unwrap();
+    assert_eq!(deep.problems.len(), 2, "{:?}", deep.problems);
+    assert!(deep.problems.iter().any(|p| p.contains("damaged")));
+    for p in &deep.problems {
+        assert!(
+            p.contains("disk offset 2097152") || p.contains("disk offset 6291456"),
+            "{p}"
+        );
+    }
+    let e = env.restore(&v, &env.path("out.raw"), &o).unwrap_err();
+    assert!(matches!(*e, Error::Mismatch(_)), "{e}");
+    assert!(e.to_string().contains("disk offset"), "{e}");
+}
+
+#[test]
+fn encrypted_store_needs_its_key() {
+    let env = Env::new();
+    let key = env.path("key");
+    std::fs::write(&key, "11".repeat(32)).unwrap();
+    let o = StoreOptions {
+        key_file: Some(key.clone()),
+        ..Default::default()
+    };
+    let src = env.path("src.raw");
+    fill(&src, 4 * MIB, &[(1, 9)]);
+    let v = env.sync(&src, None, &o).unwrap();
+    let out = env.path("out.raw");
+    env.restore(&v, &out, &o).unwrap();
+    assert!(same(&out, &src));
+    // The plaintext's BLAKE3 does not appear as an object name.
+    let data = std::fs::read(&src).unwrap();
+    let plain_name = hamal_core::store::codec::hex(
+        blake3::hash(&data[MIB as usize..2 * MIB as usize]).as_bytes(),
+    );
+    assert!(env
+        .objects("chunks")
+        .iter()
+        .all(|p| !p.ends_with(&plain_name)));
+
+    let wrong = env.path("wrong");
+    std::fs::write(&wrong, "22".repeat(32)).unwrap();
+    let bad = StoreOptions {
+        key_file: Some(wrong),
+        ..Default::default()
+    };
+    let e = env.restore(&v, &out, &bad).unwrap_err().to_string();
+    assert!(e.contains("is not this store's key"), "{e}");
+    let e = env
+        .restore(&v, &out, &StoreOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the store is encrypted"), "{e}");
+}
+
+#[test]
+fn incremental_needs_a_parent_and_bad_ids_are_refused() {
+    let env = Env::new();
+    let o = StoreOptions::default();
+    let src = env.path("src.raw");
+    fill(&src, 4 * MIB, &[(1, 9)]);
+    let e = env
+        .sync(&src, Some(vec![(0, 4096)]), &o)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("run a full sync first"), "{e}");
+    let e = env
+        .restore("nope", &env.path("o.raw"), &o)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("not a hamal chunk store") || e.contains("no version"),
+        "{e}"
+    );
+    assert!(StoreUri::parse("s3://AB").unwrap().is_err());
+}
