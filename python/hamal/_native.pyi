@@ -13,15 +13,19 @@ __all__ = [
     "MismatchError",
     "PlanError",
     "SourceError",
+    "StoreError",
     "SyncCancelled",
     "TargetError",
     "__version__",
     "io_uring_status",
     "load_changed_file",
+    "list_versions",
     "load_config",
     "map_source",
+    "prune_store",
     "start_sync",
     "verify",
+    "verify_store",
 ]
 
 __version__: str
@@ -32,6 +36,7 @@ class PlanError(HamalError): ...
 class SourceError(HamalError): ...
 class TargetError(HamalError): ...
 class JournalError(HamalError): ...
+class StoreError(HamalError): ...
 class MismatchError(HamalError): ...
 class SyncCancelled(HamalError): ...
 class InternalError(HamalError): ...
@@ -76,6 +81,7 @@ def start_sync(
     memory_budget: int = ...,
     fsync_period_s: float = 3.0,
     fsync_timeout_s: int = 0,
+    store: dict[str, Any] | None = None,
 ) -> Job: ...
 def verify(
     source: str,
@@ -91,3 +97,17 @@ def load_changed_file(path: str) -> list[tuple[int, int]]: ...
 def map_source(source: str, *, bitmap: str | None = None) -> dict[str, Any]: ...
 def load_config(path: str | None = None) -> Config: ...
 def io_uring_status() -> str | None: ...
+def list_versions(
+    store: str, *, disk: str | None = None, options: dict[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], list[str]]: ...
+def verify_store(
+    store: str,
+    *,
+    disk: str | None = None,
+    version: str | None = None,
+    deep: bool = False,
+    options: dict[str, Any] | None = None,
+) -> dict[str, Any]: ...
+def prune_store(
+    store: str, keep: int, *, disk: str | None = None, options: dict[str, Any] | None = None
+) -> dict[str, Any]: ...

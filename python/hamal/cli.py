@@ -1,4 +1,5 @@
-"""The ``hamal`` command: ``sync``, ``verify``, ``config check`` and ``demo``.
+"""The ``hamal`` command: ``sync``, ``restore``, ``versions``, ``verify``, ``prune``, ``map``,
+``kvm sync``, ``config check`` and ``demo``.
 
 Exit codes: 0 ok, 1 error (one line on stderr), 2 bad usage, 3 verify found differences,
 130 interrupted.
@@ -15,7 +16,7 @@ from typing import Any
 
 from hamal import _native, sync
 from hamal.config import load_config
-from hamal.errors import HamalError, SyncCancelled
+from hamal.errors import HamalError, PlanError, SyncCancelled
 from hamal.progress import wait_with_progress
 from hamal.units import human, parse_size
 
@@ -41,11 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
         "source",
         help="source disk URI: file:PATH, a plain path, nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH",
     )
-    s.add_argument("target", help="target disk URI: as the source; a missing file is created")
+    s.add_argument(
+        "target",
+        help="target URI: as the source (a missing file is created), or a chunk store dir:PATH / s3://BUCKET/PREFIX",
+    )
     s.add_argument("--changed", metavar="FILE.json", help="JSON list of [offset, length] byte pairs to sync")
     s.add_argument("--bitmap", metavar="NAME", help="NBD source: sync the extents dirty in this bitmap")
     s.add_argument("--source-id", help="name of the snapshot read; lets an NBD sync resume from its journal")
-    s.add_argument("--disk-id", help="name of the disk in logs and summaries (default: the target)")
+    s.add_argument(
+        "--disk",
+        "--disk-id",
+        dest="disk_id",
+        help="disk id: its name in a chunk store (required there), logs and summaries (default: the target)",
+    )
+    s.add_argument("--key-file", help="chunk store encryption key (default [store] encryption_key_file)")
     s.add_argument("--chunk-size", type=_size, default=4 << 20, help="chunk grid (default 4M)")
     s.add_argument(
         "--readers", type=int, help="reader threads (default [data_sync_v2] pre_disk_readers_count)"
@@ -73,9 +83,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print a machine-readable summary")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    v = sub.add_parser("verify", help="compare source and target chunk by chunk")
-    v.add_argument("source")
-    v.add_argument("target")
+    r = sub.add_parser("restore", help="write a version from a chunk store to a disk (file, device, NBD)")
+    r.add_argument("store", help="dir:PATH or s3://BUCKET/PREFIX")
+    r.add_argument("target", help="target disk URI; a missing file is created (sparse)")
+    r.add_argument("--disk", required=True, help="disk id in the store")
+    r.add_argument("--version", dest="store_version", help="version id (default: the newest)")
+    r.add_argument("--key-file", help="encryption key of the store")
+    r.add_argument("--journal", help="resume journal (default TARGET.hamal-journal, or under hamal_lib_dir)")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--no-progress", action="store_true")
+
+    vs = sub.add_parser("versions", help="list the versions in a chunk store")
+    vs.add_argument("store")
+    vs.add_argument("--disk", help="only this disk")
+    vs.add_argument("--key-file", help="encryption key of the store")
+    vs.add_argument("--json", action="store_true")
+
+    pr = sub.add_parser("prune", help="keep the newest N versions per disk, remove unreferenced chunks")
+    pr.add_argument("store")
+    pr.add_argument("--keep", type=int, required=True, help="versions kept per disk (1 to 129)")
+    pr.add_argument("--disk", help="only prune this disk's versions")
+    pr.add_argument("--key-file", help="encryption key of the store")
+    pr.add_argument("--json", action="store_true")
+
+    v = sub.add_parser(
+        "verify",
+        help="compare source and target chunk by chunk, or check a chunk store (verify STORE [--deep])",
+    )
+    v.add_argument("source", help="source disk URI, or a chunk store")
+    v.add_argument("target", nargs="?", help="target disk URI (not given for a chunk store)")
+    v.add_argument("--disk", help="chunk store: only this disk")
+    v.add_argument("--version", dest="store_version", help="chunk store: only this version")
+    v.add_argument("--deep", action="store_true", help="chunk store: re-read and re-hash every chunk")
+    v.add_argument("--key-file", help="chunk store: its encryption key")
     v.add_argument("--changed", metavar="FILE.json", help="compare only these extents")
     v.add_argument("--chunk-size", type=_size, default=4 << 20)
     v.add_argument("--checksum", choices=["blake3", "sha256"], default="blake3")
@@ -132,6 +172,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         io_mode=args.io,
         memory_budget=args.memory_budget,
         fsync_period_s=args.fsync_period,
+        key_file=args.key_file,
     )
     plan = [
         sync.disk(
@@ -162,12 +203,96 @@ def _describe_sync(s: dict[str, Any]) -> str:
         f"({human(rate)}/s): {human(s['bytes_written'])} written, {human(s['bytes_zero'])} zero, "
         f"{human(s['bytes_resumed'])} resumed, {human(s['holes_zeroed'])} holes zeroed [{s['io_backend']}]"
     )
-    if s.get("content_digest"):
+    if s.get("version"):
+        line += f"\n  committed version {s['version']} to {s['target']}"
+    if s.get("content_digest") and not s.get("version"):
         line += f"\n  {s['checksum']} content digest {s['content_digest']}"
     return line
 
 
+def cmd_restore(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    plan = [
+        sync.disk(
+            args.store, args.target, disk_id=args.disk, version=args.store_version, journal=args.journal
+        )
+    ]
+    job = sync.start(plan, cfg, sync.SyncOptions(key_file=args.key_file))
+    show = not (args.json or args.no_progress) and sys.stderr.isatty()
+    (summary,) = wait_with_progress(job, show)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(
+            f"restored {summary['source']} to {summary['target']}: {human(summary['size'])}, "
+            f"{human(summary['bytes_written'])} written in {summary['seconds']:.2f} s"
+        )
+    return EXIT_OK
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    versions, damaged = _native.list_versions(
+        args.store, disk=args.disk, options=sync.store_settings(cfg, args.key_file)
+    )
+    if args.json:
+        print(json.dumps({"versions": versions, "damaged": damaged}, indent=2))
+    else:
+        print(f"{'DISK':<20} {'VERSION':<24} {'MODE':<11} {'SIZE':>10} {'NEW DATA':>10} CREATED")
+        for v in versions:
+            st = v["stats"]
+            print(
+                f"{v['disk']:<20} {v['version']:<24} {st['mode']:<11} {human(v['size']):>10} "
+                f"{human(st['bytes_stored']):>10} {v['created']}"
+            )
+    for line in damaged:
+        print(f"hamal: damaged version record {line}", file=sys.stderr)
+    return EXIT_MISMATCH if damaged else EXIT_OK
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    report = _native.prune_store(
+        args.store, args.keep, disk=args.disk, options=sync.store_settings(cfg, args.key_file)
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"removed {len(report['removed_versions'])} versions, kept {report['kept_versions']}; "
+            f"removed {report['removed_chunks']} chunks and {report['removed_pages']} index pages"
+        )
+    if report["gc_skipped"]:
+        print(f"hamal: unreferenced chunks were not collected: {report['gc_skipped']}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_verify_store(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    report = _native.verify_store(
+        args.source,
+        disk=args.disk,
+        version=args.store_version,
+        deep=args.deep,
+        options=sync.store_settings(cfg, args.key_file),
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    for p in report["problems"]:
+        print(f"hamal: {p}", file=sys.stderr)
+    if report["problems"]:
+        return EXIT_MISMATCH
+    if not args.json:
+        how = f"deep: {human(report['bytes_checked'])} re-hashed" if report["deep"] else "all present"
+        print(f"ok: {report['versions']} versions, {report['chunks']} chunks ({how})")
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.target is None:
+        if not sync.is_store(args.source):
+            raise PlanError("verify needs SOURCE and TARGET, or one chunk store (dir:PATH or s3://...)")
+        return cmd_verify_store(args)
     report = _native.verify(
         args.source,
         args.target,
@@ -232,6 +357,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "sync": cmd_sync,
+    "restore": cmd_restore,
+    "versions": cmd_versions,
+    "prune": cmd_prune,
     "verify": cmd_verify,
     "map": cmd_map,
     "kvm": cmd_kvm,

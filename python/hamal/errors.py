@@ -9,6 +9,7 @@ from hamal._native import (
     MismatchError,
     PlanError,
     SourceError,
+    StoreError,
     SyncCancelled,
     TargetError,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "MismatchError",
     "PlanError",
     "SourceError",
+    "StoreError",
     "SyncCancelled",
     "TargetError",
 ]

@@ -6,6 +6,7 @@ this module adds *how* (threads, cadence, throttles) from the config and starts 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ class SyncOptions:
     io_mode: str = "auto"
     memory_budget: int = 256 << 20
     fsync_period_s: float | None = None
+
+    key_file: str | None = None
 
     def engine_kwargs(self, cfg: _native.Config) -> dict[str, Any]:
         """Keyword arguments for ``start_sync``, with the config's values filled in and checked."""
@@ -71,7 +74,31 @@ class SyncOptions:
             "memory_budget": self.memory_budget,
             "fsync_period_s": fsync,
             "fsync_timeout_s": v2["fsync_timeout"],
+            "store": store_settings(cfg, self.key_file),
         }
+
+
+def store_settings(cfg: _native.Config, key_file: str | None = None) -> dict[str, Any]:
+    """Chunk-store options from ``[store]``, ``[s3]`` and ``[sync]`` (``key_file`` overrides
+    ``[store] encryption_key_file``). Empty S3 keys are filled from the ``AWS_*`` environment."""
+    conf = cfg.as_dict()
+    st, s3, sy = conf["store"], conf["s3"], conf["sync"]
+    return {
+        "compression_level": st["compression_level"],
+        "key_file": key_file or st["encryption_key_file"] or None,
+        "upload_threads": st["upload_threads"],
+        "local_metadata": os.path.join(conf["DEFAULT"]["hamal_lib_dir"], "snapshot_metadata"),
+        "save_local": sy["save_local_snapshot_metadata"],
+        "upload_metadata": sy["upload_metadata_to_oss"],
+        "s3_endpoint": s3["endpoint"],
+        "s3_region": s3["region"],
+        "s3_access_key_id": s3["access_key_id"],
+        "s3_secret_access_key": s3["secret_access_key"],
+        "s3_virtual_hosted": s3["addressing_style"] == "virtual",
+        "s3_ca_file": s3["ca_file"],
+        "s3_timeout_s": s3["request_timeout"],
+        "s3_max_retries": s3["max_retries"],
+    }
 
 
 def disk(
@@ -84,11 +111,15 @@ def disk(
     journal: str | None = None,
     bitmap: str | None = None,
     source_id: str | None = None,
+    version: str | None = None,
 ) -> dict[str, Any]:
     """One disk of a plan. With neither ``changed`` nor ``bitmap`` every allocated extent is
     synced (a full sync); ``bitmap`` names the dirty bitmap of an NBD source to take changes from.
     ``source_id`` names the snapshot read; a resume journal is trusted only for the same id
-    (file sources identify themselves by their modification time)."""
+    (file sources identify themselves by their modification time). ``version`` picks the version
+    read from a chunk-store source (default: the newest)."""
+    if disk_id is None and (is_store(target) or is_store(source)):
+        raise PlanError(f"a chunk store ({target if is_store(target) else source}) needs a disk id (--disk)")
     return {
         "bitmap": bitmap,
         "source_id": source_id,
@@ -98,18 +129,28 @@ def disk(
         "changed": changed,
         "changed_origin": changed_origin or "changed list",
         "journal": journal,
+        "version": version,
     }
 
 
+def is_store(uri: str) -> bool:
+    """True for a chunk-store URI (``dir:`` or ``s3://``)."""
+    return uri.startswith(("dir:", "s3://"))
+
+
 def is_remote(uri: str) -> bool:
-    """True for a URI that is not a local file (NBD today)."""
-    return "://" in uri and not uri.startswith("file://")
+    """True for a URI that is not a local file (NBD, chunk stores)."""
+    return is_store(uri) or ("://" in uri and not uri.startswith("file://"))
 
 
 def journal_path(cfg: _native.Config, disk_id: str) -> str:
     """Resume journal of a disk whose target is not a local file: under ``hamal_lib_dir``."""
     lib_dir = cfg.as_dict()["DEFAULT"]["hamal_lib_dir"]
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", disk_id)[-120:]
+    safe = (
+        re.sub(r"[^A-Za-z0-9._-]", "_", disk_id)[-100:]
+        + "-"
+        + hashlib.sha256(disk_id.encode()).hexdigest()[:8]
+    )
     os.makedirs(os.path.join(lib_dir, "journal"), exist_ok=True)
     return os.path.join(lib_dir, "journal", f"{safe}.journal")
 
@@ -120,5 +161,6 @@ def start(
     """Starts a job; the returned handle has ``progress()``, ``wait(timeout)`` and ``cancel()``."""
     for d in disks:
         if d.get("journal") is None and is_remote(d["target"]):
-            d["journal"] = journal_path(cfg, d["disk_id"])
+            key = f"{d['target']}#{d['disk_id']}" if is_store(d["target"]) else d["disk_id"]
+            d["journal"] = journal_path(cfg, key)
     return _native.start_sync(disks, **(options or SyncOptions()).engine_kwargs(cfg))

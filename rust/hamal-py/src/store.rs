@@ -37,6 +37,7 @@ pub fn options(d: Option<&Bound<'_, PyDict>>) -> PyResult<StoreOptions> {
     o.local_metadata = get::<String>(d, "local_metadata")?
         .filter(|s| !s.is_empty())
         .map(Into::into);
+    o.save_local = get::<bool>(d, "save_local")?.unwrap_or(false);
     if let Some(v) = get::<bool>(d, "upload_metadata")? {
         o.upload_metadata = v;
     }

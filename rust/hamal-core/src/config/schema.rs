@@ -182,6 +182,29 @@ config_schema! {
         max_parallel_sync_disks_count: u64 = 16u64, check::range(1, 256);
         max_pre_disk_readers_count: u64 = 16u64, check::range(1, 64);
     }
+    /// Chunk stores (`dir:` and `s3://` targets): how objects are written.
+    ["store"] store: StoreSection {
+        /// zstd level of stored chunks; 0 = no compression.
+        compression_level: u64 = 3u64, check::range(0, 19);
+        /// 32-byte key (raw or 64 hex digits) that encrypts new stores with AES-256-GCM.
+        encryption_key_file: String = "", check::absolute_path_or_empty;
+        /// Upload threads per disk.
+        upload_threads: u64 = 8u64, check::range(1, 64);
+    }
+    /// S3 connection of `s3://` stores; the AWS_* environment fills empty keys.
+    ["s3"] s3: S3Section {
+        endpoint: String = "", check::url_or_empty;
+        region: String = "";
+        access_key_id: String = "";
+        secret_access_key: Secret = Secret::default();
+        addressing_style: String = "path", check::one_of(&["path", "virtual"]);
+        /// Extra CA certificate (PEM) to trust; TLS is always verified.
+        ca_file: String = "", check::absolute_path_or_empty;
+        /// Seconds one request may take.
+        request_timeout: u64 = 60u64, check::range(1, 3600);
+        /// Retries of a request that failed with 5xx, a timeout or a reset.
+        max_retries: u64 = 5u64, check::range(0, 100);
+    }
     ["fusion_compute"] fusion_compute: FusionComputeSection {
         task_timeout: u64 = 3600u64, check::range(1, 604800);
         create_snap_task_timeout: u64 = 3600u64, check::range(1, 604800);

@@ -123,6 +123,16 @@ fn bad_values_name_file_section_key_value_and_expectation() {
             "expected an IP address or empty",
         ),
         (
+            "s3",
+            "addressing_style = dns",
+            "expected one of: path, virtual",
+        ),
+        (
+            "store",
+            "compression_level = 30",
+            "expected a whole number in 0..=19",
+        ),
+        (
             "DEFAULT",
             "hamal_lib_dir = relative/dir",
             "expected an absolute path",

@@ -107,6 +107,14 @@ pub mod check {
         }
     }
 
+    pub fn absolute_path_or_empty(v: &str) -> Result<(), String> {
+        if v.is_empty() {
+            Ok(())
+        } else {
+            absolute_path(v)
+        }
+    }
+
     pub fn absolute_path(v: &str) -> Result<(), String> {
         if v.starts_with('/') {
             Ok(())

@@ -101,11 +101,12 @@ pub struct StoreOptions {
     pub s3: S3Options,
     /// Upload threads per disk.
     pub upload_threads: u32,
-    /// Folder for local copies of version records (`[sync] save_local_snapshot_metadata`;
-    /// the only copy when records are not uploaded).
+    /// Folder for local copies of version records (under `hamal_lib_dir`).
     pub local_metadata: Option<PathBuf>,
-    /// Whether version records go to an S3 bucket (`[sync] upload_metadata_to_oss`); a `dir:`
-    /// store always holds its own.
+    /// Keep a local copy of every version record (`[sync] save_local_snapshot_metadata`).
+    pub save_local: bool,
+    /// Whether version records go to an S3 bucket (`[sync] upload_metadata_to_oss`); when off
+    /// the local copy is the only one. A `dir:` store always holds its own.
     pub upload_metadata: bool,
 }
 
@@ -120,6 +121,7 @@ impl Default for StoreOptions {
             },
             upload_threads: 8,
             local_metadata: None,
+            save_local: false,
             upload_metadata: true,
         }
     }

@@ -105,10 +105,15 @@ impl Store {
             _ => {}
         }
         let mut record_places = Vec::new();
-        if matches!(uri.location, StoreLocation::Dir(_)) || o.upload_metadata {
+        let in_store = matches!(uri.location, StoreLocation::Dir(_)) || o.upload_metadata;
+        if in_store {
             record_places.push(backend.clone());
         }
-        if let Some(local) = &o.local_metadata {
+        if let Some(local) = o
+            .local_metadata
+            .as_ref()
+            .filter(|_| o.save_local || !in_store)
+        {
             let folder = local.join(hex(&blake3::hash(text.as_bytes()).as_bytes()[..8]));
             let dir = DirBackend::open(
                 &folder,
