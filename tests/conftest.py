@@ -78,3 +78,6 @@ def image(tmp_path: Path) -> Path:
 
 # NBD server fixtures (qemu-nbd, nbdkit on private unix sockets).
 from nbd_servers import servers, sockdir  # noqa: E402, F401
+
+# S3 fixtures (radosgw on a throw-away single-node Ceph).
+from s3_server import ceph, s3  # noqa: E402, F401

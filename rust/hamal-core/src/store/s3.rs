@@ -141,10 +141,15 @@ impl S3Backend {
             .block_on(self.store.list_with_delimiter(Some(&prefix)));
         match r {
             Ok(_) => Ok(()),
-            Err(object_store::Error::NotFound { .. }) => Err(Error::Store(format!(
-                "store {}: bucket '{bucket}' does not exist",
-                self.text
-            ))),
+            Err(e)
+                if matches!(e, object_store::Error::NotFound { .. })
+                    || e.to_string().contains("NoSuchBucket") =>
+            {
+                Err(Error::Store(format!(
+                    "store {}: bucket '{bucket}' does not exist",
+                    self.text
+                )))
+            }
             Err(e) => Err(self.err("cannot list bucket", bucket, e)),
         }
     }
@@ -158,7 +163,7 @@ impl S3Backend {
     }
 
     fn err(&self, what: &str, key: &str, e: object_store::Error) -> Error {
-        Error::Store(format!("store {}: {what} {key}: {e}", self.text))
+        Error::Store(format!("store {}: {what} {key}: {}", self.text, tidy(&e)))
     }
 
     async fn get_async(&self, key: &str) -> Result<Option<Vec<u8>>> {
@@ -229,5 +234,19 @@ impl Backend for S3Backend {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("cannot remove", key, e)),
         }
+    }
+}
+
+/// An S3 error in one line: the server's error code and message instead of its XML body.
+fn tidy(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let tag = |t: &str| {
+        let (_, rest) = text.split_once(&format!("<{t}>"))?;
+        Some(rest.split_once(&format!("</{t}>"))?.0.to_owned())
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(code), Some(msg)) if !msg.is_empty() => format!("{code}: {msg}"),
+        (Some(code), _) => format!("the server answered {code}"),
+        _ => text,
     }
 }

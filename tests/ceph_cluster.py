@@ -1,0 +1,203 @@
+"""A throw-away single-node Ceph cluster with radosgw, on 127.0.0.1 only, for the S3 tests.
+
+One monitor, one memstore OSD and one radosgw, no manager, ``auth none``. Facts it relies on
+(learned the hard way): radosgw needs ``ms mon client mode = crc`` under ``auth none`` or it
+waits 300 s for the monitor; each map change waits ``paxos propose interval`` (1 s by default);
+radosgw creates its pools lazily and slowly unless they exist before it starts; stopping must go
+radosgw, OSD, monitor, or shutdowns hang.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+ACCESS_KEY = "HAMALTESTACCESSKEY00"
+SECRET_KEY = "hamal-test-secret-key-0000000000000000000"
+RGW_POOLS = [
+    ".rgw.root",
+    "default.rgw.log",
+    "default.rgw.control",
+    "default.rgw.meta",
+    "default.rgw.buckets.index",
+    "default.rgw.buckets.data",
+    "default.rgw.buckets.non-ec",
+]
+DAEMONS = ["ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph"]
+
+
+def missing_programs() -> list[str]:
+    return [p for p in DAEMONS if shutil.which(p) is None]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float = 60.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if check():
+                return
+        except (OSError, subprocess.SubprocessError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"ceph test cluster: timed out waiting for {what}")
+
+
+class CephCluster:
+    def __init__(self, root: Path):
+        self.root = root
+        self.conf = root / "ceph.conf"
+        self.mon_port = free_port()
+        self.rgw_port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.rgw_port}"
+        self.pids: dict[str, int] = {}
+
+    def ceph(self, *args: str, stdin: str | None = None, timeout: float = 30) -> str:
+        r = subprocess.run(
+            ["ceph", "--conf", str(self.conf), "--connect-timeout", "10", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(f"ceph {' '.join(args)}: {r.stderr.strip()}")
+        return r.stdout
+
+    def write_conf(self) -> None:
+        r = self.root
+        for d in ("mon", "osd", "run", "log"):
+            (r / d).mkdir(parents=True, exist_ok=True)
+        fsid = Path("/proc/sys/kernel/random/uuid").read_text().strip()
+        self.conf.write_text(f"""[global]
+fsid = {fsid}
+mon host = v2:127.0.0.1:{self.mon_port}
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
+auth cluster required = none
+auth service required = none
+auth client required = none
+auth allow insecure global id reclaim = false
+run dir = {r}/run
+pid file = {r}/run/$name.pid
+admin socket = {r}/run/$name.asok
+log file = {r}/log/$name.log
+mon cluster log file = {r}/log/cluster.log
+osd pool default size = 1
+osd pool default min size = 1
+osd pool default pg num = 8
+osd pool default pgp num = 8
+osd pool default pg autoscale mode = off
+osd crush chooseleaf type = 0
+mon warn on pool no redundancy = false
+mon data avail warn = 1
+mon data avail crit = 0
+mon mgr inactive grace = 315360000
+paxos propose interval = 0.01
+
+[mon.a]
+mon data = {r}/mon
+public addr = v2:127.0.0.1:{self.mon_port}
+
+[osd.0]
+osd data = {r}/osd
+osd objectstore = memstore
+memstore device bytes = {12 << 30}
+
+[client.rgw.t]
+rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
+rgw data = {r}/rgw
+ms mon client mode = crc
+client mount timeout = 30
+""")
+
+    def run(self, *cmd: str) -> None:
+        r = subprocess.run([*cmd, "--conf", str(self.conf)], capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip() or r.stdout.strip()}")
+
+    def pid_of(self, name: str) -> int:
+        return int((self.root / "run" / f"{name}.pid").read_text())
+
+    def start(self) -> None:
+        self.write_conf()
+        self.run("ceph-mon", "--id", "a", "--mkfs", "--keyring", "/dev/null")
+        self.run("ceph-mon", "--id", "a")
+        wait_for("the monitor", lambda: self.ceph("health") is not None)
+        osd_id = self.ceph("osd", "create").strip()
+        self.ceph("osd", "crush", "add", f"osd.{osd_id}", "1", "root=default")
+        self.run("ceph-osd", "--id", osd_id, "--mkfs")
+        self.run("ceph-osd", "--id", osd_id)
+        wait_for("the OSD", lambda: " 1 up" in self.ceph("osd", "stat"))
+        cmds = "".join(f"osd pool create {p} 8\nosd pool application enable {p} rgw\n" for p in RGW_POOLS)
+        self.ceph(stdin=cmds, timeout=60)
+        self.start_rgw()
+        self.run(
+            "radosgw-admin",
+            "user",
+            "create",
+            "--uid=hamal",
+            "--display-name=hamal",
+            f"--access-key={ACCESS_KEY}",
+            f"--secret-key={SECRET_KEY}",
+        )
+
+    def start_rgw(self) -> None:
+        subprocess.run(["radosgw", "--conf", str(self.conf), "-n", "client.rgw.t"], check=True, timeout=60)
+
+        def answers() -> bool:
+            with urllib.request.urlopen(self.endpoint, timeout=2) as r:
+                return r.status == 200
+
+        wait_for("radosgw", answers)
+
+    def kill_rgw(self) -> None:
+        """SIGKILLs radosgw (a server crash)."""
+        pid = self.pid_of("client.rgw.t")
+        _signal(pid, signal.SIGKILL)
+        _wait_gone(pid)
+
+    def stop(self) -> None:
+        for name in ("client.rgw.t", "osd.0", "mon.a"):
+            try:
+                pid = self.pid_of(name)
+            except (OSError, ValueError):
+                continue
+            _signal(pid, signal.SIGTERM)
+            if not _wait_gone(pid, 10):
+                _signal(pid, signal.SIGKILL)
+                _wait_gone(pid)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        import os
+
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait_gone(pid: int, timeout: float = 5) -> bool:
+    """True once the process is gone or a zombie (the container's init reaps late)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,198 @@
+"""Chunk store on a real S3 server (radosgw): versions, dedup, crashes, damage, keys, prune."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ceph_cluster import SECRET_KEY
+from conftest import MIB, make_image, one_error_line, run_hamal, sha256
+from s3_server import S3Env
+
+
+def write_at(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def changed_file(tmp: Path, pairs: list[tuple[int, int]]) -> str:
+    p = tmp / f"changed-{len(pairs)}-{time.monotonic_ns()}.json"
+    p.write_text(json.dumps(pairs))
+    return str(p)
+
+
+def sync(s3: S3Env, src: Path, *extra: str, env: dict[str, str] | None = None) -> str:
+    r = run_hamal("sync", str(src), s3.store, "--disk", "vm-1", "--json", *extra, env=env or s3.env())
+    assert r.code == 0, r.err
+    return json.loads(r.out)["version"]
+
+
+def restore(s3: S3Env, version: str, out: Path, *extra: str) -> None:
+    r = run_hamal("restore", s3.store, str(out), "--disk", "vm-1", "--version", version, *extra, env=s3.env())
+    assert r.code == 0, r.err
+
+
+def test_versions_restore_identical_dedup_and_bucket_alone(s3: S3Env, tmp_path: Path) -> None:
+    src = tmp_path / "disk.raw"
+    make_image(src, 48 * MIB, seed=3)
+    v1 = sync(s3, src)
+    want1 = sha256(src)
+    chunks_v1 = set(s3.keys("chunks/"))
+    assert chunks_v1, "chunks were uploaded"
+
+    # Unchanged disk, empty change list: nothing new but the version record.
+    v2 = sync(s3, src, "--changed", changed_file(tmp_path, []))
+    assert set(s3.keys("chunks/")) == chunks_v1
+
+    # A full re-sync of the same content uploads no chunk either (dedup).
+    v3 = sync(s3, src)
+    assert set(s3.keys("chunks/")) == chunks_v1
+
+    write_at(src, 5 * MIB + 123, b"changed" * 1000)
+    write_at(src, 40 * MIB, bytes(MIB))  # data -> zeros
+    v4 = sync(s3, src, "--changed", changed_file(tmp_path, [(5 * MIB, 8192), (40 * MIB, MIB)]))
+    want4 = sha256(src)
+    assert len(set(s3.keys("chunks/")) - chunks_v1) == 1, "one changed chunk uploaded"
+
+    for v, want in [(v1, want1), (v2, want1), (v3, want1), (v4, want4)]:
+        out = tmp_path / f"restored-{v}.raw"
+        restore(s3, v, out)
+        assert sha256(out) == want, v
+
+    # Another host with an empty hamal_lib_dir sees every version from the bucket alone.
+    r = run_hamal("versions", s3.store, "--disk", "vm-1", "--json", env=s3.env(s3.conf("other.conf")))
+    assert r.code == 0, r.err
+    listed = json.loads(r.out)
+    assert [v["version"] for v in listed["versions"]] == [v1, v2, v3, v4]
+    assert listed["versions"][3]["parent"] == v3
+    r = run_hamal("verify", s3.store, "--deep", env=s3.env())
+    assert r.code == 0, r.err
+    assert "4 versions" in r.out
+
+
+def test_server_killed_mid_sync_commits_nothing_and_rerun_completes(s3: S3Env, tmp_path: Path) -> None:
+    src = tmp_path / "big.raw"
+    make_image(src, 192 * MIB, seed=5, fill=1.0)
+    args = [sys.executable, "-m", "hamal", "sync", str(src), s3.store, "--disk", "vm-1", "--bwlimit", "24M"]
+    p = subprocess.Popen(
+        args, env={**__import__("os").environ, **s3.env()}, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(s3.keys("chunks/")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(s3.keys("chunks/")) >= 3, "the sync started uploading"
+        s3.cluster.kill_rgw()
+        _, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 1, err
+    assert "hamal: error: store s3://" in err, err
+    s3.cluster.start_rgw()
+    assert s3.keys("versions/") == [], "no version for incomplete data"
+
+    r = run_hamal("sync", str(src), s3.store, "--disk", "vm-1", "--json", env=s3.env())
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert summary["bytes_resumed"] > 0, "chunks stored before the crash were not read again"
+    out = tmp_path / "restored.raw"
+    restore(s3, summary["version"], out)
+    assert sha256(out) == sha256(src)
+
+
+def test_damaged_and_missing_chunks_are_reported_with_offsets(s3: S3Env, tmp_path: Path) -> None:
+    src = tmp_path / "disk.raw"
+    make_image(src, 16 * MIB, seed=7, fill=1.0)
+    v = sync(s3, src)
+    keys = sorted(s3.keys("chunks/"))
+    assert len(keys) == 4
+    obj = bytearray(s3.client.get_object(Bucket=s3.bucket, Key=keys[0])["Body"].read())
+    obj[-1] ^= 0xFF
+    s3.client.put_object(Bucket=s3.bucket, Key=keys[0], Body=bytes(obj))
+    s3.client.delete_object(Bucket=s3.bucket, Key=keys[1])
+
+    r = run_hamal("verify", s3.store, env=s3.env())
+    assert r.code == 3, r.err
+    assert r.err.count("is missing") == 1, r.err
+    r = run_hamal("verify", s3.store, "--deep", env=s3.env())
+    assert r.code == 3, r.err
+    assert "is missing" in r.err and "is damaged" in r.err, r.err
+    assert r.err.count("chunk at disk offset") == 2, r.err
+
+    r = run_hamal("restore", s3.store, str(tmp_path / "out.raw"), "--disk", "vm-1", env=s3.env())
+    assert r.code == 1
+    line = one_error_line(r.err)
+    assert f"version {v}" in line and "chunk at disk offset" in line, line
+
+
+def test_encrypted_store_and_wrong_key(s3: S3Env, tmp_path: Path) -> None:
+    key, wrong = tmp_path / "key", tmp_path / "wrong"
+    key.write_bytes(bytes(range(32)))
+    wrong.write_text("ab" * 32)
+    src = tmp_path / "disk.raw"
+    make_image(src, 16 * MIB, seed=9)
+    v = sync(s3, src, "--key-file", str(key))
+    out = tmp_path / "out.raw"
+    restore(s3, v, out, "--key-file", str(key))
+    assert sha256(out) == sha256(src)
+    r = run_hamal("restore", s3.store, str(out), "--disk", "vm-1", "--key-file", str(wrong), env=s3.env())
+    assert r.code == 1
+    assert f"encryption key file {wrong} is not this store's key" in one_error_line(r.err)
+    r = run_hamal("restore", s3.store, str(out), "--disk", "vm-1", env=s3.env())
+    assert "the store is encrypted" in one_error_line(r.err)
+
+
+def test_prune_keeps_restorable_versions_and_collects(s3: S3Env, tmp_path: Path) -> None:
+    src = tmp_path / "disk.raw"
+    make_image(src, 16 * MIB, seed=11, fill=1.0)
+    sync(s3, src)
+    sums = []
+    for i in range(3):
+        write_at(src, i * 4 * MIB, bytes([i + 1]) * MIB)
+        v = sync(s3, src, "--changed", changed_file(tmp_path, [(i * 4 * MIB, MIB)]))
+        sums.append((v, sha256(src)))
+    before = len(s3.keys("chunks/"))
+    r = run_hamal("prune", s3.store, "--keep", "2", "--json", env=s3.env())
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    assert len(report["removed_versions"]) == 2 and report["gc_skipped"] is None
+    assert report["removed_chunks"] >= 1
+    assert len(s3.keys("chunks/")) == before - report["removed_chunks"]
+    for v, want in sums[1:]:
+        out = tmp_path / f"p-{v}.raw"
+        restore(s3, v, out)
+        assert sha256(out) == want
+    r = run_hamal("prune", s3.store, "--keep", "130", env=s3.env())
+    assert r.code == 1 and "out of range 1..=129" in one_error_line(r.err)
+
+
+def test_records_stay_local_when_upload_is_off(s3: S3Env, tmp_path: Path) -> None:
+    src = tmp_path / "disk.raw"
+    make_image(src, 8 * MIB, seed=13)
+    conf = s3.conf("local.conf", extra="upload_metadata_to_oss = False\n")
+    conf.write_text(conf.read_text().replace("upload_metadata_to_oss = True\n", ""))
+    v = sync(s3, src, env=s3.env(conf))
+    assert s3.keys("versions/") == []
+    assert list((tmp_path / "lib-local.conf" / "snapshot_metadata").rglob(f"{v}.json"))
+    r = run_hamal("versions", s3.store, "--json", env=s3.env(conf))
+    assert [x["version"] for x in json.loads(r.out)["versions"]] == [v]
+
+
+def test_bad_uri_credentials_and_bucket_are_clear(s3: S3Env, tmp_path: Path) -> None:
+    src = tmp_path / "disk.raw"
+    make_image(src, 4 * MIB)
+    r = run_hamal("sync", str(src), "s3://No_Such/x", "--disk", "d", env=s3.env())
+    assert "bad store URI 's3://No_Such/x'" in one_error_line(r.err)
+    bad = s3.conf("bad.conf", secret="not-the-secret-0000000000000000000000000")
+    r = run_hamal("sync", str(src), s3.store, "--disk", "d", env=s3.env(bad))
+    line = one_error_line(r.err)
+    assert f"store {s3.store}: cannot list bucket {s3.bucket}" in line, line
+    assert "not-the-secret" not in r.err + r.out and SECRET_KEY not in r.err + r.out
+    r = run_hamal("sync", str(src), "s3://hamal-no-such-bucket/x", "--disk", "d", env=s3.env())
+    assert "bucket 'hamal-no-such-bucket' does not exist" in one_error_line(r.err)
+    r = run_hamal("config", "check", env=s3.env())
+    assert "secret_access_key = ********" in r.out and SECRET_KEY not in r.out
