@@ -1,0 +1,100 @@
+"""Chunk store on a local directory through the CLI: crash and resume, prune during a sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import MIB, make_image, one_error_line, run_hamal, sha256
+
+
+def start_slow_sync(src: Path, store: str, journal: Path) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "hamal", "sync", str(src), store, "--disk", "d0", "--bwlimit", "16M"]
+    args += ["--journal", str(journal), "--fsync-period", "0.2"]
+    env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_until(check, what: str, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def versions(store: str) -> list[dict]:
+    r = run_hamal("versions", store, "--json")
+    assert r.code == 0, r.err
+    return json.loads(r.out)["versions"]
+
+
+def test_sigkill_mid_sync_commits_nothing_and_resumes(tmp_path: Path) -> None:
+    src, journal = tmp_path / "src.raw", tmp_path / "journal"
+    make_image(src, 96 * MIB, seed=21, fill=1.0)
+    store = f"dir:{tmp_path / 'store'}"
+    p = start_slow_sync(src, store, journal)
+    try:
+        # Journal header is 40 bytes; a batch after it means chunks are durable in the store.
+        wait_until(lambda: journal.exists() and journal.stat().st_size > 100, "journaled chunks")
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=10)
+    finally:
+        p.kill()
+    assert versions(store) == [], "nothing committed for an incomplete sync"
+    r = run_hamal("sync", str(src), store, "--disk", "d0", "--journal", str(journal), "--json")
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert summary["bytes_resumed"] > 0
+    assert not journal.exists(), "the journal goes at commit"
+    out = tmp_path / "out.raw"
+    r = run_hamal("restore", store, str(out), "--disk", "d0")
+    assert r.code == 0, r.err
+    assert sha256(out) == sha256(src)
+
+
+def test_prune_during_a_sync_leaves_its_chunks_alone(tmp_path: Path) -> None:
+    src, journal = tmp_path / "src.raw", tmp_path / "journal"
+    make_image(src, 64 * MIB, seed=22, fill=1.0)
+    store = f"dir:{tmp_path / 'store'}"
+    small = tmp_path / "small.raw"
+    make_image(small, 8 * MIB, seed=23)
+    assert run_hamal("sync", str(small), store, "--disk", "other").code == 0
+    p = start_slow_sync(src, store, journal)
+    try:
+        wait_until(lambda: journal.exists() and journal.stat().st_size > 100, "journaled chunks")
+        r = run_hamal("prune", store, "--keep", "1")
+        assert r.code == 0, r.err
+        assert "not collected" in r.err and "busy" in r.err, r.err
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    finally:
+        p.kill()
+    out = tmp_path / "out.raw"
+    assert run_hamal("restore", store, str(out), "--disk", "d0").code == 0
+    assert sha256(out) == sha256(src)
+    r = run_hamal("prune", store, "--keep", "1", "--json")
+    assert json.loads(r.out)["gc_skipped"] is None
+
+
+def test_store_cli_errors_are_one_clear_line(tmp_path: Path, image: Path) -> None:
+    store = f"dir:{tmp_path / 'store'}"
+    r = run_hamal("sync", str(image), store)
+    assert "needs a disk id (--disk)" in one_error_line(r.err)
+    r = run_hamal("sync", str(image), store, "--disk", "a/b")
+    assert "disk id 'a/b' cannot name a store folder" in one_error_line(r.err)
+    r = run_hamal("restore", f"dir:{tmp_path / 'none'}", str(tmp_path / "o.raw"), "--disk", "x")
+    assert "does not exist" in one_error_line(r.err)
+    assert run_hamal("sync", str(image), store, "--disk", "a").code == 0
+    r = run_hamal("restore", store, str(tmp_path / "o.raw"), "--disk", "b")
+    assert "disk 'b' has no version" in one_error_line(r.err)
+    r = run_hamal("restore", store, str(tmp_path / "o.raw"), "--disk", "a", "--version", "v9")
+    assert "has no version 'v9'" in one_error_line(r.err)
+    r = run_hamal("verify", store, "--version", "v9")
+    assert "no version 'v9'" in one_error_line(r.err)
+    r = run_hamal("verify", str(image))
+    assert "verify needs SOURCE and TARGET" in one_error_line(r.err)
