@@ -77,8 +77,8 @@ def test_missing_changed_file(image: Path, tmp_path: Path) -> None:
 
 
 def test_unsupported_uri_scheme(image: Path) -> None:
-    r = run_hamal("sync", str(image), "s3://bucket/x")
-    assert r.code == 1 and "unsupported URI scheme 's3'" in one_error_line(r.err)
+    r = run_hamal("sync", str(image), "gs://bucket/x")
+    assert r.code == 1 and "unsupported URI scheme 'gs'" in one_error_line(r.err)
 
 
 def test_bad_engine_options(image: Path, tmp_path: Path) -> None:

@@ -288,7 +288,7 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")
-    ap.add_argument("--only", choices=["file", "nbd"], help="run only the file or only the NBD cases")
+    ap.add_argument("--only", choices=["file", "nbd", "store"], help="run only one group of cases")
     a = ap.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -342,6 +342,10 @@ def main() -> int:
             rows = run(a.hamal, work, a.runs)
             report(title(rows), rows, base(rows))
             out[key] = rows
+    if a.only in (None, "store"):
+        from bench_store import store_benches
+
+        out.update(store_benches(a.hamal, work, min(a.runs, 3)))
     ok = all(r["ok"] for rows in out.values() for r in rows)
     (work / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\nresults in {work / 'results.json'}")
