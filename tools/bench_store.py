@@ -62,7 +62,9 @@ def idle_bench(hamal: str, work: Path, bucket: Bucket, runs: int) -> list[dict]:
     times, rss, written = [], 0, []
     for _ in range(runs):
         before = bucket.stored_bytes("idle/")
-        t, r = timed([hamal, "sync", str(src), store, "--disk", "idle", "--changed", str(empty), "--no-progress"])
+        t, r = timed(
+            [hamal, "sync", str(src), store, "--disk", "idle", "--changed", str(empty), "--no-progress"]
+        )
         times.append(t)
         rss = max(rss, r)
         written.append(bucket.stored_bytes("idle/") - before)
@@ -94,7 +96,9 @@ def upload_bench(hamal: str, work: Path, bucket: Bucket, runs: int) -> list[dict
     }
     os.environ.update(rclone_env)
     out = work / "restored.raw"
-    rows = {n: {"times": [], "rss": 0, "ok": True} for n in ("hamal sync to S3", "rclone copy", "hamal restore")}
+    rows = {
+        n: {"times": [], "rss": 0, "ok": True} for n in ("hamal sync to S3", "rclone copy", "hamal restore")
+    }
 
     def note(name: str, t: float, r: int) -> None:
         rows[name]["times"].append(t)
@@ -112,7 +116,13 @@ def upload_bench(hamal: str, work: Path, bucket: Bucket, runs: int) -> list[dict
         bucket.empty("rclone/")
     out.unlink(missing_ok=True)
     return [
-        {"name": n, "median_s": statistics.median(v["times"]), "times": v["times"], "peak_rss": v["rss"], "ok": v["ok"]}
+        {
+            "name": n,
+            "median_s": statistics.median(v["times"]),
+            "times": v["times"],
+            "peak_rss": v["rss"],
+            "ok": v["ok"],
+        }
         for n, v in rows.items()
     ]
 
