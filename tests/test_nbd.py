@@ -82,6 +82,21 @@ def test_nbd_target_through_writable_qemu_nbd(tmp_path, servers, sockdir) -> Non
     assert run_hamal("verify", str(src), server.uri).code == 0
 
 
+def test_restore_from_chunk_store_to_nbd_target(tmp_path, servers, sockdir) -> None:
+    src, backing = tmp_path / "src.raw", tmp_path / "backing.raw"
+    make_image(src, 32 * MIB, seed=14)
+    store = f"dir:{tmp_path / 'store'}"
+    # 1 MiB store chunks (the restore reads them through its own 4 MiB grid); some are holes.
+    assert run_hamal("sync", str(src), store, "--disk", "d", "--chunk-size", "1M").code == 0
+    backing.write_bytes(b"\xee" * (32 * MIB))  # stale content: the store's zero chunks must win
+    server = servers(qemu_nbd(backing, sockdir / "r.sock", read_only=False))
+    r = run_hamal("restore", store, server.uri, "--disk", "d", "--journal", str(tmp_path / "j"), "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out)["holes_zeroed"] > 0
+    server.stop()
+    assert sha256(src) == sha256(backing)
+
+
 def test_server_killed_mid_sync_fails_cleanly_then_rerun_completes(tmp_path, servers, sockdir) -> None:
     src, out = tmp_path / "src.raw", tmp_path / "out.raw"
     make_image(src, 128 * MIB, seed=13, fill=1.0)
