@@ -54,8 +54,11 @@ def wait_for(what: str, check, timeout: float = 60.0) -> None:
 
 
 class CephCluster:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, bluestore_gib: int = 0):
+        """``bluestore_gib`` > 0 keeps the OSD's data in a sparse file of that size instead of
+        RAM (memstore holds about twice the data in memory)."""
         self.root = root
+        self.bluestore_gib = bluestore_gib
         self.conf = root / "ceph.conf"
         self.mon_port = free_port()
         self.rgw_port = free_port()
@@ -111,8 +114,7 @@ public addr = v2:127.0.0.1:{self.mon_port}
 
 [osd.0]
 osd data = {r}/osd
-osd objectstore = memstore
-memstore device bytes = {12 << 30}
+{self.osd_store_conf()}
 
 [client.rgw.t]
 rgw frontends = beast endpoint=127.0.0.1:{self.rgw_port}
@@ -120,6 +122,20 @@ rgw data = {r}/rgw
 ms mon client mode = crc
 client mount timeout = 30
 """)
+
+    def osd_store_conf(self) -> str:
+        if not self.bluestore_gib:
+            return f"osd objectstore = memstore\nmemstore device bytes = {8 << 30}"
+        block = self.root / "osd-block.img"
+        with open(block, "wb") as f:
+            f.truncate(self.bluestore_gib << 30)
+        return (
+            f"osd objectstore = bluestore\nbluestore block path = {block}\n"
+            "bluestore block create = false\nbluestore block db create = false\n"
+            "bluestore block wal create = false\nbluestore fsck on mkfs = false\n"
+            "bdev enable discard = false\nbluestore cache autotune = false\n"
+            "bluestore cache size = 268435456\nosd memory target = 1073741824"
+        )
 
     def run(self, *cmd: str) -> None:
         r = subprocess.run([*cmd, "--conf", str(self.conf)], capture_output=True, text=True, timeout=60)
