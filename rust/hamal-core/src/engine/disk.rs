@@ -303,9 +303,9 @@ impl DiskRun<'_> {
         let writers = target
             .as_chunk_sink()
             .map_or(t.writers, |s| s.writers().max(t.writers));
-        let per_thread = t.readers + writers;
-        let buffers =
-            (self.memory_budget / t.chunk_size).clamp(2, u64::from(per_thread * t.queue_depth + 2));
+        // Buffers for every request in flight: a chunk sink's writer handles one chunk at a time.
+        let in_flight = t.readers * t.queue_depth + writers * writer_batch(target, t);
+        let buffers = (self.memory_budget / t.chunk_size).clamp(2, u64::from(in_flight + 2));
         let pool = BufferPool::new(t.chunk_size as usize, buffers as usize);
         let done = durable.journal.lock().unwrap().done_set();
         let work = Mutex::new(data.chunks(t.chunk_size));
@@ -454,7 +454,7 @@ impl DiskRun<'_> {
                 let rx = rx.lock().unwrap();
                 let Ok(first) = rx.recv() else { return Ok(()) };
                 let mut b = vec![first];
-                while b.len() < t.queue_depth as usize {
+                while b.len() < writer_batch(target, t) as usize {
                     match rx.try_recv() {
                         Ok(f) => b.push(f),
                         Err(_) => break,
@@ -557,6 +557,16 @@ impl DiskRun<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Chunks one writer takes at a time: a queue depth of positional writes, or one chunk for a
+/// chunk sink (each of its writers uploads one chunk at a time; it runs more writers instead).
+fn writer_batch(target: &dyn Target, t: &Tuning) -> u32 {
+    if target.as_chunk_sink().is_some() {
+        1
+    } else {
+        t.queue_depth
     }
 }
 
