@@ -143,3 +143,11 @@ def test_make_image_helper_is_sparse(tmp_path: Path) -> None:
     p = tmp_path / "x.raw"
     make_image(p, 16 * MIB, fill=0.25)
     assert 0 < allocated(p) < 16 * MIB
+
+
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    r = run_hamal("demo", "--dir", str(work), "--size", "48M", timeout=300)
+    assert r.code == 0, r.err
+    assert "demo ok" in r.out and r.out.count("identical to the source at that time") == 2, r.out
+    assert not (work / "lib" / "journal").exists() or not any((work / "lib" / "journal").iterdir())
