@@ -9,7 +9,7 @@ from pathlib import Path
 
 import hamal
 import pytest
-from conftest import MIB, sha256
+from conftest import MIB, run_hamal, sha256
 from hamal.platforms import kvm
 from nbd_servers import qemu_io
 
@@ -49,6 +49,21 @@ def test_cycles_rotate_bitmaps_and_read_only_changes(image: Path, tmp_path: Path
     third = run_cycle(image, target, state)  # nothing written since
     assert third["bytes_total"] == 0
     assert sha256(as_raw(image, tmp_path / "c.raw")) == sha256(target)
+
+
+def test_cycles_into_a_chunk_store(image: Path, tmp_path: Path) -> None:
+    store, state = f"dir:{tmp_path / 'store'}", tmp_path / "state"
+    first = run_cycle(image, store, state)
+    qemu_io(image, "write -P 0x77 5M 64k")
+    second = run_cycle(image, store, state)
+    assert second["mode"] == "incremental"
+    assert second["bytes_total"] == 4 * MIB, "the dirty 64 KiB is read as its whole 4 MiB chunk"
+    r = run_hamal("versions", store, "--json")
+    versions = json.loads(r.out)["versions"]
+    assert [v["cursor"] for v in versions] == [first["bitmap"], second["bitmap"]]
+    out = tmp_path / "restored.raw"
+    assert run_hamal("restore", store, str(out), "--disk", "vm.qcow2").code == 0
+    assert sha256(as_raw(image, tmp_path / "now.raw")) == sha256(out)
 
 
 def test_failed_cycle_keeps_the_cursor(image: Path, tmp_path: Path) -> None:

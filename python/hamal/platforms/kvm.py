@@ -161,8 +161,15 @@ def sync_image(
     add_bitmap(image, new)
     try:
         with Export(image, cursor) as export:
+            # The new bitmap names the point in time read: a chunk store records it as the
+            # version's cursor, and a journal is trusted only within this cycle.
             disk = sync.disk(
-                export.uri, target, disk_id=os.path.basename(image), bitmap=cursor, journal=journal
+                export.uri,
+                target,
+                disk_id=os.path.basename(image),
+                bitmap=cursor,
+                journal=journal,
+                source_id=new,
             )
             (summary,) = sync.start([disk], cfg, options).wait()
     except BaseException:
