@@ -301,3 +301,26 @@ fn incremental_needs_a_parent_and_bad_ids_are_refused() {
     );
     assert!(StoreUri::parse("s3://AB").unwrap().is_err());
 }
+
+#[test]
+fn garbage_collection_waits_for_readers() {
+    let env = Env::new();
+    let o = StoreOptions::default();
+    let src = env.path("src.raw");
+    fill(&src, 4 * MIB, &[(1, 9)]);
+    env.sync(&src, None, &o).unwrap();
+    let reading = store::StoreSource::open(&env.uri(), &o, "vm1-disk0", None).unwrap();
+    let r = store::prune(&env.uri(), &o, 1, None).unwrap();
+    let why = r
+        .gc_skipped
+        .expect("collection skipped while a restore reads");
+    assert!(
+        why.contains("busy") && why.contains("restore of disk vm1-disk0"),
+        "{why}"
+    );
+    drop(reading);
+    assert!(store::prune(&env.uri(), &o, 1, None)
+        .unwrap()
+        .gc_skipped
+        .is_none());
+}

@@ -1,4 +1,4 @@
-//! Store locks, so garbage collection never runs under a sync: a sync holds a shared lock,
+//! Store locks, so garbage collection never runs under a sync or a restore: those hold a shared lock,
 //! `prune`'s collection an exclusive one. Each side writes its lock object first and then lists
 //! the others, so of two that start together at least one sees the other and backs off. A lock
 //! not refreshed for [`STALE`] belongs to a dead process and is ignored.

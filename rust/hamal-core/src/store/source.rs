@@ -1,5 +1,6 @@
 //! A version in the chunk store as a sync source: what `hamal restore` reads.
 
+use super::lock::{self, Lock, LockKind};
 use super::repo::Store;
 use super::tree::{self, ZERO};
 use super::version::Version;
@@ -16,6 +17,8 @@ pub struct StoreSource {
     store: Arc<Store>,
     version: Version,
     root: Digest,
+    /// Keeps garbage collection away while the version is read (none with read-only access).
+    lock: Option<Arc<Lock>>,
 }
 
 impl StoreSource {
@@ -27,12 +30,21 @@ impl StoreSource {
         version: Option<&str>,
     ) -> Result<StoreSource> {
         let store = Arc::new(Store::open(uri, o, false)?);
+        let purpose = format!("restore of disk {disk}");
+        let lock = match lock::acquire(&store.backend, LockKind::Shared, &purpose) {
+            Ok(l) => Some(Arc::new(l)),
+            Err(e) => {
+                tracing::warn!("reading without a store lock (a prune may collect meanwhile): {e}");
+                None
+            }
+        };
         let version = store.find_version(disk, version)?;
         let root = version.root_digest().expect("checked when parsed");
         Ok(StoreSource {
             store,
             version,
             root,
+            lock,
         })
     }
 
@@ -82,6 +94,7 @@ impl Source for StoreSource {
             store: self.store.clone(),
             version: self.version.clone(),
             root: self.root,
+            lock: self.lock.clone(),
         }))
     }
 }
@@ -90,12 +103,16 @@ struct StoreReader {
     store: Arc<Store>,
     version: Version,
     root: Digest,
+    lock: Option<Arc<Lock>>,
 }
 
 impl StoreReader {
     /// Fetches chunks `indexes` at once and decodes them; errors name the disk offset.
     fn fetch(&self, indexes: &[u64]) -> Result<HashMap<u64, Vec<u8>>> {
         let v = &self.version;
+        if let Some(lock) = &self.lock {
+            lock.refresh()?;
+        }
         let mut names = Vec::new();
         for &i in indexes {
             names.push(tree::lookup(&*self.store, self.root, v.depth, i)?);
