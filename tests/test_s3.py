@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ceph_cluster import SECRET_KEY
 from conftest import MIB, make_image, one_error_line, run_hamal, sha256
+from faulty_proxy import FaultyProxy
 from s3_server import S3Env
 
 
@@ -196,3 +197,18 @@ def test_bad_uri_credentials_and_bucket_are_clear(s3: S3Env, tmp_path: Path) -> 
     assert "bucket 'hamal-no-such-bucket' does not exist" in one_error_line(r.err)
     r = run_hamal("config", "check", env=s3.env())
     assert "secret_access_key = ********" in r.out and SECRET_KEY not in r.out
+
+
+def test_injected_5xx_and_resets_are_retried(s3: S3Env, tmp_path: Path) -> None:
+    src = tmp_path / "disk.raw"
+    make_image(src, 24 * MIB, seed=17, fill=1.0)
+    with FaultyProxy(s3.cluster.endpoint, every=4) as proxy:
+        conf = s3.conf("proxy.conf")
+        conf.write_text(conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint))
+        r = run_hamal("sync", str(src), s3.store, "--disk", "vm-1", "--json", env=s3.env(conf))
+        assert r.code == 0, r.err
+        out = tmp_path / "out.raw"
+        r = run_hamal("restore", s3.store, str(out), "--disk", "vm-1", env=s3.env(conf))
+        assert r.code == 0, r.err
+        assert proxy.faults["503"] >= 2 and proxy.faults["reset"] >= 2, proxy.faults
+    assert sha256(out) == sha256(src)

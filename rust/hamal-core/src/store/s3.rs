@@ -52,6 +52,7 @@ fn env(name: &str) -> Option<String> {
 
 pub struct S3Backend {
     store: AmazonS3,
+    max_retries: usize,
     prefix: String,
     text: String,
     rt: tokio::runtime::Runtime,
@@ -96,13 +97,11 @@ impl S3Backend {
                 .map_err(|e| bad(format!("ca_file {}: {e}", ca.display())))?;
             client = client.with_root_certificate(cert);
         }
+        // Retries are ours (`retrying`): object_store does not retry a PUT whose connection
+        // broke, and every write hamal makes is safe to repeat.
         let retry = RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(5),
-                base: 2.0,
-            },
-            max_retries: o.max_retries,
+            backoff: BackoffConfig::default(),
+            max_retries: 0,
             retry_timeout: Duration::from_secs(120),
         };
         let mut b = AmazonS3Builder::new()
@@ -125,6 +124,7 @@ impl S3Backend {
             .map_err(|e| bad(format!("cannot start the S3 client runtime: {e}")))?;
         let me = S3Backend {
             store,
+            max_retries: o.max_retries,
             prefix: prefix.trim_matches('/').to_owned(),
             text: text.to_owned(),
             rt,
@@ -138,7 +138,7 @@ impl S3Backend {
         let prefix = self.path("");
         let r = self
             .rt
-            .block_on(self.store.list_with_delimiter(Some(&prefix)));
+            .block_on(self.retrying(|| self.store.list_with_delimiter(Some(&prefix))));
         match r {
             Ok(_) => Ok(()),
             Err(e)
@@ -166,11 +166,35 @@ impl S3Backend {
         Error::Store(format!("store {}: {what} {key}: {}", self.text, tidy(&e)))
     }
 
+    /// Runs `op` until it succeeds, fails for good, or `max_retries` retries of a transient
+    /// failure (5xx, timeout, broken connection) have been spent, backing off 0.1 s to 5 s.
+    /// Every request hamal sends is safe to repeat: objects are content-addressed or whole
+    /// records, and deleting twice is harmless.
+    async fn retrying<T, F, Fut>(&self, op: F) -> std::result::Result<T, object_store::Error>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, object_store::Error>>,
+    {
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            match op().await {
+                Err(e) if attempt < self.max_retries && transient(&e) => {
+                    tracing::debug!("S3 request failed, retrying in {delay:?}: {}", tidy(&e));
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    attempt += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
     async fn get_async(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        let got = match self.store.get(&self.path(key)).await {
-            Ok(g) => g.bytes().await,
-            Err(e) => Err(e),
-        };
+        let path = self.path(key);
+        let got = self
+            .retrying(|| async { self.store.get(&path).await?.bytes().await })
+            .await;
         match got {
             Ok(b) => Ok(Some(b.to_vec())),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
@@ -185,8 +209,9 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
+        let (path, payload) = (self.path(key), PutPayload::from(data));
         self.rt
-            .block_on(self.store.put(&self.path(key), PutPayload::from(data)))
+            .block_on(self.retrying(|| self.store.put(&path, payload.clone())))
             .map(|_| ())
             .map_err(|e| self.err("cannot write", key, e))
     }
@@ -202,7 +227,8 @@ impl Backend for S3Backend {
     }
 
     fn exists(&self, key: &str) -> Result<bool> {
-        match self.rt.block_on(self.store.head(&self.path(key))) {
+        let path = self.path(key);
+        match self.rt.block_on(self.retrying(|| self.store.head(&path))) {
             Ok(_) => Ok(true),
             Err(object_store::Error::NotFound { .. }) => Ok(false),
             Err(e) => Err(self.err("cannot check", key, e)),
@@ -218,7 +244,7 @@ impl Backend for S3Backend {
         };
         let metas: Vec<_> = self
             .rt
-            .block_on(self.store.list(Some(&base)).try_collect())
+            .block_on(self.retrying(|| self.store.list(Some(&base)).try_collect()))
             .map_err(|e| self.err("cannot list", prefix, e))?;
         Ok(metas
             .into_iter()
@@ -230,10 +256,27 @@ impl Backend for S3Backend {
     }
 
     fn delete(&self, key: &str) -> Result<()> {
-        match self.rt.block_on(self.store.delete(&self.path(key))) {
+        let path = self.path(key);
+        match self.rt.block_on(self.retrying(|| self.store.delete(&path))) {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("cannot remove", key, e)),
         }
+    }
+}
+
+/// Worth retrying: a transport failure or a server error, not an answer about the request
+/// (missing object or bucket, denied, bad signature).
+fn transient(e: &object_store::Error) -> bool {
+    const FINAL: [&str; 5] = [
+        "NoSuchBucket",
+        "AccessDenied",
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "InvalidBucketName",
+    ];
+    matches!(e, object_store::Error::Generic { .. }) && {
+        let text = e.to_string();
+        !FINAL.iter().any(|code| text.contains(code))
     }
 }
 
