@@ -1,6 +1,6 @@
-//! `s3://bucket/prefix` backend over the `object_store` crate (SigV4 signing, retries with
-//! backoff on 5xx, timeouts and resets). The engine's threads call it through a small tokio
-//! runtime owned by the backend.
+//! `s3://bucket/prefix` backend over the `object_store` crate (SigV4 signing, HTTP, TLS), with
+//! our own retries with backoff on 5xx, timeouts and broken connections (`retrying`). The
+//! engine's threads call it through a small tokio runtime owned by the backend.
 
 use super::backend::{Backend, Listed};
 use crate::{Error, Result};
