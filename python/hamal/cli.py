@@ -219,15 +219,19 @@ def cmd_restore(args: argparse.Namespace) -> int:
     ]
     job = sync.start(plan, cfg, sync.SyncOptions(key_file=args.key_file))
     show = not (args.json or args.no_progress) and sys.stderr.isatty()
-    (summary,) = wait_with_progress(job, show)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        print(
-            f"restored {summary['source']} to {summary['target']}: {human(summary['size'])}, "
-            f"{human(summary['bytes_written'])} written in {summary['seconds']:.2f} s"
-        )
+    (s,) = wait_with_progress(job, show)
+    _emit(
+        args,
+        s,
+        f"restored {s['source']} to {s['target']}: {human(s['size'])}, "
+        f"{human(s['bytes_written'])} written in {s['seconds']:.2f} s",
+    )
     return EXIT_OK
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """Prints `data` as JSON with --json, else the human line `text`."""
+    print(json.dumps(data, indent=2) if args.json else text)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -255,13 +259,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     report = _native.prune_store(
         args.store, args.keep, disk=args.disk, options=sync.store_settings(cfg, args.key_file)
     )
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(
-            f"removed {len(report['removed_versions'])} versions, kept {report['kept_versions']}; "
-            f"removed {report['removed_chunks']} chunks and {report['removed_pages']} index pages"
-        )
+    _emit(
+        args,
+        report,
+        f"removed {len(report['removed_versions'])} versions, kept {report['kept_versions']}; "
+        f"removed {report['removed_chunks']} chunks and {report['removed_pages']} index pages",
+    )
     if report["gc_skipped"]:
         print(f"hamal: unreferenced chunks were not collected: {report['gc_skipped']}", file=sys.stderr)
     return EXIT_OK
