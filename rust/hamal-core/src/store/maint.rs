@@ -1,5 +1,6 @@
 //! Store upkeep: list versions, verify them, prune old ones and collect unreferenced objects.
 
+use super::codec::parse_digest;
 use super::lock::{self, LockKind};
 use super::repo::Store;
 use super::tree;
@@ -84,7 +85,23 @@ pub fn verify_store(
         }
     }
     let uses: Vec<(Digest, (String, u64, usize))> = first_use.into_iter().collect();
-    for batch in uses.chunks(8) {
+    // Shallow: one listing of the chunks instead of a request per chunk.
+    let present: HashSet<Digest> = if deep {
+        HashSet::new()
+    } else {
+        store
+            .backend
+            .list("chunks/")?
+            .iter()
+            .filter_map(|o| o.key.rsplit('/').next().and_then(parse_digest))
+            .collect()
+    };
+    let mut last_note = std::time::Instant::now();
+    for (done, batch) in uses.chunks(8).enumerate() {
+        if last_note.elapsed().as_secs() >= 10 {
+            tracing::info!("verify: {} of {} chunks checked", done * 8, uses.len());
+            last_note = std::time::Instant::now();
+        }
         if report.problems.len() >= MAX_PROBLEMS {
             report.problems.push("too many problems; stopped".into());
             break;
@@ -101,9 +118,10 @@ pub fn verify_store(
                 })
                 .collect()
         } else {
-            keys.iter()
-                .map(|k| {
-                    Ok(if store.backend.exists(k)? {
+            batch
+                .iter()
+                .map(|(name, _)| {
+                    Ok(if present.contains(name) {
                         Ok(0)
                     } else {
                         Err("missing".into())
