@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from ceph_cluster import SECRET_KEY
+from ceph_cluster import ACCESS_KEY, SECRET_KEY
 from conftest import MIB, make_image, one_error_line, run_hamal, sha256
 from faulty_proxy import FaultyProxy
 from s3_server import S3Env
@@ -212,3 +212,17 @@ def test_injected_5xx_and_resets_are_retried(s3: S3Env, tmp_path: Path) -> None:
         assert r.code == 0, r.err
         assert proxy.faults["503"] >= 2 and proxy.faults["reset"] >= 2, proxy.faults
     assert sha256(out) == sha256(src)
+
+
+def test_credentials_from_the_environment(s3: S3Env, tmp_path: Path) -> None:
+    src = tmp_path / "disk.raw"
+    make_image(src, 4 * MIB)
+    conf = s3.conf("env.conf")
+    text = conf.read_text().replace(f"access_key_id = {ACCESS_KEY}\n", "")
+    conf.write_text(text.replace(f"secret_access_key = {SECRET_KEY}\n", ""))
+    unset = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}
+    r = run_hamal("sync", str(src), s3.store, "--disk", "d", env={**s3.env(conf), **unset})
+    assert "no S3 credentials" in one_error_line(r.err)
+    aws = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+    r = run_hamal("sync", str(src), s3.store, "--disk", "d", env={**s3.env(conf), **aws})
+    assert r.code == 0, r.err
