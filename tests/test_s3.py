@@ -176,7 +176,10 @@ def test_records_stay_local_when_upload_is_off(s3: S3Env, tmp_path: Path) -> Non
     make_image(src, 8 * MIB, seed=13)
     conf = s3.conf("local.conf", extra="upload_metadata_to_oss = False\n")
     conf.write_text(conf.read_text().replace("upload_metadata_to_oss = True\n", ""))
-    v = sync(s3, src, env=s3.env(conf))
+    r = run_hamal("sync", str(src), s3.store, "--disk", "vm-1", "--json", env=s3.env(conf))
+    assert r.code == 0, r.err
+    assert "the bucket alone cannot be restored" in r.err, "the operator is told"
+    v = json.loads(r.out)["version"]
     assert s3.keys("versions/") == []
     assert list((tmp_path / "lib-local.conf" / "snapshot_metadata").rglob(f"{v}.json"))
     r = run_hamal("versions", s3.store, "--json", env=s3.env(conf))

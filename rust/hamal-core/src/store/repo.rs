@@ -138,6 +138,13 @@ impl Store {
         })
     }
 
+    /// Whether version records are written to the store itself (else only locally).
+    pub fn records_in_store(&self) -> bool {
+        self.record_places
+            .iter()
+            .any(|p| Arc::ptr_eq(p, &self.backend))
+    }
+
     pub fn chunk_key(a: &Digest) -> String {
         let h = hex(a);
         format!("chunks/{}/{h}", &h[..2])

@@ -41,6 +41,13 @@ impl StoreTarget {
     ) -> Result<StoreTarget> {
         check_disk_id(disk).map_err(Error::Plan)?;
         let store = Arc::new(Store::open(uri, o, true)?);
+        if !store.records_in_store() {
+            tracing::warn!(
+                "version records of {} are kept only in {} ([sync] upload_metadata_to_oss = False): the bucket alone cannot be restored",
+                uri.text,
+                o.local_metadata.as_ref().map_or("?".into(), |p| p.display().to_string())
+            );
+        }
         let lock = lock::acquire(
             &store.backend,
             LockKind::Shared,
