@@ -1,6 +1,8 @@
-"""A throw-away single-node Ceph cluster with radosgw, on 127.0.0.1 only, for the S3 tests.
+"""A throw-away single-node Ceph cluster on 127.0.0.1 only: radosgw for the S3 tests, RBD pools
+for the librbd source tests.
 
-One monitor, one memstore OSD and one radosgw, no manager, ``auth none``. Facts it relies on
+One monitor, one memstore OSD, optionally radosgw, no manager; ``auth none`` or cephx. Facts it
+relies on
 (learned the hard way): radosgw needs ``ms mon client mode = crc`` under ``auth none`` or it
 waits 300 s for the monitor; each map change waits ``paxos propose interval`` (1 s by default);
 radosgw creates its pools lazily and slowly unless they exist before it starts; stopping must go
@@ -54,11 +56,15 @@ def wait_for(what: str, check, timeout: float = 60.0) -> None:
 
 
 class CephCluster:
-    def __init__(self, root: Path, bluestore_gib: int = 0):
+    def __init__(self, root: Path, bluestore_gib: int = 0, rgw: bool = True, cephx: bool = False):
         """``bluestore_gib`` > 0 keeps the OSD's data in a sparse file of that size instead of
-        RAM (memstore holds about twice the data in memory)."""
+        RAM (memstore holds about twice the data in memory). ``cephx`` turns authentication on:
+        the admin keyring is ``root/admin.keyring``, named in the config."""
         self.root = root
         self.bluestore_gib = bluestore_gib
+        self.with_rgw = rgw
+        self.cephx = cephx
+        self.admin_keyring = root / "admin.keyring"
         self.conf = root / "ceph.conf"
         self.mon_port = free_port()
         self.rgw_port = free_port()
@@ -82,15 +88,17 @@ class CephCluster:
         for d in ("mon", "osd", "run", "log"):
             (r / d).mkdir(parents=True, exist_ok=True)
         fsid = Path("/proc/sys/kernel/random/uuid").read_text().strip()
+        auth = "cephx" if self.cephx else "none"
+        keyring = f"keyring = {self.admin_keyring}\n" if self.cephx else ""
         self.conf.write_text(f"""[global]
 fsid = {fsid}
 mon host = v2:127.0.0.1:{self.mon_port}
 public addr = 127.0.0.1
 cluster addr = 127.0.0.1
-auth cluster required = none
-auth service required = none
-auth client required = none
-auth allow insecure global id reclaim = false
+auth cluster required = {auth}
+auth service required = {auth}
+auth client required = {auth}
+{keyring}auth allow insecure global id reclaim = false
 run dir = {r}/run
 pid file = {r}/run/$name.pid
 admin socket = {r}/run/$name.asok
@@ -114,6 +122,7 @@ public addr = v2:127.0.0.1:{self.mon_port}
 
 [osd.0]
 osd data = {r}/osd
+keyring = {r}/osd.keyring
 {self.osd_store_conf()}
 
 [client.rgw.t]
@@ -145,16 +154,45 @@ client mount timeout = 30
     def pid_of(self, name: str) -> int:
         return int((self.root / "run" / f"{name}.pid").read_text())
 
+    def make_mon_keyring(self) -> str:
+        """The monitor's keyring: /dev/null without cephx; with it, mon. and client.admin keys."""
+        if not self.cephx:
+            return "/dev/null"
+        mon = self.root / "mon.keyring"
+        tool = ["ceph-authtool", "--gen-key", "--create-keyring"]
+        _run([*tool, str(mon), "-n", "mon.", "--cap", "mon", "allow *"])
+        caps = ["--cap", "mon", "allow *", "--cap", "osd", "allow *", "--cap", "mgr", "allow *"]
+        _run([*tool, str(self.admin_keyring), "-n", "client.admin", *caps])
+        _run(["ceph-authtool", str(mon), "--import-keyring", str(self.admin_keyring)])
+        return str(mon)
+
     def start(self) -> None:
         self.write_conf()
-        self.run("ceph-mon", "--id", "a", "--mkfs", "--keyring", "/dev/null")
+        self.run("ceph-mon", "--id", "a", "--mkfs", "--keyring", self.make_mon_keyring())
         self.run("ceph-mon", "--id", "a")
         wait_for("the monitor", lambda: self.ceph("health") is not None)
         osd_id = self.ceph("osd", "create").strip()
         self.ceph("osd", "crush", "add", f"osd.{osd_id}", "1", "root=default")
+        if self.cephx:
+            caps = ["mon", "allow profile osd", "mgr", "allow profile osd", "osd", "allow *"]
+            self.ceph("auth", "get-or-create", f"osd.{osd_id}", *caps, "-o", str(self.root / "osd.keyring"))
         self.run("ceph-osd", "--id", osd_id, "--mkfs")
         self.run("ceph-osd", "--id", osd_id)
         wait_for("the OSD", lambda: " 1 up" in self.ceph("osd", "stat"))
+        if self.with_rgw:
+            self.setup_rgw()
+
+    def create_rbd_pool(self, pool: str) -> None:
+        self.ceph(stdin=f"osd pool create {pool} 8\nosd pool application enable {pool} rbd\n", timeout=60)
+        _run(["rbd", "--conf", str(self.conf), "pool", "init", pool])
+
+    def create_client(self, name: str, caps: list[str]) -> Path:
+        """A cephx user with these caps; returns its keyring file."""
+        keyring = self.root / f"client.{name}.keyring"
+        self.ceph("auth", "get-or-create", f"client.{name}", *caps, "-o", str(keyring))
+        return keyring
+
+    def setup_rgw(self) -> None:
         cmds = "".join(f"osd pool create {p} 8\nosd pool application enable {p} rgw\n" for p in RGW_POOLS)
         self.ceph(stdin=cmds, timeout=60)
         self.start_rgw()
@@ -194,6 +232,13 @@ client mount timeout = 30
                 _signal(pid, signal.SIGKILL)
                 _wait_gone(pid)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _run(cmd: list[str]) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout
 
 
 def _signal(pid: int, sig: int) -> None:

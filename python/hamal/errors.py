@@ -2,6 +2,7 @@
 defined by the Rust extension so both sides raise the same types."""
 
 from hamal._native import (
+    CephError,
     ConfigError,
     HamalError,
     InternalError,
@@ -15,6 +16,7 @@ from hamal._native import (
 )
 
 __all__ = [
+    "CephError",
     "ConfigError",
     "HamalError",
     "InternalError",

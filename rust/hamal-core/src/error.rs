@@ -47,6 +47,11 @@ pub enum Error {
     #[error("{0}")]
     Store(String),
 
+    /// A Ceph cluster, pool, image or snapshot could not be reached or used (librbd missing,
+    /// authentication, unknown names, timeouts).
+    #[error("{0}")]
+    Ceph(String),
+
     /// `verify` found different content, or stored data failed its check.
     #[error("{0}")]
     Mismatch(String),

@@ -3,6 +3,7 @@
 //! This crate has no Python in it; `hamal-py` exposes it as `hamal._native`. See
 //! ARCHITECTURE.md at the repository root for how the parts fit together.
 
+pub mod ceph;
 pub mod checksum;
 pub mod config;
 pub mod engine;

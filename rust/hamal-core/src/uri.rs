@@ -1,7 +1,8 @@
 //! Source and target URIs: `file:PATH` or a plain path, and the NBD forms (`nbd://`,
-//! `nbd+unix://`, `nbds://`) and chunk stores (`dir:`, `s3://`). Later issues add `rbd:` and
-//! `vddk://`.
+//! `nbd+unix://`, `nbds://`), Ceph RBD snapshots (`rbd:`, sources only) and chunk stores (`dir:`,
+//! `s3://`). A later issue adds `vddk://`.
 
+use crate::ceph::RbdUri;
 use crate::nbd::NbdUri;
 use crate::store::StoreUri;
 use crate::{Error, Result};
@@ -15,6 +16,8 @@ pub enum DiskUri {
     Nbd(NbdUri),
     /// A chunk store (`dir:` or `s3://`).
     Store(StoreUri),
+    /// A Ceph RBD image (a source, read at a snapshot).
+    Rbd(RbdUri),
 }
 
 impl DiskUri {
@@ -28,6 +31,9 @@ impl DiskUri {
         if let Some(rest) = s.strip_prefix("file:") {
             return Self::file(rest, s);
         }
+        if let Some(rbd) = RbdUri::parse(s) {
+            return Ok(DiskUri::Rbd(rbd?));
+        }
         if let Some(store) = StoreUri::parse(s) {
             return Ok(DiskUri::Store(store?));
         }
@@ -36,7 +42,7 @@ impl DiskUri {
                 return Ok(DiskUri::Nbd(NbdUri::parse(s)?));
             }
             return Err(Error::Plan(format!(
-                "unsupported URI scheme '{scheme}' in '{s}': use file:PATH, nbd://, nbd+unix://, nbds://, dir:PATH, s3://BUCKET/PREFIX or a plain path"
+                "unsupported URI scheme '{scheme}' in '{s}': use file:PATH, nbd://, nbd+unix://, nbds://, rbd:POOL/IMAGE@SNAP, dir:PATH, s3://BUCKET/PREFIX or a plain path"
             )));
         }
         Self::file(s, s)
@@ -53,7 +59,7 @@ impl DiskUri {
     pub fn file_path(&self) -> Option<&Path> {
         match self {
             DiskUri::File(p) => Some(p),
-            DiskUri::Nbd(_) | DiskUri::Store(_) => None,
+            DiskUri::Nbd(_) | DiskUri::Store(_) | DiskUri::Rbd(_) => None,
         }
     }
 }
@@ -64,6 +70,7 @@ impl std::fmt::Display for DiskUri {
             DiskUri::File(p) => write!(f, "{}", p.display()),
             DiskUri::Nbd(u) => f.write_str(&u.text),
             DiskUri::Store(u) => f.write_str(&u.text),
+            DiskUri::Rbd(u) => f.write_str(&u.text),
         }
     }
 }
@@ -101,6 +108,10 @@ mod tests {
             DiskUri::Store(_)
         ));
         assert!(DiskUri::parse("s3://B/x").is_err());
+        assert!(matches!(
+            DiskUri::parse("rbd:pool/img@s1").unwrap(),
+            DiskUri::Rbd(_)
+        ));
         assert!(DiskUri::parse("file:").is_err());
     }
 }

@@ -49,6 +49,12 @@ create_exception!(
 );
 create_exception!(
     _native,
+    CephError,
+    HamalError,
+    "A Ceph cluster, pool, image or snapshot could not be reached or used."
+);
+create_exception!(
+    _native,
     MismatchError,
     HamalError,
     "Verification found different content."
@@ -75,6 +81,7 @@ pub fn to_py(e: &Error) -> PyErr {
         Error::Target { .. } => TargetError::new_err(msg),
         Error::Journal { .. } => JournalError::new_err(msg),
         Error::Store(_) => StoreError::new_err(msg),
+        Error::Ceph(_) => CephError::new_err(msg),
         Error::Mismatch(_) => MismatchError::new_err(msg),
         Error::Cancelled => SyncCancelled::new_err(msg),
         Error::Internal(_) => InternalError::new_err(msg),
@@ -90,6 +97,7 @@ pub fn kind(e: &Error) -> &'static str {
         Error::Target { .. } => "TargetError",
         Error::Journal { .. } => "JournalError",
         Error::Store(_) => "StoreError",
+        Error::Ceph(_) => "CephError",
         Error::Mismatch(_) => "MismatchError",
         Error::Cancelled => "SyncCancelled",
         Error::Internal(_) => "InternalError",
@@ -105,6 +113,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TargetError", py.get_type::<TargetError>())?;
     m.add("JournalError", py.get_type::<JournalError>())?;
     m.add("StoreError", py.get_type::<StoreError>())?;
+    m.add("CephError", py.get_type::<CephError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
     m.add("SyncCancelled", py.get_type::<SyncCancelled>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;

@@ -5,6 +5,7 @@
 // Python keyword arguments become Rust parameters one to one.
 #![allow(clippy::too_many_arguments)]
 
+mod ceph;
 mod config;
 mod convert;
 mod errors;
@@ -36,6 +37,10 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(store::list_versions, m)?)?;
     m.add_function(wrap_pyfunction!(store::verify_store, m)?)?;
     m.add_function(wrap_pyfunction!(store::prune_store, m)?)?;
+    m.add_function(wrap_pyfunction!(ceph::rbd_list_snapshots, m)?)?;
+    m.add_function(wrap_pyfunction!(ceph::rbd_create_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(ceph::rbd_remove_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(ceph::rbd_protect_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(io_uring_status, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

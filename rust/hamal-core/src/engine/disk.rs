@@ -15,7 +15,7 @@ use super::throttle::{release_cpu, Pacer};
 use crate::checksum::{is_zero, ChunkHasher, ContentDigest, Digest};
 use crate::extent::{ChunkWork, ExtentMap};
 use crate::io::{ReadReq, WriteReq};
-use crate::source::{FileSource, NbdSource, Source};
+use crate::source::{FileSource, NbdSource, RbdSource, Source};
 use crate::store::{StoreSource, StoreTarget};
 use crate::target::{CommitInfo, FileTarget, NbdTarget, Target};
 use crate::uri::DiskUri;
@@ -97,6 +97,9 @@ pub(crate) fn read_requests<'b>(chunk: &ChunkWork, buf: &'b mut [u8]) -> Vec<Rea
     reqs
 }
 
+pub(crate) const RBD_IS_SOURCE: &str =
+    "an RBD image is a source only; sync it to a file, device, NBD export or store";
+
 pub(crate) fn open_source(
     uri: &DiskUri,
     t: &Tuning,
@@ -108,6 +111,7 @@ pub(crate) fn open_source(
         DiskUri::File(p) => Ok(Box::new(FileSource::open(p, t.io_mode)?)),
         DiskUri::Nbd(u) => Ok(Box::new(NbdSource::open(u, bitmap)?)),
         DiskUri::Store(u) => Ok(Box::new(StoreSource::open(u, &t.store, disk_id, version)?)),
+        DiskUri::Rbd(u) => Ok(Box::new(RbdSource::open(u)?)),
     }
 }
 
@@ -123,6 +127,7 @@ fn open_target(plan: &DiskPlan, size: u64, t: &Tuning, full: bool) -> Result<Box
             t.chunk_size,
             full,
         )?)),
+        DiskUri::Rbd(u) => Err(Error::Plan(format!("{}: {RBD_IS_SOURCE}", u.text))),
     }
 }
 

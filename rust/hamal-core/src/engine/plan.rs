@@ -164,6 +164,22 @@ impl JobPlan {
                     d.disk_id
                 )));
             }
+            if let DiskUri::Rbd(u) = &d.target {
+                return Err(Error::Plan(format!(
+                    "disk '{}': target {}: {}",
+                    d.disk_id,
+                    u.text,
+                    super::disk::RBD_IS_SOURCE
+                )));
+            }
+            if let (DiskUri::Rbd(u), Some(_)) = (&d.source, &d.changed) {
+                if u.from_snap.is_some() {
+                    return Err(Error::Plan(format!(
+                        "disk '{}': give a changed list or from_snap in {}, not both",
+                        d.disk_id, u.text
+                    )));
+                }
+            }
             if d.bitmap.is_some() && d.changed.is_some() {
                 return Err(Error::Plan(format!(
                     "disk '{}': give a changed list or a bitmap, not both",

@@ -3,9 +3,11 @@
 
 pub(crate) mod file;
 pub(crate) mod nbd;
+pub(crate) mod rbd;
 
 pub use file::FileSource;
 pub use nbd::NbdSource;
+pub use rbd::RbdSource;
 
 use crate::extent::ExtentMap;
 use crate::io::ReadReq;
