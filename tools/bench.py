@@ -288,7 +288,7 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")
-    ap.add_argument("--only", choices=["file", "nbd", "store"], help="run only one group of cases")
+    ap.add_argument("--only", choices=["file", "nbd", "store", "rbd"], help="run only one group of cases")
     a = ap.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -346,6 +346,10 @@ def main() -> int:
         from bench_store import store_benches
 
         out.update(store_benches(a.hamal, work, min(a.runs, 3)))
+    if a.only in (None, "rbd"):
+        from bench_rbd import rbd_benches
+
+        out.update(rbd_benches(a.hamal, work, min(a.runs, 3)))
     ok = all(r["ok"] for rows in out.values() for r in rows)
     (work / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\nresults in {work / 'results.json'}")
