@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sync", help="copy a disk's allocated or changed extents to a target")
     s.add_argument(
         "source",
-        help="source disk URI: file:PATH, a plain path, nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH",
+        help="source disk URI: file:PATH, a plain path, nbd://HOST:PORT/EXPORT, "
+        "nbd+unix:///EXPORT?socket=PATH, rbd:POOL/IMAGE@SNAP[?from_snap=S&conf=PATH&id=NAME&keyring=PATH]",
     )
     s.add_argument(
         "target",
