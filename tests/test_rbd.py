@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -280,3 +283,34 @@ def test_cephx_user_syncs_and_bad_keys_are_refused(cephx_env: Rbd, tmp_path: Pat
     assert time.monotonic() - began < 30
     r = run_hamal("sync", f"rbd:rbd/{img}@s1?conf={conf}&id=hamal&keyring={tmp_path}/none", str(target))
     assert r.code == 1 and f"keyring {tmp_path}/none" in one_error_line(r.err), r.err
+
+
+def test_hung_osd_fails_the_sync_in_bounded_time_and_a_rerun_resumes(cephx_env: Rbd, tmp_path: Path) -> None:
+    img = cephx_env.new_image(64 * MIB)
+    cephx_env.io(img, *(f"write:{i * 4 * MIB}:{4 * MIB}:{100 + i}" for i in range(16)))
+    cephx_env.snap(img, "s1")
+    target = tmp_path / "disk.raw"
+    uri = cephx_env.uri(img, "s1", timeout="4")
+    cmd = [sys.executable, "-m", "hamal", "sync", uri, str(target), "--bwlimit", "8M", "--no-progress"]
+    env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
+    journal = Path(f"{target}.hamal-journal")
+    osd = cephx_env.cluster.pid_of("osd.0")
+    with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) as p:
+        # Let some chunks become durable (journaled), then freeze the OSD under the sync.
+        end = time.monotonic() + 60
+        while time.monotonic() < end and not (journal.exists() and journal.stat().st_size > 200):
+            time.sleep(0.1)
+        os.kill(osd, signal.SIGSTOP)
+        try:
+            began = time.monotonic()
+            _, err = p.communicate(timeout=60)
+            took = time.monotonic() - began
+        finally:
+            os.kill(osd, signal.SIGCONT)
+    assert p.returncode == 1, err
+    line = one_error_line(err)
+    assert "RBD read failed at offset" in line and "timed out" in line, err
+    assert took < 30, f"took {took:.1f} s"
+    again = sync(uri, str(target))
+    assert again["bytes_resumed"] > 0, again
+    assert target.read_bytes() == cephx_env.export(img, "s1")
