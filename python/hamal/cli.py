@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "source",
         help="source disk URI: file:PATH, a plain path, nbd://HOST:PORT/EXPORT, "
-        "nbd+unix:///EXPORT?socket=PATH, rbd:POOL/IMAGE@SNAP[?from_snap=S&conf=PATH&id=NAME&keyring=PATH]",
+        "nbd+unix:///EXPORT?socket=PATH, rbd:POOL/IMAGE@SNAP[?from_snap=S&conf=PATH&id=NAME&keyring=PATH], "
+        "vddk://USER@HOST/[DATASTORE] DIR/DISK.vmdk?vm=vm-N&snapshot=snapshot-N&thumbprint=SHA1"
+        "&password_file=PATH",
     )
     s.add_argument(
         "target",
@@ -167,7 +169,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
         writers=args.writers,
         queue_depth=args.queue_depth,
         checksum=args.checksum,
-        platform=args.platform,
+        # A VMware disk takes [period] vmware_release_cpu_time unless told otherwise.
+        platform=args.platform or ("vmware" if args.source.startswith("vddk://") else None),
         release_cpu_ms_per_mb=args.release_cpu_time,
         bwlimit_bps=args.bwlimit,
         io_mode=args.io,
@@ -305,6 +308,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         checksum=args.checksum,
         io_mode=args.io,
+        vddk=sync.vddk_settings(load_config(args.config)),
     )
     if args.json:
         print(json.dumps(report, indent=2))

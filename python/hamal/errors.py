@@ -13,6 +13,7 @@ from hamal._native import (
     StoreError,
     SyncCancelled,
     TargetError,
+    VddkError,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "StoreError",
     "SyncCancelled",
     "TargetError",
+    "VddkError",
 ]

@@ -75,7 +75,19 @@ class SyncOptions:
             "fsync_period_s": fsync,
             "fsync_timeout_s": v2["fsync_timeout"],
             "store": store_settings(cfg, self.key_file),
+            "vddk": vddk_settings(cfg),
         }
+
+
+def vddk_settings(cfg: _native.Config) -> dict[str, Any]:
+    """Where VDDK is and how it reads, from ``[vmware]`` (a ``vddk://`` URI's own ``libdir=`` and
+    ``transports=`` win)."""
+    vm = cfg.as_dict()["vmware"]
+    return {
+        "libdir": vm["vddk_libdir"],
+        "transports": vm["transport_modes"],
+        "max_read_blocks": vm["max_read_blocks"],
+    }
 
 
 def store_settings(cfg: _native.Config, key_file: str | None = None) -> dict[str, Any]:

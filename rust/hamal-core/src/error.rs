@@ -52,6 +52,11 @@ pub enum Error {
     #[error("{0}")]
     Ceph(String),
 
+    /// A VMware disk could not be read through VDDK (library missing, connection, thumbprint,
+    /// open or read errors with VDDK's text, the worker process crashed).
+    #[error("{0}")]
+    Vddk(String),
+
     /// `verify` found different content, or stored data failed its check.
     #[error("{0}")]
     Mismatch(String),

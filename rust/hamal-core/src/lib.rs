@@ -15,5 +15,6 @@ pub mod source;
 pub mod store;
 pub mod target;
 pub mod uri;
+pub mod vddk;
 
 pub use error::{Error, Result};

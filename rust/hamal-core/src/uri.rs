@@ -1,10 +1,11 @@
 //! Source and target URIs: `file:PATH` or a plain path, and the NBD forms (`nbd://`,
 //! `nbd+unix://`, `nbds://`), Ceph RBD snapshots (`rbd:`, sources only) and chunk stores (`dir:`,
-//! `s3://`). A later issue adds `vddk://`.
+//! `s3://`). VMware disks through VDDK (`vddk://`, sources only).
 
 use crate::ceph::RbdUri;
 use crate::nbd::NbdUri;
 use crate::store::StoreUri;
+use crate::vddk::VddkUri;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -18,6 +19,8 @@ pub enum DiskUri {
     Store(StoreUri),
     /// A Ceph RBD image (a source, read at a snapshot).
     Rbd(RbdUri),
+    /// A VMware disk at a snapshot, read through VDDK (a source).
+    Vddk(VddkUri),
 }
 
 impl DiskUri {
@@ -34,6 +37,9 @@ impl DiskUri {
         if let Some(rbd) = RbdUri::parse(s) {
             return Ok(DiskUri::Rbd(rbd?));
         }
+        if let Some(vddk) = VddkUri::parse(s) {
+            return Ok(DiskUri::Vddk(vddk?));
+        }
         if let Some(store) = StoreUri::parse(s) {
             return Ok(DiskUri::Store(store?));
         }
@@ -42,7 +48,7 @@ impl DiskUri {
                 return Ok(DiskUri::Nbd(NbdUri::parse(s)?));
             }
             return Err(Error::Plan(format!(
-                "unsupported URI scheme '{scheme}' in '{s}': use file:PATH, nbd://, nbd+unix://, nbds://, rbd:POOL/IMAGE@SNAP, dir:PATH, s3://BUCKET/PREFIX or a plain path"
+                "unsupported URI scheme '{scheme}' in '{s}': use file:PATH, nbd://, nbd+unix://, nbds://, rbd:POOL/IMAGE@SNAP, vddk://, dir:PATH, s3://BUCKET/PREFIX or a plain path"
             )));
         }
         Self::file(s, s)
@@ -59,7 +65,7 @@ impl DiskUri {
     pub fn file_path(&self) -> Option<&Path> {
         match self {
             DiskUri::File(p) => Some(p),
-            DiskUri::Nbd(_) | DiskUri::Store(_) | DiskUri::Rbd(_) => None,
+            DiskUri::Nbd(_) | DiskUri::Store(_) | DiskUri::Rbd(_) | DiskUri::Vddk(_) => None,
         }
     }
 }
@@ -71,8 +77,27 @@ impl std::fmt::Display for DiskUri {
             DiskUri::Nbd(u) => f.write_str(&u.text),
             DiskUri::Store(u) => f.write_str(&u.text),
             DiskUri::Rbd(u) => f.write_str(&u.text),
+            DiskUri::Vddk(u) => f.write_str(&u.text),
         }
     }
+}
+
+/// Decodes `%XX` escapes; `None` for a bad escape or non-UTF-8 result.
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

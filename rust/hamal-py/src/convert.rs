@@ -115,3 +115,27 @@ pub fn seconds(name: &str, s: f64) -> PyResult<Duration> {
         )))
     }
 }
+
+/// VDDK settings from a dict with `libdir`, `transports`, `max_read_blocks` (missing or empty
+/// keys keep their defaults).
+pub fn vddk_options(d: Option<&Bound<'_, PyDict>>) -> PyResult<hamal_core::vddk::VddkOptions> {
+    let mut o = hamal_core::vddk::VddkOptions::default();
+    let Some(d) = d else { return Ok(o) };
+    let bad = |k: &str, e: PyErr| PlanError::new_err(format!("vddk option '{k}': {e}"));
+    if let Some(v) = d.get_item("libdir")?.filter(|v| !v.is_none()) {
+        let s: String = v.extract().map_err(|e| bad("libdir", e))?;
+        if !s.is_empty() {
+            o.libdir = s.into();
+        }
+    }
+    if let Some(v) = d.get_item("transports")?.filter(|v| !v.is_none()) {
+        let s: String = v.extract().map_err(|e| bad("transports", e))?;
+        if !s.is_empty() {
+            o.transports = s;
+        }
+    }
+    if let Some(v) = d.get_item("max_read_blocks")?.filter(|v| !v.is_none()) {
+        o.max_read_blocks = v.extract().map_err(|e| bad("max_read_blocks", e))?;
+    }
+    Ok(o)
+}

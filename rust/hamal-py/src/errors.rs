@@ -55,6 +55,12 @@ create_exception!(
 );
 create_exception!(
     _native,
+    VddkError,
+    HamalError,
+    "A VMware disk could not be read through VDDK (library, connection, thumbprint, open, read, worker crash)."
+);
+create_exception!(
+    _native,
     MismatchError,
     HamalError,
     "Verification found different content."
@@ -82,6 +88,7 @@ pub fn to_py(e: &Error) -> PyErr {
         Error::Journal { .. } => JournalError::new_err(msg),
         Error::Store(_) => StoreError::new_err(msg),
         Error::Ceph(_) => CephError::new_err(msg),
+        Error::Vddk(_) => VddkError::new_err(msg),
         Error::Mismatch(_) => MismatchError::new_err(msg),
         Error::Cancelled => SyncCancelled::new_err(msg),
         Error::Internal(_) => InternalError::new_err(msg),
@@ -98,6 +105,7 @@ pub fn kind(e: &Error) -> &'static str {
         Error::Journal { .. } => "JournalError",
         Error::Store(_) => "StoreError",
         Error::Ceph(_) => "CephError",
+        Error::Vddk(_) => "VddkError",
         Error::Mismatch(_) => "MismatchError",
         Error::Cancelled => "SyncCancelled",
         Error::Internal(_) => "InternalError",
@@ -114,6 +122,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("JournalError", py.get_type::<JournalError>())?;
     m.add("StoreError", py.get_type::<StoreError>())?;
     m.add("CephError", py.get_type::<CephError>())?;
+    m.add("VddkError", py.get_type::<VddkError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;
     m.add("SyncCancelled", py.get_type::<SyncCancelled>())?;
     m.add("InternalError", py.get_type::<InternalError>())?;

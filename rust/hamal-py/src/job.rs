@@ -89,7 +89,7 @@ impl Job {
 #[pyfunction]
 #[pyo3(signature = (disks, *, chunk_size=4*1024*1024, readers=2, writers=1, queue_depth=4, parallel_disks=4,
     checksum=None, release_cpu_ms_per_mb=0, bwlimit_bps=None, io_mode="auto", memory_budget=256*1024*1024,
-    fsync_period_s=3.0, fsync_timeout_s=0, store=None))]
+    fsync_period_s=3.0, fsync_timeout_s=0, store=None, vddk=None))]
 pub fn start_sync(
     disks: Vec<Bound<'_, PyDict>>,
     chunk_size: u64,
@@ -105,6 +105,7 @@ pub fn start_sync(
     fsync_period_s: f64,
     fsync_timeout_s: u64,
     store: Option<Bound<'_, PyDict>>,
+    vddk: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Job> {
     let tuning = Tuning {
         chunk_size,
@@ -120,6 +121,7 @@ pub fn start_sync(
         fsync_period: convert::seconds("fsync period", fsync_period_s)?,
         fsync_warn_after: (fsync_timeout_s > 0).then(|| Duration::from_secs(fsync_timeout_s)),
         store: crate::store::options(store.as_ref())?,
+        vddk: convert::vddk_options(vddk.as_ref())?,
     };
     let disks = disks
         .iter()
@@ -133,7 +135,7 @@ pub fn start_sync(
 /// Compares source and target chunk by chunk; returns a report dict (see `VerifyReport`).
 #[pyfunction]
 #[pyo3(signature = (source, target, *, changed=None, changed_origin="changed list", chunk_size=4*1024*1024,
-    checksum="blake3", io_mode="auto"))]
+    checksum="blake3", io_mode="auto", vddk=None))]
 pub fn verify(
     py: Python<'_>,
     source: &str,
@@ -143,11 +145,13 @@ pub fn verify(
     chunk_size: u64,
     checksum: &str,
     io_mode: &str,
+    vddk: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Py<PyAny>> {
     let tuning = Tuning {
         chunk_size,
         checksum: convert::checksum(Some(checksum))?,
         io_mode: convert::io_mode(io_mode)?,
+        vddk: convert::vddk_options(vddk.as_ref())?,
         ..Tuning::default()
     };
     let to_py_err = |e: hamal_core::Error| errors::to_py(&e);

@@ -14,6 +14,13 @@ mod store;
 
 use pyo3::prelude::*;
 
+/// Runs this process as a VDDK worker (`python -m hamal._vddk_worker`, started by the engine
+/// for each VMware disk reader); returns its exit code.
+#[pyfunction]
+fn _vddk_worker_main(py: Python<'_>) -> i32 {
+    py.detach(hamal_core::vddk::worker::main)
+}
+
 /// Whether io_uring works on this host (None) or why not (a message).
 #[pyfunction]
 fn io_uring_status() -> Option<String> {
@@ -27,6 +34,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let logger = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Nothing)?.set_prefix("hamal");
     let _ = logger.install(); // already installed when the module is re-imported
     errors::register(m)?;
+    // VDDK never loads into this process: the engine starts this interpreter as its worker.
+    let python: String = m.py().import("sys")?.getattr("executable")?.extract()?;
+    hamal_core::vddk::set_worker_command(vec![python, "-m".into(), "hamal._vddk_worker".into()]);
     m.add_class::<job::Job>()?;
     m.add_class::<config::Config>()?;
     m.add_function(wrap_pyfunction!(job::start_sync, m)?)?;
@@ -42,6 +52,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ceph::rbd_remove_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(ceph::rbd_protect_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(io_uring_status, m)?)?;
+    m.add_function(wrap_pyfunction!(_vddk_worker_main, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -162,6 +162,10 @@ config_schema! {
         disk_flag_size: u64 = 48u64, check::range(1, 1048576);
         /// 512-byte sectors per VDDK read.
         max_read_blocks: u64 = 1024u64, check::range(1, 65536);
+        /// Where VMware's VDDK was unpacked (it holds lib64/libvixDiskLib.so.N).
+        vddk_libdir: String = "/usr/lib/vmware-vix-disklib", check::absolute_path;
+        /// VDDK transport modes, tried in order.
+        transport_modes: String = "nbdssl:nbd";
     }
     ["openstack_ceph"] openstack_ceph: OpenstackCephSection {
         skip_disk_flag: bool = false;

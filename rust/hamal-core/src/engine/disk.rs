@@ -15,7 +15,7 @@ use super::throttle::{release_cpu, Pacer};
 use crate::checksum::{is_zero, ChunkHasher, ContentDigest, Digest};
 use crate::extent::{ChunkWork, ExtentMap};
 use crate::io::{ReadReq, WriteReq};
-use crate::source::{FileSource, NbdSource, RbdSource, Source};
+use crate::source::{FileSource, NbdSource, RbdSource, Source, VddkSource};
 use crate::store::{StoreSource, StoreTarget};
 use crate::target::{CommitInfo, FileTarget, NbdTarget, Target};
 use crate::uri::DiskUri;
@@ -97,8 +97,8 @@ pub(crate) fn read_requests<'b>(chunk: &ChunkWork, buf: &'b mut [u8]) -> Vec<Rea
     reqs
 }
 
-pub(crate) const RBD_IS_SOURCE: &str =
-    "an RBD image is a source only; sync it to a file, device, NBD export or store";
+pub(crate) const SOURCE_ONLY: &str =
+    "RBD images and VDDK disks are sources only; sync them to a file, device, NBD export or store";
 
 pub(crate) fn open_source(
     uri: &DiskUri,
@@ -106,12 +106,14 @@ pub(crate) fn open_source(
     bitmap: Option<&str>,
     disk_id: &str,
     version: Option<&str>,
+    full: bool,
 ) -> Result<Box<dyn Source>> {
     match uri {
         DiskUri::File(p) => Ok(Box::new(FileSource::open(p, t.io_mode)?)),
         DiskUri::Nbd(u) => Ok(Box::new(NbdSource::open(u, bitmap)?)),
         DiskUri::Store(u) => Ok(Box::new(StoreSource::open(u, &t.store, disk_id, version)?)),
         DiskUri::Rbd(u) => Ok(Box::new(RbdSource::open(u)?)),
+        DiskUri::Vddk(u) => Ok(Box::new(VddkSource::open(u, &t.vddk, full)?)),
     }
 }
 
@@ -127,7 +129,9 @@ fn open_target(plan: &DiskPlan, size: u64, t: &Tuning, full: bool) -> Result<Box
             t.chunk_size,
             full,
         )?)),
-        DiskUri::Rbd(u) => Err(Error::Plan(format!("{}: {RBD_IS_SOURCE}", u.text))),
+        DiskUri::Rbd(_) | DiskUri::Vddk(_) => {
+            Err(Error::Plan(format!("{}: {SOURCE_ONLY}", plan.target)))
+        }
     }
 }
 
@@ -187,6 +191,7 @@ impl DiskRun<'_> {
             plan.bitmap.as_deref(),
             &plan.disk_id,
             plan.version.as_deref(),
+            plan.changed.is_none(),
         )?;
         let size = source.size();
         let changed = match &plan.changed {

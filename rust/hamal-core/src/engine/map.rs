@@ -18,7 +18,7 @@ pub struct SourceMap {
 }
 
 pub fn map_source(uri: &DiskUri, bitmap: Option<&str>) -> Result<SourceMap> {
-    let src = open_source(uri, &Tuning::default(), bitmap, "", None)?;
+    let src = open_source(uri, &Tuning::default(), bitmap, "", None, true)?;
     let pairs =
         |m: crate::extent::ExtentMap| m.extents().iter().map(|e| (e.offset, e.len)).collect();
     Ok(SourceMap {

@@ -4,6 +4,7 @@ use crate::checksum::ChecksumKind;
 use crate::io::IoMode;
 use crate::store::StoreOptions;
 use crate::uri::DiskUri;
+use crate::vddk::VddkOptions;
 use crate::{Error, Result};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -40,6 +41,8 @@ pub struct Tuning {
     pub fsync_warn_after: Option<Duration>,
     /// How chunk stores are opened (compression, key, S3 connection, metadata copies).
     pub store: StoreOptions,
+    /// Where VDDK is and how it reads (`[vmware]`).
+    pub vddk: VddkOptions,
 }
 
 impl Default for Tuning {
@@ -58,6 +61,7 @@ impl Default for Tuning {
             fsync_period: Duration::from_secs(3),
             fsync_warn_after: None,
             store: StoreOptions::default(),
+            vddk: VddkOptions::default(),
         }
     }
 }
@@ -164,12 +168,12 @@ impl JobPlan {
                     d.disk_id
                 )));
             }
-            if let DiskUri::Rbd(u) = &d.target {
+            if let DiskUri::Rbd(_) | DiskUri::Vddk(_) = &d.target {
                 return Err(Error::Plan(format!(
                     "disk '{}': target {}: {}",
                     d.disk_id,
-                    u.text,
-                    super::disk::RBD_IS_SOURCE
+                    d.target,
+                    super::disk::SOURCE_ONLY
                 )));
             }
             if let (DiskUri::Rbd(u), Some(_)) = (&d.source, &d.changed) {

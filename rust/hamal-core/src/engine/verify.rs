@@ -34,8 +34,8 @@ pub fn verify(
     check_chunk_size(tuning.chunk_size)?;
     let kind = tuning.checksum.unwrap_or(ChecksumKind::Blake3);
     let (src, tgt) = (
-        open_source(source, tuning, None, "", None)?,
-        open_source(target, tuning, None, "", None)?,
+        open_source(source, tuning, None, "", None, changed.is_none())?,
+        open_source(target, tuning, None, "", None, changed.is_none())?,
     );
     let size = src.size();
     if tgt.size() < size {

@@ -1,6 +1,7 @@
 //! NBD URIs as in the NBD URI specification: `nbd://HOST[:PORT]/EXPORT`,
 //! `nbd+unix:///EXPORT?socket=PATH`; `nbds://` and `nbds+unix://` ask for TLS.
 
+use crate::uri::percent_decode;
 use crate::{Error, Result};
 use std::path::PathBuf;
 
@@ -100,23 +101,6 @@ fn split_host_port(authority: &str) -> Option<(String, u16)> {
         None => 10809,
     };
     Some((host.to_owned(), port))
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -4,10 +4,12 @@
 pub(crate) mod file;
 pub(crate) mod nbd;
 pub(crate) mod rbd;
+pub(crate) mod vddk;
 
 pub use file::FileSource;
 pub use nbd::NbdSource;
 pub use rbd::RbdSource;
+pub use vddk::VddkSource;
 
 use crate::extent::ExtentMap;
 use crate::io::ReadReq;

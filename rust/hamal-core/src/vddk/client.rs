@@ -1,0 +1,284 @@
+//! The engine's side of a VDDK worker process: start it, open the disk, ask for allocation
+//! and reads, and turn a crash of VDDK into an error for that disk only.
+
+use super::protocol::*;
+use super::{worker_command, VddkOptions, VddkUri};
+use crate::extent::{Extent, ExtentMap};
+use crate::io::ReadReq;
+use crate::{Error, Result};
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Lines of the worker's stderr kept for the message when it dies.
+const TAIL_LINES: usize = 8;
+
+pub struct Worker {
+    child: Child,
+    to: ChildStdin,
+    from: BufReader<ChildStdout>,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    stderr: Option<JoinHandle<()>>,
+    name: String,
+}
+
+impl Worker {
+    /// Starts a worker and opens the disk of `uri` in it.
+    pub fn start(uri: &VddkUri, opts: &VddkOptions) -> Result<(Worker, Opened)> {
+        let name = format!("VDDK disk '{}' of {} on {}", uri.disk, uri.vm, uri.server);
+        let fail = |what: String| Error::Vddk(format!("{name}: {what}"));
+        let secret = |path: &std::path::Path, what: &str| {
+            std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+                .map_err(|e| {
+                    fail(format!(
+                        "cannot read the {what} file {}: {e}",
+                        path.display()
+                    ))
+                })
+        };
+        let libdir = uri.libdir.clone().unwrap_or_else(|| opts.libdir.clone());
+        let req = OpenRequest {
+            libdir: libdir.display().to_string(),
+            config: uri.config.as_ref().map(|c| c.display().to_string()),
+            server: uri.server.clone(),
+            port: uri.port,
+            nfc_host_port: uri.nfc_host_port,
+            user: uri.user.clone(),
+            password: uri
+                .password_file
+                .as_deref()
+                .map(|p| secret(p, "password"))
+                .transpose()?,
+            cookie: uri
+                .cookie_file
+                .as_deref()
+                .map(|p| secret(p, "cookie"))
+                .transpose()?,
+            thumbprint: uri.thumbprint.clone(),
+            vm: uri.vm.clone(),
+            snapshot: uri.snapshot.clone(),
+            disk: uri.disk.clone(),
+            transports: uri
+                .transports
+                .clone()
+                .unwrap_or_else(|| opts.transports.clone()),
+            max_read_blocks: u64::from(opts.max_read_blocks),
+        };
+        let cmd = worker_command().map_err(&fail)?;
+        let lib64 = libdir.join("lib64");
+        let mut path = lib64.into_os_string();
+        if let Some(old) = std::env::var_os("LD_LIBRARY_PATH").filter(|o| !o.is_empty()) {
+            path.push(":");
+            path.push(old);
+        }
+        let mut child = Command::new(&cmd[0])
+            .args(&cmd[1..])
+            .env("LD_LIBRARY_PATH", path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| fail(format!("cannot start the VDDK worker {}: {e}", cmd[0])))?;
+        let (to, from, err) = (
+            child.stdin.take().unwrap(),
+            child.stdout.take().unwrap(),
+            child.stderr.take().unwrap(),
+        );
+        grow_pipe(&from);
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let stderr = Some(forward_stderr(err, tail.clone(), name.clone()));
+        let mut w = Worker {
+            child,
+            to,
+            from: BufReader::with_capacity(1 << 20, from),
+            tail,
+            stderr,
+            name,
+        };
+        let opened: Opened = w.call(OP_OPEN, &serde_json::to_vec(&req).unwrap())?;
+        drop(req);
+        tracing::info!(disk = %w.name, library = %opened.library, transport = %opened.transport,
+            sectors = opened.capacity_sectors, "VDDK disk open");
+        Ok((w, opened))
+    }
+
+    /// Sends one request and decodes a JSON reply.
+    fn call<T: serde::de::DeserializeOwned>(&mut self, op: u8, payload: &[u8]) -> Result<T> {
+        self.send(op, payload)?;
+        let len = self.expect(ST_OK)?;
+        let mut body = vec![0u8; len as usize];
+        self.from.read_exact(&mut body).map_err(|_| self.died())?;
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::Vddk(format!("{}: bad reply from the worker: {e}", self.name)))
+    }
+
+    fn send(&mut self, op: u8, payload: &[u8]) -> Result<()> {
+        write_request(&mut self.to, op, payload).map_err(|_| self.died())
+    }
+
+    /// Reads a reply header; an error reply becomes the disk's error.
+    fn expect(&mut self, status: u8) -> Result<u64> {
+        let (st, len) = read_reply_header(&mut self.from).map_err(|_| self.died())?;
+        if st == ST_ERR {
+            let mut msg = vec![0u8; len as usize];
+            self.from.read_exact(&mut msg).map_err(|_| self.died())?;
+            return Err(Error::Vddk(format!(
+                "{}: {}",
+                self.name,
+                String::from_utf8_lossy(&msg)
+            )));
+        }
+        if st != status {
+            return Err(Error::Vddk(format!(
+                "{}: unexpected reply {st} from the worker",
+                self.name
+            )));
+        }
+        Ok(len)
+    }
+
+    /// Allocated extents, or `None` when VDDK cannot tell (then the whole disk is read and
+    /// its zeros detected, as for a library without QueryAllocatedBlocks).
+    pub fn allocated(&mut self, chunk_sectors: u64) -> Result<Option<ExtentMap>> {
+        let a: Allocated = self.call(OP_ALLOCATED, &chunk_sectors.to_le_bytes())?;
+        if let Some(why) = &a.reason {
+            tracing::debug!(disk = %self.name, "no allocation map, reading the whole disk: {why}");
+        }
+        Ok(a.ranges
+            .map(|r| ExtentMap::from_extents(r.into_iter().map(|(o, l)| Extent::new(o, l)))))
+    }
+
+    pub fn read(&mut self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
+        let pairs = encode_reads(reqs.iter().map(|r| (r.offset, r.buf.len() as u64)));
+        self.send(OP_READ, &pairs)?;
+        let len = self.expect(ST_DATA)?;
+        let want: u64 = reqs.iter().map(|r| r.buf.len() as u64).sum();
+        if len != want {
+            return Err(Error::Vddk(format!(
+                "{}: worker sent {len} bytes for {want}",
+                self.name
+            )));
+        }
+        for r in reqs.iter_mut() {
+            if self.from.read_exact(r.buf).is_err() {
+                return Err(self.died_at(r.offset));
+            }
+        }
+        Ok(())
+    }
+
+    fn died_at(&mut self, offset: u64) -> Error {
+        match self.died() {
+            Error::Vddk(m) => Error::Vddk(format!("{m} (reading at offset {offset})")),
+            e => e,
+        }
+    }
+
+    /// The error for a worker that stopped answering: how it ended and its last words.
+    fn died(&mut self) -> Error {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => break None,
+            }
+        };
+        if let Some(t) = self.stderr.take() {
+            let _ = t.join();
+        }
+        let how = match status {
+            Some(s) => match s.signal() {
+                Some(sig) => format!("was killed by signal {sig} ({})", signal_name(sig)),
+                None => format!("exited with code {}", s.code().unwrap_or(-1)),
+            },
+            None => "stopped answering".to_owned(),
+        };
+        let tail: Vec<String> = self.tail.lock().unwrap().iter().cloned().collect();
+        let last = if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; its last messages: {}", tail.join(" | "))
+        };
+        Error::Vddk(format!(
+            "{}: the VDDK worker process {how}{last}",
+            self.name
+        ))
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        // QUIT lets the worker Close, Disconnect and Exit; a hung library is killed.
+        let _ = write_request(&mut self.to, OP_QUIT, &[]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.child.try_wait() {
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Ok(None) => {
+                    tracing::warn!(disk = %self.name, "VDDK worker did not exit; killing it");
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                _ => break,
+            }
+        }
+        if let Some(t) = self.stderr.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Moves the worker's stderr into the log (`LEVEL text` lines), keeping the last few lines.
+fn forward_stderr(
+    err: std::process::ChildStderr,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    name: String,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(|l| l.ok()) {
+            let (level, text) = line.split_once(' ').unwrap_or(("info", line.as_str()));
+            match level {
+                "debug" => tracing::debug!(disk = %name, "{text}"),
+                "warn" => tracing::warn!(disk = %name, "{text}"),
+                "error" => tracing::error!(disk = %name, "{text}"),
+                _ => tracing::info!(disk = %name, "{line}"),
+            }
+            let mut t = tail.lock().unwrap();
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(text.to_owned());
+        }
+    })
+}
+
+/// A 1 MiB pipe moves a read batch in fewer wake-ups (best effort).
+fn grow_pipe(p: &ChildStdout) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a pipe fd this process owns; failure leaves the default size.
+    unsafe { libc::fcntl(p.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        _ => "signal",
+    }
+}

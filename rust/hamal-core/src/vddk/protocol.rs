@@ -1,0 +1,139 @@
+//! The pipe protocol between the engine and its VDDK worker process.
+//!
+//! Requests: `[op u8][len u32 LE][payload]`. The first is `OPEN` with an [`OpenRequest`] as
+//! JSON; then `ALLOCATED` (no payload), `READ` (pairs of `u64 LE` byte offset and length) and
+//! `QUIT`. Replies: `[status u8][len u64 LE][payload]`: `OK` with JSON, `ERR` with a message, or
+//! `DATA` with the bytes of a `READ`, in request order.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+
+pub const OP_OPEN: u8 = b'O';
+pub const OP_ALLOCATED: u8 = b'A';
+pub const OP_READ: u8 = b'R';
+pub const OP_QUIT: u8 = b'Q';
+
+pub const ST_OK: u8 = 0;
+pub const ST_ERR: u8 = 1;
+pub const ST_DATA: u8 = 2;
+
+/// Everything the worker needs to open one disk. Holds the password or cookie, so it has no
+/// `Debug` and is only ever written to the worker's pipe.
+#[derive(Serialize, Deserialize)]
+pub struct OpenRequest {
+    pub libdir: String,
+    pub config: Option<String>,
+    pub server: String,
+    pub port: Option<u16>,
+    pub nfc_host_port: Option<u32>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub cookie: Option<String>,
+    pub thumbprint: String,
+    pub vm: String,
+    pub snapshot: String,
+    pub disk: String,
+    pub transports: String,
+    /// Sectors per VDDK read call (`[vmware] max_read_blocks`).
+    pub max_read_blocks: u64,
+}
+
+/// What the worker reports once the disk is open.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Opened {
+    pub capacity_sectors: u64,
+    pub transport: String,
+    pub library: String,
+    pub major: u32,
+    pub optional_symbols: Vec<String>,
+}
+
+/// Reply to `ALLOCATED`: byte ranges, or `None` when the library cannot tell (no
+/// `QueryAllocatedBlocks`, or it failed: `reason` says which).
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Allocated {
+    pub ranges: Option<Vec<(u64, u64)>>,
+    pub reason: Option<String>,
+}
+
+pub fn write_request(w: &mut impl Write, op: u8, payload: &[u8]) -> io::Result<()> {
+    let mut head = [0u8; 5];
+    head[0] = op;
+    head[1..].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    w.write_all(&head)?;
+    w.write_all(payload)?;
+    w.flush()
+}
+
+/// The next request, or `None` when the other side closed the pipe.
+pub fn read_request(r: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
+    let mut head = [0u8; 5];
+    match r.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(head[1..].try_into().unwrap()) as usize;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    Ok(Some((head[0], payload)))
+}
+
+pub fn write_reply(w: &mut impl Write, status: u8, payload: &[u8]) -> io::Result<()> {
+    let mut head = [0u8; 9];
+    head[0] = status;
+    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    w.write_all(&head)?;
+    w.write_all(payload)?;
+    w.flush()
+}
+
+pub fn read_reply_header(r: &mut impl Read) -> io::Result<(u8, u64)> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head)?;
+    Ok((head[0], u64::from_le_bytes(head[1..].try_into().unwrap())))
+}
+
+pub fn encode_reads(pairs: impl Iterator<Item = (u64, u64)>) -> Vec<u8> {
+    pairs
+        .flat_map(|(o, l)| o.to_le_bytes().into_iter().chain(l.to_le_bytes()))
+        .collect()
+}
+
+pub fn decode_reads(payload: &[u8]) -> Vec<(u64, u64)> {
+    payload
+        .chunks_exact(16)
+        .map(|c| {
+            let (o, l) = c.split_at(8);
+            (
+                u64::from_le_bytes(o.try_into().unwrap()),
+                u64::from_le_bytes(l.try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mut buf = Vec::new();
+        write_request(
+            &mut buf,
+            OP_READ,
+            &encode_reads([(512, 4096), (1 << 40, 512)].into_iter()),
+        )
+        .unwrap();
+        let (op, payload) = read_request(&mut buf.as_slice()).unwrap().unwrap();
+        assert_eq!(op, OP_READ);
+        assert_eq!(decode_reads(&payload), vec![(512, 4096), (1 << 40, 512)]);
+        assert!(read_request(&mut [].as_slice()).unwrap().is_none());
+        let mut out = Vec::new();
+        write_reply(&mut out, ST_ERR, b"boom").unwrap();
+        let mut r = out.as_slice();
+        assert_eq!(read_reply_header(&mut r).unwrap(), (ST_ERR, 4));
+        assert_eq!(r, b"boom");
+    }
+}

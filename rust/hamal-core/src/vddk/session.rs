@@ -1,0 +1,392 @@
+//! One open VDDK disk inside the worker process: InitEx, ConnectEx, Open, reads, and on every
+//! path out (success, error, parent gone) Close, Disconnect and Exit, in that order.
+
+use super::protocol::{Allocated, OpenRequest, Opened};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use vmware_vddk_sys as sys;
+
+pub struct Session {
+    api: sys::Api,
+    initialised: bool,
+    conn: sys::Connection,
+    handle: sys::Handle,
+    pub capacity: u64,
+    max_read: u64,
+    server: String,
+}
+
+fn cstring(what: &str, s: &str) -> Result<CString, String> {
+    CString::new(s).map_err(|_| format!("{what} contains a NUL byte"))
+}
+
+impl Session {
+    pub fn open(req: &OpenRequest) -> Result<(Session, Opened), String> {
+        let api = sys::Api::load(Path::new(&req.libdir))?;
+        let mut s = Session {
+            api,
+            initialised: false,
+            conn: std::ptr::null_mut(),
+            handle: std::ptr::null_mut(),
+            capacity: 0,
+            max_read: req.max_read_blocks.max(1),
+            server: req.server.clone(),
+        };
+        let libdir = cstring("libdir", &req.libdir)?;
+        let config = req
+            .config
+            .as_deref()
+            .map(|c| cstring("config", c))
+            .transpose()?;
+        // SAFETY: the log functions match VixDiskLibGenericLogFunc; the strings outlive the call.
+        let err = unsafe {
+            (s.api.init_ex)(
+                s.api.major,
+                0,
+                Some(log_debug),
+                Some(log_warn),
+                Some(log_panic),
+                libdir.as_ptr(),
+                config.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            )
+        };
+        s.check(err, "InitEx")?;
+        s.initialised = true;
+        s.connect(req)?;
+        let path = cstring("disk path", &req.disk)?;
+        let mut handle = std::ptr::null_mut();
+        // SAFETY: `conn` is connected; `path` is NUL-terminated; `handle` is an out-parameter.
+        let err = unsafe { (s.api.open)(s.conn, path.as_ptr(), sys::OPEN_READ_ONLY, &mut handle) };
+        s.check(err, "Open")?;
+        s.handle = handle;
+        let mut info: *mut sys::Info = std::ptr::null_mut();
+        // SAFETY: `handle` is open; `info` is an out-parameter freed below.
+        let err = unsafe { (s.api.get_info)(s.handle, &mut info) };
+        s.check(err, "GetInfo")?;
+        // SAFETY: GetInfo succeeded, so `info` points at a VixDiskLibInfo of this library's
+        // version; only the fields every version has are read.
+        s.capacity = unsafe { (*info).capacity };
+        // SAFETY: `info` came from GetInfo and is freed once.
+        unsafe { (s.api.free_info)(info) };
+        // SAFETY: `handle` is open; the result is a static string or NULL.
+        let mode = unsafe { (s.api.get_transport_mode)(s.handle) };
+        let transport = if mode.is_null() {
+            String::new()
+        } else {
+            // SAFETY: non-NULL, NUL-terminated, owned by the library.
+            unsafe { CStr::from_ptr(mode) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        let opened = Opened {
+            capacity_sectors: s.capacity,
+            transport,
+            library: s.api.path.display().to_string(),
+            major: s.api.major,
+            optional_symbols: s
+                .api
+                .optional_present()
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
+        };
+        Ok((s, opened))
+    }
+
+    fn check(&self, err: sys::VixError, call: &str) -> Result<(), String> {
+        if err == sys::VIX_OK {
+            return Ok(());
+        }
+        Err(format!("{call} failed: {}", self.api.error_text(err)))
+    }
+
+    fn connect(&mut self, req: &OpenRequest) -> Result<(), String> {
+        let text = |what: &str, v: &str| cstring(what, v);
+        let vmx = text("vm", &format!("moref={}", req.vm))?;
+        let server = text("server", &req.server)?;
+        let thumb = text("thumbprint", &req.thumbprint)?;
+        let user = req.user.as_deref().map(|u| text("user", u)).transpose()?;
+        let secret = match (&req.password, &req.cookie) {
+            (Some(p), _) => text("password", p)?,
+            (None, Some(c)) => text("cookie", c)?,
+            (None, None) => return Err("no password or cookie".into()),
+        };
+        let snapshot = text("snapshot", &req.snapshot)?;
+        let modes = text("transports", &req.transports)?;
+        let owned = self.api.allocate_connect_params.is_none();
+        let params: *mut sys::ConnectParams = match self.api.allocate_connect_params {
+            // SAFETY: AllocateConnectParams returns a zeroed struct the library owns.
+            Some(alloc) => unsafe { alloc() },
+            // SAFETY: an all-zero ConnectParams (NULL pointers, zero numbers) is valid.
+            None => Box::into_raw(Box::new(unsafe {
+                std::mem::zeroed::<sys::ConnectParams>()
+            })),
+        };
+        if params.is_null() {
+            return Err("AllocateConnectParams returned NULL".into());
+        }
+        // SAFETY: `params` is valid and exclusively ours until freed below; the strings it
+        // points to live until after ConnectEx.
+        let err = unsafe {
+            let p = &mut *params;
+            p.vmx_spec = vmx.as_ptr().cast_mut();
+            p.server_name = server.as_ptr().cast_mut();
+            p.thumb_print = thumb.as_ptr().cast_mut();
+            p.port = req.port.map_or(0, u32::from);
+            p.nfc_host_port = req.nfc_host_port.unwrap_or(0);
+            let user = user
+                .as_ref()
+                .map_or(std::ptr::null_mut(), |u| u.as_ptr().cast_mut());
+            if req.password.is_some() {
+                p.cred_type = sys::CRED_UID;
+                p.creds.uid = sys::UidPasswdCreds {
+                    user_name: user,
+                    password: secret.as_ptr().cast_mut(),
+                };
+            } else {
+                p.cred_type = sys::CRED_SESSIONID;
+                p.creds.session_id = sys::SessionIdCreds {
+                    cookie: secret.as_ptr().cast_mut(),
+                    user_name: user,
+                    key: std::ptr::null_mut(),
+                };
+            }
+            let mut conn = std::ptr::null_mut();
+            let err =
+                (self.api.connect_ex)(params, 1, snapshot.as_ptr(), modes.as_ptr(), &mut conn);
+            // The library may keep pointers only during the call: clear ours before freeing.
+            p.vmx_spec = std::ptr::null_mut();
+            p.server_name = std::ptr::null_mut();
+            p.thumb_print = std::ptr::null_mut();
+            p.creds.reserved = std::ptr::null_mut();
+            self.conn = if err == sys::VIX_OK {
+                conn
+            } else {
+                std::ptr::null_mut()
+            };
+            err
+        };
+        if owned {
+            // SAFETY: allocated by Box above, freed once.
+            drop(unsafe { Box::from_raw(params) });
+        } else if let Some(free) = self.api.free_connect_params {
+            // SAFETY: allocated by AllocateConnectParams, freed once.
+            unsafe { free(params) };
+        }
+        self.check(err, &format!("ConnectEx to {}", self.server))
+    }
+
+    /// Reads `reqs` (byte offset, length; sector-aligned) into `out`, back to back. Each
+    /// range is cut into calls of at most `max_read_blocks` sectors, issued with ReadAsync
+    /// and awaited together when the library has it.
+    pub fn read(&mut self, reqs: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), String> {
+        let total: u64 = reqs.iter().map(|r| r.1).sum();
+        out.clear();
+        out.resize(total as usize, 0);
+        let mut pieces = Vec::new();
+        let mut pos = 0u64;
+        for &(offset, len) in reqs {
+            if offset % sys::SECTOR_SIZE != 0 || len % sys::SECTOR_SIZE != 0 {
+                return Err(format!(
+                    "read at offset {offset} of {len} bytes is not sector-aligned"
+                ));
+            }
+            let (mut sector, mut left) = (offset / sys::SECTOR_SIZE, len / sys::SECTOR_SIZE);
+            while left > 0 {
+                let n = left.min(self.max_read);
+                pieces.push((sector, n, pos));
+                (sector, left, pos) = (sector + n, left - n, pos + n * sys::SECTOR_SIZE);
+            }
+        }
+        match (self.api.read_async, self.api.wait) {
+            (Some(read_async), Some(wait)) => self.read_async(&pieces, out, read_async, wait),
+            _ => pieces.iter().try_for_each(|&(sector, n, at)| {
+                let buf = &mut out[at as usize..(at + n * sys::SECTOR_SIZE) as usize];
+                // SAFETY: `handle` is open; `buf` holds `n` sectors.
+                let err = unsafe { (self.api.read)(self.handle, sector, n, buf.as_mut_ptr()) };
+                self.check(err, &read_what(sector, n))
+            }),
+        }
+    }
+
+    fn read_async(
+        &self,
+        pieces: &[(u64, u64, u64)],
+        out: &mut [u8],
+        read_async: unsafe extern "C" fn(
+            sys::Handle,
+            u64,
+            u64,
+            *mut u8,
+            sys::CompletionFn,
+            *mut c_void,
+        ) -> sys::VixError,
+        wait: unsafe extern "C" fn(sys::Handle) -> sys::VixError,
+    ) -> Result<(), String> {
+        // One slot per call; the Vec is never resized while reads are queued.
+        let slots: Vec<Slot> = pieces.iter().map(|_| Slot::default()).collect();
+        let mut first_err = None;
+        for (i, &(sector, n, at)) in pieces.iter().enumerate() {
+            // SAFETY: `out[at..]` holds `n` sectors and `slots[i]` lives until Wait returns
+            // below; the callback only touches the slot's atomics.
+            let err = unsafe {
+                let buf = out.as_mut_ptr().add(at as usize);
+                read_async(
+                    self.handle,
+                    sector,
+                    n,
+                    buf,
+                    on_complete,
+                    (&slots[i] as *const Slot).cast_mut().cast(),
+                )
+            };
+            if err != sys::VIX_ASYNC && err != sys::VIX_OK {
+                first_err = Some(self.check(err, &read_what(sector, n)).unwrap_err());
+                break;
+            }
+            if err == sys::VIX_OK && !slots[i].done.load(Ordering::Acquire) {
+                // Completed at once without a callback.
+                slots[i].done.store(true, Ordering::Release);
+            }
+        }
+        // SAFETY: `handle` is open; Wait returns once every queued callback has run.
+        let err = unsafe { wait(self.handle) };
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        self.check(err, "Wait")?;
+        for (slot, &(sector, n, _)) in slots.iter().zip(pieces) {
+            if !slot.done.load(Ordering::Acquire) {
+                return Err(format!("{} did not complete by Wait", read_what(sector, n)));
+            }
+            self.check(slot.result.load(Ordering::Acquire), &read_what(sector, n))?;
+        }
+        Ok(())
+    }
+
+    /// Allocated byte ranges from QueryAllocatedBlocks, in chunks of `chunk` sectors.
+    pub fn allocated(&self, chunk: u64) -> Allocated {
+        let (Some(query), Some(free)) = (self.api.query_allocated_blocks, self.api.free_block_list)
+        else {
+            return Allocated {
+                ranges: None,
+                reason: Some(format!(
+                    "{} has no QueryAllocatedBlocks",
+                    self.api.path.display()
+                )),
+            };
+        };
+        let chunk = chunk.max(sys::MIN_CHUNK_SIZE);
+        let whole = self.capacity / chunk * chunk;
+        let (mut ranges, mut start): (Vec<(u64, u64)>, u64) = (Vec::new(), 0);
+        while start < whole {
+            let n = (whole - start).min(chunk * sys::MAX_CHUNK_NUMBER);
+            let mut list: *mut sys::BlockList = std::ptr::null_mut();
+            // SAFETY: `handle` is open; start and n are multiples of `chunk` within the disk.
+            let err = unsafe { query(self.handle, start, n, chunk, &mut list) };
+            if let Err(e) = self.check(err, "QueryAllocatedBlocks") {
+                return Allocated {
+                    ranges: None,
+                    reason: Some(e),
+                };
+            }
+            // SAFETY: on success `list` holds `num_blocks` entries in place of `blocks`.
+            unsafe {
+                let count = (*list).num_blocks as usize;
+                let blocks = std::ptr::addr_of!((*list).blocks).cast::<sys::Block>();
+                for b in std::slice::from_raw_parts(blocks, count) {
+                    ranges.push((b.offset * sys::SECTOR_SIZE, b.length * sys::SECTOR_SIZE));
+                }
+                free(list);
+            }
+            start += n;
+        }
+        if whole < self.capacity {
+            // A tail shorter than one chunk cannot be queried: count it as data.
+            ranges.push((
+                whole * sys::SECTOR_SIZE,
+                (self.capacity - whole) * sys::SECTOR_SIZE,
+            ));
+        }
+        Allocated {
+            ranges: Some(ranges),
+            reason: None,
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.handle.is_null() {
+            // SAFETY: opened by Open, closed once; no reads are in flight (reads wait).
+            unsafe { (self.api.close)(self.handle) };
+        }
+        if !self.conn.is_null() {
+            // SAFETY: connected by ConnectEx, disconnected once, after Close.
+            unsafe { (self.api.disconnect)(self.conn) };
+        }
+        if self.initialised {
+            // SAFETY: InitEx succeeded; Exit is the last call into the library.
+            unsafe { (self.api.exit)() };
+        }
+    }
+}
+
+fn read_what(sector: u64, n: u64) -> String {
+    format!(
+        "Read of {n} sectors at sector {sector} (offset {})",
+        sector * sys::SECTOR_SIZE
+    )
+}
+
+/// Result of one ReadAsync, set by its callback on a VDDK thread.
+#[derive(Default)]
+struct Slot {
+    result: AtomicU64,
+    done: AtomicBool,
+}
+
+unsafe extern "C" fn on_complete(data: *mut c_void, result: sys::VixError) {
+    // SAFETY: `data` is the `Slot` passed to ReadAsync, alive until Wait returns.
+    let slot = unsafe { &*data.cast::<Slot>() };
+    slot.result.store(result, Ordering::Release);
+    slot.done.store(true, Ordering::Release);
+}
+
+extern "C" {
+    /// `vsnprintf` with the `va_list` passed on as the pointer it is on this ABI.
+    fn vsnprintf(buf: *mut c_char, n: usize, fmt: *const c_char, args: *mut c_void) -> c_int;
+}
+
+/// Formats a VDDK log message and writes it to stderr as `LEVEL vddk: text`; the engine reads
+/// those lines into its log.
+unsafe fn emit(level: &str, fmt: *const c_char, args: *mut c_void) {
+    if fmt.is_null() {
+        return;
+    }
+    let mut buf = [0 as c_char; 2048];
+    // SAFETY: `fmt` and `args` are the pair VDDK passed to its log function; `buf` bounds the
+    // output and vsnprintf NUL-terminates it.
+    unsafe { vsnprintf(buf.as_mut_ptr(), buf.len(), fmt, args) };
+    // SAFETY: NUL-terminated by vsnprintf.
+    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
+    for line in msg.lines().filter(|l| !l.trim().is_empty()) {
+        eprintln!("{level} vddk: {}", line.trim_end());
+    }
+}
+
+unsafe extern "C" fn log_debug(fmt: *const c_char, args: *mut c_void) {
+    // SAFETY: forwarded from VDDK unchanged.
+    unsafe { emit("debug", fmt, args) }
+}
+
+unsafe extern "C" fn log_warn(fmt: *const c_char, args: *mut c_void) {
+    // SAFETY: forwarded from VDDK unchanged.
+    unsafe { emit("warn", fmt, args) }
+}
+
+unsafe extern "C" fn log_panic(fmt: *const c_char, args: *mut c_void) {
+    // SAFETY: forwarded from VDDK unchanged.
+    unsafe { emit("error", fmt, args) }
+}
