@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -285,3 +286,11 @@ def test_a_crash_mid_sync_then_a_rerun_resumes(libs, vm, tmp_path):
     again = sync_json(vm, uri, str(out))
     assert again["bytes_resumed"] > 0, again
     assert sha256(out) == sha256(vm.disk)
+
+
+def test_the_wheel_ships_the_worker_but_no_vddk():
+    from test_install import wheel
+
+    names = zipfile.ZipFile(wheel()).namelist()
+    assert "hamal/_vddk_worker.py" in names
+    assert not [n for n in names if "vixDiskLib" in n or "fake" in n], names

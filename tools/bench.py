@@ -288,7 +288,8 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")
-    ap.add_argument("--only", choices=["file", "nbd", "store", "rbd"], help="run only one group of cases")
+    groups = ["file", "nbd", "store", "rbd", "vddk"]
+    ap.add_argument("--only", choices=groups, help="run only one group of cases")
     a = ap.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -350,6 +351,10 @@ def main() -> int:
         from bench_rbd import rbd_benches
 
         out.update(rbd_benches(a.hamal, work, min(a.runs, 3)))
+    if a.only in (None, "vddk"):
+        from bench_vddk import vddk_benches
+
+        out.update(vddk_benches(a.hamal, work, a.runs))
     ok = all(r["ok"] for rows in out.values() for r in rows)
     (work / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\nresults in {work / 'results.json'}")

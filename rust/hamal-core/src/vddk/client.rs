@@ -2,13 +2,14 @@
 //! and reads, and turn a crash of VDDK into an error for that disk only.
 
 use super::protocol::*;
+use super::window::{Window, WINDOW_FD};
 use super::{worker_command, VddkOptions, VddkUri};
 use crate::extent::{Extent, ExtentMap};
 use crate::io::ReadReq;
 use crate::{Error, Result};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -23,6 +24,7 @@ pub struct Worker {
     from: BufReader<ChildStdout>,
     tail: Arc<Mutex<VecDeque<String>>>,
     stderr: Option<JoinHandle<()>>,
+    window: Window,
     name: String,
 }
 
@@ -76,12 +78,33 @@ impl Worker {
             path.push(":");
             path.push(old);
         }
-        let mut child = Command::new(&cmd[0])
+        let window = Window::create(WINDOW_BYTES)
+            .map_err(|e| fail(format!("cannot create the read window: {e}")))?;
+        let window_fd = window.fd();
+        let mut command = Command::new(&cmd[0]);
+        command
             .args(&cmd[1..])
             .env("LD_LIBRARY_PATH", path)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: between fork and exec only dup2 / fcntl run, which are async-signal-safe; the
+        // window ends up at WINDOW_FD without close-on-exec, so the worker inherits it.
+        unsafe {
+            command.pre_exec(move || {
+                // dup2 onto itself would keep close-on-exec: clear the flag instead.
+                let ok = if window_fd == WINDOW_FD {
+                    libc::fcntl(WINDOW_FD, libc::F_SETFD, 0) >= 0
+                } else {
+                    libc::dup2(window_fd, WINDOW_FD) >= 0
+                };
+                if !ok {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command
             .spawn()
             .map_err(|e| fail(format!("cannot start the VDDK worker {}: {e}", cmd[0])))?;
         let (to, from, err) = (
@@ -89,15 +112,15 @@ impl Worker {
             child.stdout.take().unwrap(),
             child.stderr.take().unwrap(),
         );
-        grow_pipe(&from);
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let stderr = Some(forward_stderr(err, tail.clone(), name.clone()));
         let mut w = Worker {
             child,
             to,
-            from: BufReader::with_capacity(1 << 20, from),
+            from: BufReader::new(from),
             tail,
             stderr,
+            window,
             name,
         };
         let opened: Opened = w.call(OP_OPEN, &serde_json::to_vec(&req).unwrap())?;
@@ -153,30 +176,53 @@ impl Worker {
             .map(|r| ExtentMap::from_extents(r.into_iter().map(|(o, l)| Extent::new(o, l)))))
     }
 
+    /// Fills every request, a window's worth per round trip.
     pub fn read(&mut self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
-        let pairs = encode_reads(reqs.iter().map(|r| (r.offset, r.buf.len() as u64)));
-        self.send(OP_READ, &pairs)?;
-        let len = self.expect(ST_DATA)?;
-        let want: u64 = reqs.iter().map(|r| r.buf.len() as u64).sum();
-        if len != want {
-            return Err(Error::Vddk(format!(
-                "{}: worker sent {len} bytes for {want}",
-                self.name
-            )));
-        }
-        for r in reqs.iter_mut() {
-            if self.from.read_exact(r.buf).is_err() {
-                return Err(self.died_at(r.offset));
+        let cap = self.window.len() as u64;
+        // Pieces (request index, offset in its buffer, disk offset, length) of one round trip.
+        let mut round: Vec<(usize, usize, u64, u64)> = Vec::new();
+        let mut used = 0u64;
+        for i in 0..reqs.len() {
+            let (offset, len) = (reqs[i].offset, reqs[i].buf.len() as u64);
+            let mut done = 0u64;
+            while done < len {
+                if used == cap {
+                    self.round_trip(&round, reqs)?;
+                    (round, used) = (Vec::new(), 0);
+                }
+                let n = (len - done).min(cap - used);
+                round.push((i, done as usize, offset + done, n));
+                (done, used) = (done + n, used + n);
             }
+        }
+        if !round.is_empty() {
+            self.round_trip(&round, reqs)?;
         }
         Ok(())
     }
 
-    fn died_at(&mut self, offset: u64) -> Error {
-        match self.died() {
-            Error::Vddk(m) => Error::Vddk(format!("{m} (reading at offset {offset})")),
-            e => e,
+    fn round_trip(
+        &mut self,
+        round: &[(usize, usize, u64, u64)],
+        reqs: &mut [ReadReq<'_>],
+    ) -> Result<()> {
+        self.send(OP_READ, &encode_reads(round.iter().map(|p| (p.2, p.3))))?;
+        let len = self.expect(ST_DATA)?;
+        let want: u64 = round.iter().map(|p| p.3).sum();
+        if len != want {
+            return Err(Error::Vddk(format!(
+                "{}: worker read {len} bytes of {want}",
+                self.name
+            )));
         }
+        let mut at = 0usize;
+        let window = self.window.bytes();
+        for &(i, into, _, n) in round {
+            let n = n as usize;
+            reqs[i].buf[into..into + n].copy_from_slice(&window[at..at + n]);
+            at += n;
+        }
+        Ok(())
     }
 
     /// The error for a worker that stopped answering: how it ended and its last words.
@@ -261,13 +307,6 @@ fn forward_stderr(
             t.push_back(text.to_owned());
         }
     })
-}
-
-/// A 1 MiB pipe moves a read batch in fewer wake-ups (best effort).
-fn grow_pipe(p: &ChildStdout) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: fcntl on a pipe fd this process owns; failure leaves the default size.
-    unsafe { libc::fcntl(p.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
 }
 
 fn signal_name(sig: i32) -> &'static str {

@@ -11,6 +11,7 @@ mod client;
 pub mod protocol;
 mod session;
 mod uri;
+mod window;
 pub mod worker;
 
 pub use client::Worker;

@@ -3,7 +3,8 @@
 //! Requests: `[op u8][len u32 LE][payload]`. The first is `OPEN` with an [`OpenRequest`] as
 //! JSON; then `ALLOCATED` (no payload), `READ` (pairs of `u64 LE` byte offset and length) and
 //! `QUIT`. Replies: `[status u8][len u64 LE][payload]`: `OK` with JSON, `ERR` with a message, or
-//! `DATA` with the bytes of a `READ`, in request order.
+//! `DATA` with no payload: the `len` bytes of a `READ` are at the start of the shared window
+//! (see `window`), in request order.
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
@@ -37,6 +38,9 @@ pub struct OpenRequest {
     /// Sectors per VDDK read call (`[vmware] max_read_blocks`).
     pub max_read_blocks: u64,
 }
+
+/// Bytes of the shared read window; one READ asks for at most this much.
+pub const WINDOW_BYTES: usize = 8 << 20;
 
 /// What the worker reports once the disk is open.
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -85,6 +89,15 @@ pub fn write_reply(w: &mut impl Write, status: u8, payload: &[u8]) -> io::Result
     head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
     w.write_all(&head)?;
     w.write_all(payload)?;
+    w.flush()
+}
+
+/// `DATA`: `len` bytes are ready in the window.
+pub fn write_data(w: &mut impl Write, len: u64) -> io::Result<()> {
+    let mut head = [0u8; 9];
+    head[0] = ST_DATA;
+    head[1..].copy_from_slice(&len.to_le_bytes());
+    w.write_all(&head)?;
     w.flush()
 }
 

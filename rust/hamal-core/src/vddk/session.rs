@@ -177,13 +177,17 @@ impl Session {
         self.check(err, &format!("ConnectEx to {}", self.server))
     }
 
-    /// Reads `reqs` (byte offset, length; sector-aligned) into `out`, back to back. Each
+    /// Reads `reqs` (byte offset, length; sector-aligned) into the start of `out`, back to back. Each
     /// range is cut into calls of at most `max_read_blocks` sectors, issued with ReadAsync
     /// and awaited together when the library has it.
-    pub fn read(&mut self, reqs: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), String> {
+    pub fn read(&mut self, reqs: &[(u64, u64)], out: &mut [u8]) -> Result<(), String> {
         let total: u64 = reqs.iter().map(|r| r.1).sum();
-        out.clear();
-        out.resize(total as usize, 0);
+        if total > out.len() as u64 {
+            return Err(format!(
+                "a read of {total} bytes does not fit the {} byte window",
+                out.len()
+            ));
+        }
         let mut pieces = Vec::new();
         let mut pos = 0u64;
         for &(offset, len) in reqs {

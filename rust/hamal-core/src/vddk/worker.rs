@@ -5,6 +5,7 @@
 
 use super::protocol::*;
 use super::session::Session;
+use super::window::{Window, WINDOW_FD};
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::FromRawFd;
@@ -12,6 +13,14 @@ use std::os::fd::FromRawFd;
 /// Runs the worker on fds 0 and 1 until the engine says QUIT or goes away; returns the exit
 /// code. Anything else that writes to stdout (VDDK itself) is sent to stderr instead.
 pub fn main() -> i32 {
+    // First, while WINDOW_FD cannot have been reused by this process.
+    let window = match Window::inherited() {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("error cannot map the read window (fd {WINDOW_FD}): {e}");
+            return 2;
+        }
+    };
     // SAFETY: dup/dup2 on the standard descriptors this process was started with.
     let proto = unsafe {
         let fd = libc::dup(1);
@@ -28,11 +37,12 @@ pub fn main() -> i32 {
     let input = unsafe { File::from_raw_fd(0) };
     serve(
         &mut BufReader::new(input),
-        &mut BufWriter::with_capacity(1 << 20, proto),
+        &mut BufWriter::new(proto),
+        window,
     )
 }
 
-pub fn serve(input: &mut impl Read, output: &mut impl Write) -> i32 {
+pub fn serve(input: &mut impl Read, output: &mut impl Write, mut window: Window) -> i32 {
     let req = match read_request(input) {
         Ok(Some((OP_OPEN, payload))) => serde_json::from_slice::<OpenRequest>(&payload),
         _ => {
@@ -58,14 +68,16 @@ pub fn serve(input: &mut impl Read, output: &mut impl Write) -> i32 {
     if write_reply(output, ST_OK, &serde_json::to_vec(&opened).unwrap()).is_err() {
         return 1;
     }
-    let mut buf = Vec::new();
     // A broken pipe or EOF means the engine is gone: fall through to the cleanup in Drop.
     while let Ok(Some((op, payload))) = read_request(input) {
         let sent = match op {
-            OP_READ => match session.read(&decode_reads(&payload), &mut buf) {
-                Ok(()) => write_reply(output, ST_DATA, &buf),
-                Err(e) => write_reply(output, ST_ERR, e.as_bytes()),
-            },
+            OP_READ => {
+                let reqs = decode_reads(&payload);
+                match session.read(&reqs, window.bytes_mut()) {
+                    Ok(()) => write_data(output, reqs.iter().map(|r| r.1).sum()),
+                    Err(e) => write_reply(output, ST_ERR, e.as_bytes()),
+                }
+            }
             OP_ALLOCATED => {
                 let chunk = payload
                     .get(..8)
