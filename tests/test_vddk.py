@@ -161,8 +161,12 @@ def test_full_and_incremental_into_a_store_restore_identical(libs, vm, tmp_path)
 
 def test_vddk6_without_optional_symbols_reads_synchronously(libs, vm, tmp_path):
     out = tmp_path / "disk.raw"
-    d = sync_json(vm, vm.uri(libs["v6"]), str(out))
+    r = hamal(vm, "-v", "sync", vm.uri(libs["v6"]), str(out), "--json", "--no-progress")
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
     assert sha256(out) == sha256(vm.disk)
+    # VDDK 6's VixDiskLibInfo has no sector sizes: they are not read.
+    assert "libvixDiskLib.so.6" in r.err and "sector_sizes=not reported" in r.err, r.err
     names = {c.name for c in vm.calls()}
     assert "Read" in names
     assert not names & {"ReadAsync", "Wait", "QueryAllocatedBlocks", "AllocateConnectParams"}, names
@@ -170,6 +174,23 @@ def test_vddk6_without_optional_symbols_reads_synchronously(libs, vm, tmp_path):
     assert sum(c.n() for c in read_calls(vm)) * SECTOR == 48 * MIB
     assert d["bytes_zero"] > 0
     assert_cleaned_up(vm)
+
+
+def test_session_cookie_transports_and_version_7_fields(libs, vm, tmp_path):
+    cookie = tmp_path / "cookie"
+    cookie.write_text("vmware_soap_session=abc123\n")
+    uri = vm.uri(libs["v8"], transports="hotadd:nbd").replace(
+        f"password_file={vm.password_file}", f"cookie_file={cookie}"
+    )
+    out = tmp_path / "disk.raw"
+    r = hamal(
+        vm, "-v", "sync", uri, str(out), "--no-progress", FAKE_VDDK_PASSWORD="vmware_soap_session=abc123"
+    )
+    assert r.code == 0, r.err
+    assert sha256(out) == sha256(vm.disk)
+    assert "sector_sizes=512/4096" in r.err and "abc123" not in r.err, r.err
+    connects = [c.args for c in vm.calls() if c.name == "ConnectEx"]
+    assert connects and all(a["cred"] == "session" and a["transports"] == "hotadd:nbd" for a in connects)
 
 
 def test_a_failing_query_of_allocated_blocks_is_skipped(libs, vm, tmp_path):

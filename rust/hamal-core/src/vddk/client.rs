@@ -125,8 +125,11 @@ impl Worker {
         };
         let opened: Opened = w.call(OP_OPEN, &serde_json::to_vec(&req).unwrap())?;
         drop(req);
+        let sector_sizes = opened
+            .sector_sizes
+            .map_or("not reported".into(), |(l, p)| format!("{l}/{p}"));
         tracing::info!(disk = %w.name, library = %opened.library, transport = %opened.transport,
-            sectors = opened.capacity_sectors, "VDDK disk open");
+            sectors = opened.capacity_sectors, sector_sizes = %sector_sizes, "VDDK disk open");
         Ok((w, opened))
     }
 

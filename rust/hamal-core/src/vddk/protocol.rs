@@ -50,6 +50,8 @@ pub struct Opened {
     pub library: String,
     pub major: u32,
     pub optional_symbols: Vec<String>,
+    /// Logical and physical sector sizes (VDDK 7 and later report them).
+    pub sector_sizes: Option<(u32, u32)>,
 }
 
 /// Reply to `ALLOCATED`: byte ranges, or `None` when the library cannot tell (no

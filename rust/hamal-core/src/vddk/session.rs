@@ -67,6 +67,13 @@ impl Session {
         // SAFETY: GetInfo succeeded, so `info` points at a VixDiskLibInfo of this library's
         // version; only the fields every version has are read.
         s.capacity = unsafe { (*info).capacity };
+        let sector_sizes = if s.api.major >= 7 {
+            // SAFETY: as above; the sector-size fields exist from VDDK 7 on, so an older
+            // library's (shorter) struct is never read past its end.
+            Some(unsafe { ((*info).logical_sector_size, (*info).physical_sector_size) })
+        } else {
+            None
+        };
         // SAFETY: `info` came from GetInfo and is freed once.
         unsafe { (s.api.free_info)(info) };
         // SAFETY: `handle` is open; the result is a static string or NULL.
@@ -90,6 +97,7 @@ impl Session {
                 .iter()
                 .map(|n| n.to_string())
                 .collect(),
+            sector_sizes,
         };
         Ok((s, opened))
     }
