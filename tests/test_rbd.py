@@ -215,7 +215,7 @@ def test_errors_name_what_is_wrong(rbd_env: Rbd, tmp_path: Path) -> None:
         assert r.code == 1, (uri, r.err)
         assert why in one_error_line(r.err), (uri, r.err)
     r = run_hamal("sync", str(tmp_path / "t.raw"), f"rbd:rbd/{img}@s1?conf={conf}")
-    assert r.code == 1 and "source only" in one_error_line(r.err), r.err
+    assert r.code == 1 and "sources only" in one_error_line(r.err), r.err
 
 
 def test_unreachable_monitors_fail_within_the_timeout(rbd_env: Rbd, tmp_path: Path) -> None:
