@@ -355,7 +355,7 @@ impl DiskRun<'_> {
                 });
             }
             s.spawn(move || {
-                if let Err(e) = self.flusher_loop(target, durable, live_writers) {
+                if let Err(e) = self.flusher_loop(durable, live_writers) {
                     fail(e);
                 }
             });
@@ -542,25 +542,11 @@ impl DiskRun<'_> {
         }
     }
 
-    /// While writers run: starts write-back of what they wrote every `WRITEBACK_BYTES` (so the
-    /// disk works during the copy instead of after it), and flushes + journals every
-    /// `fsync_period`. Writers never wait for either.
-    fn flusher_loop(
-        &self,
-        target: &dyn Target,
-        durable: &Durability,
-        live_writers: &AtomicUsize,
-    ) -> Result<()> {
-        const WRITEBACK_BYTES: u64 = 64 * 1024 * 1024;
+    /// While writers run: flushes + journals every `fsync_period`. Writers never wait for it.
+    fn flusher_loop(&self, durable: &Durability, live_writers: &AtomicUsize) -> Result<()> {
         let mut last_flush = Instant::now();
-        let mut kicked_at = 0;
         while live_writers.load(Relaxed) > 0 {
             std::thread::sleep(Duration::from_millis(20));
-            let written = self.progress.bytes_done.load(Relaxed);
-            if written - kicked_at >= WRITEBACK_BYTES {
-                target.start_writeback();
-                kicked_at = written;
-            }
             if last_flush.elapsed() >= self.tuning.fsync_period {
                 durable.flush()?;
                 last_flush = Instant::now();

@@ -135,12 +135,6 @@ impl Target for FileTarget {
             .map_err(|e| Error::target_io(&self.path, "fsync failed", None, e))
     }
 
-    fn start_writeback(&self) {
-        // SAFETY: sync_file_range on a descriptor we own, with plain integer arguments; offset 0
-        // and length 0 mean the whole file.
-        unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
-    }
-
     fn writer(&self, depth: u32) -> Result<Box<dyn TargetWriter>> {
         let io = BatchIo::new(self.io_mode, depth).map_err(Error::Plan)?;
         Ok(Box::new(FileWriter {
@@ -165,7 +159,7 @@ fn write_zeros(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// Bytes a writer leaves in write-back before it waits for the oldest of them.
-const WRITE_BEHIND_BYTES: u64 = 32 << 20;
+const WRITE_BEHIND_BYTES: u64 = 64 << 20;
 
 struct FileWriter {
     file: Arc<File>,

@@ -23,9 +23,6 @@ pub trait Target: Send + Sync {
     fn zero_range(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes every completed write durable (fsync / FLUSH).
     fn flush(&self) -> Result<()>;
-    /// Starts write-back of completed writes without waiting for it (a hint; errors surface
-    /// at the next `flush`).
-    fn start_writeback(&self) {}
     /// A writer for one engine thread, with up to `depth` writes in flight.
     fn writer(&self, depth: u32) -> Result<Box<dyn TargetWriter>>;
     /// The chunk-store face of a target that keeps whole chunks by name instead of writing
