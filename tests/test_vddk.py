@@ -97,8 +97,13 @@ def write_conf(path: Path, **vmware: object) -> Path:
 def test_full_sync_reads_only_allocated_blocks(libs, vm, tmp_path):
     conf = write_conf(tmp_path / "hamal.conf", max_read_blocks=256, vddk_libdir=libs["v8"])
     out = tmp_path / "disk.raw"
-    d = sync_json(vm, vm.uri(), str(out), conf=conf)
+    r = hamal(vm, "-v", "sync", vm.uri(), str(out), "--json", "--no-progress", conf=conf)
+    assert r.code == 0, r.err
+    d = json.loads(r.out)
     assert sha256(out) == sha256(vm.disk)
+    # The first worker answers size and allocation; the readers' fill the engine's shared
+    # buffers in place.
+    assert r.err.count("reads_in_place=false") == 1 and r.err.count("reads_in_place=true") == 2, r.err
     assert d["io_backend"] == "vddk"
     calls = vm.calls()
     reads = read_calls(vm)
@@ -139,6 +144,9 @@ def test_incremental_reads_only_the_changed_sectors(libs, vm, tmp_path):
     assert sum(c.n() for c in read_calls(vm)) == len(sectors), d
     assert not [c for c in vm.calls() if c.name == "QueryAllocatedBlocks"]
     assert_cleaned_up(vm)
+    # verify reads into its own buffers: through the worker's window.
+    r = hamal(vm, "verify", uri, str(out))
+    assert r.code == 0 and "identical" in r.out, r.err
 
 
 def test_full_and_incremental_into_a_store_restore_identical(libs, vm, tmp_path):

@@ -9,7 +9,7 @@
 use super::changed::validate_changed;
 use super::journal::{DoneSet, Journal};
 use super::plan::{DiskPlan, Tuning};
-use super::pool::BufferPool;
+use super::pool::{BufferPool, ChunkBuf};
 use super::progress::{DiskProgress, DiskState};
 use super::throttle::{release_cpu, Pacer};
 use crate::checksum::{is_zero, ChunkHasher, ContentDigest, Digest};
@@ -52,7 +52,7 @@ pub struct DiskSummary {
 /// A chunk read and checked, on its way to a writer.
 struct Filled {
     work: ChunkWork,
-    buf: Vec<u8>,
+    buf: ChunkBuf,
     zero: bool,
     digest: Digest,
 }
@@ -316,7 +316,11 @@ impl DiskRun<'_> {
         // Buffers for every request in flight: a chunk sink's writer handles one chunk at a time.
         let in_flight = t.readers * t.queue_depth + writers * writer_batch(target, t);
         let buffers = (self.memory_budget / t.chunk_size).clamp(2, u64::from(in_flight + 2));
-        let pool = BufferPool::new(t.chunk_size as usize, buffers as usize);
+        let (size, count) = (t.chunk_size as usize, buffers as usize);
+        let pool = match source.shared_buffers(size * count)? {
+            Some(mem) => BufferPool::shared(size, count, mem),
+            None => BufferPool::new(size, count),
+        };
         let done = durable.journal.lock().unwrap().done_set();
         let work = Mutex::new(data.chunks(t.chunk_size));
         let failure: Mutex<Option<Error>> = Mutex::new(None);

@@ -12,8 +12,10 @@ pub use rbd::RbdSource;
 pub use vddk::VddkSource;
 
 use crate::extent::ExtentMap;
+use crate::io::shm::SharedMem;
 use crate::io::ReadReq;
 use crate::Result;
+use std::sync::Arc;
 
 pub trait Source: Send + Sync {
     /// Human-readable name used in messages (a path or URI).
@@ -37,6 +39,12 @@ pub trait Source: Send + Sync {
     fn identity(&self) -> Option<String>;
     /// A reader for one engine thread, with up to `depth` reads in flight.
     fn reader(&self, depth: u32) -> Result<Box<dyn SourceReader>>;
+    /// For a source that reads in another process: `bytes` of shared memory for the engine's
+    /// chunk buffers, which its readers (made after this call) then fill in place. `None`:
+    /// plain heap buffers.
+    fn shared_buffers(&self, _bytes: usize) -> Result<Option<Arc<SharedMem>>> {
+        Ok(None)
+    }
 }
 
 pub trait SourceReader: Send {

@@ -1,13 +1,15 @@
 //! A VMware disk at a snapshot, read through VDDK in worker processes (see `crate::vddk`).
 //! Each engine reader gets a worker of its own (its own VDDK connection); the first one also
-//! answers the size and allocation queries.
+//! answers the size and allocation queries. The engine's chunk buffers live in shared memory
+//! (`shared_buffers`), so workers read straight into them.
 
 use super::{Source, SourceReader};
 use crate::extent::ExtentMap;
+use crate::io::shm::SharedMem;
 use crate::io::ReadReq;
 use crate::vddk::{VddkOptions, VddkUri, Worker};
-use crate::Result;
-use std::sync::Mutex;
+use crate::{Error, Result};
+use std::sync::{Arc, Mutex};
 use vmware_vddk_sys::{MIN_CHUNK_SIZE, SECTOR_SIZE};
 
 pub struct VddkSource {
@@ -17,24 +19,29 @@ pub struct VddkSource {
     /// Ask VDDK for allocated blocks (a full sync); an incremental's changes come from CBT.
     query_allocation: bool,
     spare: Mutex<Option<Worker>>,
+    arena: Mutex<Option<Arc<SharedMem>>>,
 }
 
 impl VddkSource {
     pub fn open(uri: &VddkUri, opts: &VddkOptions, query_allocation: bool) -> Result<VddkSource> {
-        let (worker, opened) = Worker::start(uri, opts)?;
+        let (worker, opened) = Worker::start(uri, opts, None)?;
         Ok(VddkSource {
             uri: uri.clone(),
             opts: opts.clone(),
             size: opened.capacity_sectors * SECTOR_SIZE,
             query_allocation,
             spare: Mutex::new(Some(worker)),
+            arena: Mutex::new(None),
         })
     }
 
     fn worker(&self) -> Result<Worker> {
         match self.spare.lock().unwrap().take() {
             Some(w) => Ok(w),
-            None => Worker::start(&self.uri, &self.opts).map(|(w, _)| w),
+            None => {
+                let arena = self.arena.lock().unwrap().clone();
+                Worker::start(&self.uri, &self.opts, arena).map(|(w, _)| w)
+            }
         }
     }
 }
@@ -67,6 +74,21 @@ impl Source for VddkSource {
 
     fn identity(&self) -> Option<String> {
         Some(self.uri.identity())
+    }
+
+    /// Readers made after this fill the engine's buffers in place; the spare worker, which
+    /// has no access to them, is let go.
+    fn shared_buffers(&self, bytes: usize) -> Result<Option<Arc<SharedMem>>> {
+        let mem = SharedMem::create(bytes).map_err(|e| {
+            Error::Vddk(format!(
+                "{}: cannot create shared buffers: {e}",
+                self.uri.text
+            ))
+        })?;
+        let mem = Arc::new(mem);
+        *self.arena.lock().unwrap() = Some(Arc::clone(&mem));
+        self.spare.lock().unwrap().take();
+        Ok(Some(mem))
     }
 
     fn reader(&self, _depth: u32) -> Result<Box<dyn SourceReader>> {

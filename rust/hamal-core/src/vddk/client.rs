@@ -2,9 +2,9 @@
 //! and reads, and turn a crash of VDDK into an error for that disk only.
 
 use super::protocol::*;
-use super::window::{Window, WINDOW_FD};
 use super::{worker_command, VddkOptions, VddkUri};
 use crate::extent::{Extent, ExtentMap};
+use crate::io::shm::SharedMem;
 use crate::io::ReadReq;
 use crate::{Error, Result};
 use std::collections::VecDeque;
@@ -24,13 +24,20 @@ pub struct Worker {
     from: BufReader<ChildStdout>,
     tail: Arc<Mutex<VecDeque<String>>>,
     stderr: Option<JoinHandle<()>>,
-    window: Window,
+    window: SharedMem,
+    /// The engine's chunk buffers, when they are shared with this worker.
+    arena: Option<Arc<SharedMem>>,
     name: String,
 }
 
 impl Worker {
-    /// Starts a worker and opens the disk of `uri` in it.
-    pub fn start(uri: &VddkUri, opts: &VddkOptions) -> Result<(Worker, Opened)> {
+    /// Starts a worker and opens the disk of `uri` in it; with `arena`, the worker reads
+    /// straight into the engine's buffers there.
+    pub fn start(
+        uri: &VddkUri,
+        opts: &VddkOptions,
+        arena: Option<Arc<SharedMem>>,
+    ) -> Result<(Worker, Opened)> {
         let name = format!("VDDK disk '{}' of {} on {}", uri.disk, uri.vm, uri.server);
         let fail = |what: String| Error::Vddk(format!("{name}: {what}"));
         let secret = |path: &std::path::Path, what: &str| {
@@ -70,6 +77,7 @@ impl Worker {
                 .clone()
                 .unwrap_or_else(|| opts.transports.clone()),
             max_read_blocks: u64::from(opts.max_read_blocks),
+            arena: arena.is_some(),
         };
         let cmd = worker_command().map_err(&fail)?;
         let lib64 = libdir.join("lib64");
@@ -78,9 +86,9 @@ impl Worker {
             path.push(":");
             path.push(old);
         }
-        let window = Window::create(WINDOW_BYTES)
+        let window = SharedMem::create(WINDOW_BYTES)
             .map_err(|e| fail(format!("cannot create the read window: {e}")))?;
-        let window_fd = window.fd();
+        let fds = [window.fd(), arena.as_ref().map_or(-1, |a| a.fd())];
         let mut command = Command::new(&cmd[0]);
         command
             .args(&cmd[1..])
@@ -88,18 +96,24 @@ impl Worker {
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: between fork and exec only dup2 / fcntl run, which are async-signal-safe; the
-        // window ends up at WINDOW_FD without close-on-exec, so the worker inherits it.
+        // SAFETY: between fork and exec only fcntl and dup2 run, which are async-signal-safe.
+        // The memfds are first copied above fd 10 (so placing one cannot clobber the other),
+        // then onto WINDOW_FD and ARENA_FD, where they are not close-on-exec.
         unsafe {
             command.pre_exec(move || {
-                // dup2 onto itself would keep close-on-exec: clear the flag instead.
-                let ok = if window_fd == WINDOW_FD {
-                    libc::fcntl(WINDOW_FD, libc::F_SETFD, 0) >= 0
-                } else {
-                    libc::dup2(window_fd, WINDOW_FD) >= 0
-                };
-                if !ok {
-                    return Err(std::io::Error::last_os_error());
+                let mut high = [-1; 2];
+                for (h, fd) in high.iter_mut().zip(fds) {
+                    if fd >= 0 {
+                        *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                        if *h < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                }
+                for (h, at) in high.into_iter().zip([WINDOW_FD, ARENA_FD]) {
+                    if h >= 0 && libc::dup2(h, at) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -121,6 +135,7 @@ impl Worker {
             tail,
             stderr,
             window,
+            arena,
             name,
         };
         let opened: Opened = w.call(OP_OPEN, &serde_json::to_vec(&req).unwrap())?;
@@ -129,7 +144,8 @@ impl Worker {
             .sector_sizes
             .map_or("not reported".into(), |(l, p)| format!("{l}/{p}"));
         tracing::info!(disk = %w.name, library = %opened.library, transport = %opened.transport,
-            sectors = opened.capacity_sectors, sector_sizes = %sector_sizes, "VDDK disk open");
+            sectors = opened.capacity_sectors, sector_sizes = %sector_sizes,
+            reads_in_place = w.arena.is_some(), "VDDK disk open");
         Ok((w, opened))
     }
 
@@ -179,8 +195,24 @@ impl Worker {
             .map(|r| ExtentMap::from_extents(r.into_iter().map(|(o, l)| Extent::new(o, l)))))
     }
 
-    /// Fills every request, a window's worth per round trip.
+    /// Fills every request: in place when all buffers are in the shared arena (the engine's
+    /// own), else through the window, a window's worth per round trip.
     pub fn read(&mut self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
+        let places: Option<Vec<u64>> = match &self.arena {
+            Some(a) => reqs.iter().map(|r| a.offset_of(r.buf)).collect(),
+            None => None,
+        };
+        if let Some(places) = places {
+            let reads = reqs
+                .iter()
+                .zip(places)
+                .map(|(r, at)| (r.offset, r.buf.len() as u64, at));
+            // The worker writes into the buffers; nothing here touches them until it replies.
+            return self.round_trip(
+                &encode_reads(reads),
+                reqs.iter().map(|r| r.buf.len() as u64).sum(),
+            );
+        }
         let cap = self.window.len() as u64;
         // Pieces (request index, offset in its buffer, disk offset, length) of one round trip.
         let mut round: Vec<(usize, usize, u64, u64)> = Vec::new();
@@ -190,7 +222,7 @@ impl Worker {
             let mut done = 0u64;
             while done < len {
                 if used == cap {
-                    self.round_trip(&round, reqs)?;
+                    self.window_round(&round, reqs)?;
                     (round, used) = (Vec::new(), 0);
                 }
                 let n = (len - done).min(cap - used);
@@ -199,31 +231,36 @@ impl Worker {
             }
         }
         if !round.is_empty() {
-            self.round_trip(&round, reqs)?;
+            self.window_round(&round, reqs)?;
         }
         Ok(())
     }
 
-    fn round_trip(
+    fn window_round(
         &mut self,
         round: &[(usize, usize, u64, u64)],
         reqs: &mut [ReadReq<'_>],
     ) -> Result<()> {
-        self.send(OP_READ, &encode_reads(round.iter().map(|p| (p.2, p.3))))?;
-        let len = self.expect(ST_DATA)?;
-        let want: u64 = round.iter().map(|p| p.3).sum();
-        if len != want {
-            return Err(Error::Vddk(format!(
-                "{}: worker read {len} bytes of {want}",
-                self.name
-            )));
-        }
+        let reads = encode_reads(round.iter().map(|p| (p.2, p.3, TO_WINDOW)));
+        self.round_trip(&reads, round.iter().map(|p| p.3).sum())?;
         let mut at = 0usize;
         let window = self.window.bytes();
         for &(i, into, _, n) in round {
             let n = n as usize;
             reqs[i].buf[into..into + n].copy_from_slice(&window[at..at + n]);
             at += n;
+        }
+        Ok(())
+    }
+
+    fn round_trip(&mut self, reads: &[u8], want: u64) -> Result<()> {
+        self.send(OP_READ, reads)?;
+        let len = self.expect(ST_DATA)?;
+        if len != want {
+            return Err(Error::Vddk(format!(
+                "{}: worker read {len} bytes of {want}",
+                self.name
+            )));
         }
         Ok(())
     }

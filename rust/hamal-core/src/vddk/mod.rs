@@ -11,7 +11,6 @@ mod client;
 pub mod protocol;
 mod session;
 mod uri;
-mod window;
 pub mod worker;
 
 pub use client::Worker;

@@ -1,13 +1,21 @@
 //! The pipe protocol between the engine and its VDDK worker process.
 //!
 //! Requests: `[op u8][len u32 LE][payload]`. The first is `OPEN` with an [`OpenRequest`] as
-//! JSON; then `ALLOCATED` (no payload), `READ` (pairs of `u64 LE` byte offset and length) and
-//! `QUIT`. Replies: `[status u8][len u64 LE][payload]`: `OK` with JSON, `ERR` with a message, or
-//! `DATA` with no payload: the `len` bytes of a `READ` are at the start of the shared window
-//! (see `window`), in request order.
+//! JSON; then `ALLOCATED` (no payload), `READ` (triples of `u64 LE`: disk offset, length, and
+//! where in the engine's buffer arena the bytes go, or `TO_WINDOW`) and `QUIT`. Replies:
+//! `[status u8][len u64 LE][payload]`: `OK` with JSON, `ERR` with a message, or `DATA` with no
+//! payload once a `READ` is in place: in the arena, and the `TO_WINDOW` ones packed in request
+//! order at the start of the window (see `crate::io::shm`).
 
 use serde::{Deserialize, Serialize};
 use std::io::{self, Read, Write};
+use std::os::fd::RawFd;
+
+/// The worker's descriptors of the shared read window and of the engine's buffer arena.
+pub const WINDOW_FD: RawFd = 3;
+pub const ARENA_FD: RawFd = 4;
+/// A READ destination: the next free bytes of the window.
+pub const TO_WINDOW: u64 = u64::MAX;
 
 pub const OP_OPEN: u8 = b'O';
 pub const OP_ALLOCATED: u8 = b'A';
@@ -37,6 +45,8 @@ pub struct OpenRequest {
     pub transports: String,
     /// Sectors per VDDK read call (`[vmware] max_read_blocks`).
     pub max_read_blocks: u64,
+    /// The engine's chunk buffers are shared, at `ARENA_FD`.
+    pub arena: bool,
 }
 
 /// Bytes of the shared read window; one READ asks for at most this much.
@@ -109,22 +119,19 @@ pub fn read_reply_header(r: &mut impl Read) -> io::Result<(u8, u64)> {
     Ok((head[0], u64::from_le_bytes(head[1..].try_into().unwrap())))
 }
 
-pub fn encode_reads(pairs: impl Iterator<Item = (u64, u64)>) -> Vec<u8> {
-    pairs
-        .flat_map(|(o, l)| o.to_le_bytes().into_iter().chain(l.to_le_bytes()))
+/// `(disk offset, length, destination)` triples of a READ.
+pub fn encode_reads(reads: impl Iterator<Item = (u64, u64, u64)>) -> Vec<u8> {
+    reads
+        .flat_map(|(o, l, d)| [o, l, d])
+        .flat_map(u64::to_le_bytes)
         .collect()
 }
 
-pub fn decode_reads(payload: &[u8]) -> Vec<(u64, u64)> {
+pub fn decode_reads(payload: &[u8]) -> Vec<(u64, u64, u64)> {
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap());
     payload
-        .chunks_exact(16)
-        .map(|c| {
-            let (o, l) = c.split_at(8);
-            (
-                u64::from_le_bytes(o.try_into().unwrap()),
-                u64::from_le_bytes(l.try_into().unwrap()),
-            )
-        })
+        .chunks_exact(24)
+        .map(|c| (word(&c[..8]), word(&c[8..16]), word(&c[16..])))
         .collect()
 }
 
@@ -135,15 +142,11 @@ mod tests {
     #[test]
     fn frames_round_trip() {
         let mut buf = Vec::new();
-        write_request(
-            &mut buf,
-            OP_READ,
-            &encode_reads([(512, 4096), (1 << 40, 512)].into_iter()),
-        )
-        .unwrap();
+        let reads = [(512, 4096, TO_WINDOW), (1 << 40, 512, 8192)];
+        write_request(&mut buf, OP_READ, &encode_reads(reads.into_iter())).unwrap();
         let (op, payload) = read_request(&mut buf.as_slice()).unwrap().unwrap();
         assert_eq!(op, OP_READ);
-        assert_eq!(decode_reads(&payload), vec![(512, 4096), (1 << 40, 512)]);
+        assert_eq!(decode_reads(&payload), reads.to_vec());
         assert!(read_request(&mut [].as_slice()).unwrap().is_none());
         let mut out = Vec::new();
         write_reply(&mut out, ST_ERR, b"boom").unwrap();

@@ -185,38 +185,33 @@ impl Session {
         self.check(err, &format!("ConnectEx to {}", self.server))
     }
 
-    /// Reads `reqs` (byte offset, length; sector-aligned) into the start of `out`, back to back. Each
-    /// range is cut into calls of at most `max_read_blocks` sectors, issued with ReadAsync
-    /// and awaited together when the library has it.
-    pub fn read(&mut self, reqs: &[(u64, u64)], out: &mut [u8]) -> Result<(), String> {
-        let total: u64 = reqs.iter().map(|r| r.1).sum();
-        if total > out.len() as u64 {
-            return Err(format!(
-                "a read of {total} bytes does not fit the {} byte window",
-                out.len()
-            ));
-        }
-        let mut pieces = Vec::new();
-        let mut pos = 0u64;
-        for &(offset, len) in reqs {
+    /// Reads each `(disk offset, buffer)`: sector-aligned, the buffer's length. Each range is
+    /// cut into calls of at most `max_read_blocks` sectors, issued with ReadAsync and awaited
+    /// together when the library has it.
+    pub fn read(&mut self, reqs: &mut [(u64, &mut [u8])]) -> Result<(), String> {
+        // (first sector, sectors, where they go); the buffers outlive every call below.
+        let mut pieces: Vec<(u64, u64, *mut u8)> = Vec::new();
+        for (offset, buf) in reqs.iter_mut() {
+            let (offset, len) = (*offset, buf.len() as u64);
             if offset % sys::SECTOR_SIZE != 0 || len % sys::SECTOR_SIZE != 0 {
                 return Err(format!(
                     "read at offset {offset} of {len} bytes is not sector-aligned"
                 ));
             }
-            let (mut sector, mut left) = (offset / sys::SECTOR_SIZE, len / sys::SECTOR_SIZE);
+            let (mut sector, mut left, mut at) =
+                (offset / sys::SECTOR_SIZE, len / sys::SECTOR_SIZE, 0);
             while left > 0 {
                 let n = left.min(self.max_read);
-                pieces.push((sector, n, pos));
-                (sector, left, pos) = (sector + n, left - n, pos + n * sys::SECTOR_SIZE);
+                // SAFETY: `at + n` sectors stay within `buf` (the loop stops at its length).
+                pieces.push((sector, n, unsafe { buf.as_mut_ptr().add(at) }));
+                (sector, left, at) = (sector + n, left - n, at + (n * sys::SECTOR_SIZE) as usize);
             }
         }
         match (self.api.read_async, self.api.wait) {
-            (Some(read_async), Some(wait)) => self.read_async(&pieces, out, read_async, wait),
-            _ => pieces.iter().try_for_each(|&(sector, n, at)| {
-                let buf = &mut out[at as usize..(at + n * sys::SECTOR_SIZE) as usize];
-                // SAFETY: `handle` is open; `buf` holds `n` sectors.
-                let err = unsafe { (self.api.read)(self.handle, sector, n, buf.as_mut_ptr()) };
+            (Some(read_async), Some(wait)) => self.read_async(&pieces, read_async, wait),
+            _ => pieces.iter().try_for_each(|&(sector, n, buf)| {
+                // SAFETY: `handle` is open; `buf` points at `n` writable sectors.
+                let err = unsafe { (self.api.read)(self.handle, sector, n, buf) };
                 self.check(err, &read_what(sector, n))
             }),
         }
@@ -224,8 +219,7 @@ impl Session {
 
     fn read_async(
         &self,
-        pieces: &[(u64, u64, u64)],
-        out: &mut [u8],
+        pieces: &[(u64, u64, *mut u8)],
         read_async: unsafe extern "C" fn(
             sys::Handle,
             u64,
@@ -239,11 +233,10 @@ impl Session {
         // One slot per call; the Vec is never resized while reads are queued.
         let slots: Vec<Slot> = pieces.iter().map(|_| Slot::default()).collect();
         let mut first_err = None;
-        for (i, &(sector, n, at)) in pieces.iter().enumerate() {
-            // SAFETY: `out[at..]` holds `n` sectors and `slots[i]` lives until Wait returns
-            // below; the callback only touches the slot's atomics.
+        for (i, &(sector, n, buf)) in pieces.iter().enumerate() {
+            // SAFETY: `buf` points at `n` writable sectors and `slots[i]` lives until Wait
+            // returns below; the callback only touches the slot's atomics.
             let err = unsafe {
-                let buf = out.as_mut_ptr().add(at as usize);
                 read_async(
                     self.handle,
                     sector,

@@ -5,7 +5,7 @@
 
 use super::protocol::*;
 use super::session::Session;
-use super::window::{Window, WINDOW_FD};
+use crate::io::shm::SharedMem;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::fd::FromRawFd;
@@ -14,7 +14,8 @@ use std::os::fd::FromRawFd;
 /// code. Anything else that writes to stdout (VDDK itself) is sent to stderr instead.
 pub fn main() -> i32 {
     // First, while WINDOW_FD cannot have been reused by this process.
-    let window = match Window::inherited() {
+    // SAFETY: the engine starts every worker with the window's memfd at WINDOW_FD.
+    let window = match unsafe { SharedMem::inherited(WINDOW_FD) } {
         Ok(w) => w,
         Err(e) => {
             eprintln!("error cannot map the read window (fd {WINDOW_FD}): {e}");
@@ -25,10 +26,8 @@ pub fn main() -> i32 {
     let proto = unsafe {
         let fd = libc::dup(1);
         if fd < 0 || libc::dup2(2, 1) < 0 {
-            eprintln!(
-                "error cannot set up the worker's pipes: {}",
-                std::io::Error::last_os_error()
-            );
+            let e = std::io::Error::last_os_error();
+            eprintln!("error cannot set up the worker's pipes: {e}");
             return 2;
         }
         File::from_raw_fd(fd)
@@ -42,7 +41,7 @@ pub fn main() -> i32 {
     )
 }
 
-pub fn serve(input: &mut impl Read, output: &mut impl Write, mut window: Window) -> i32 {
+fn serve(input: &mut impl Read, output: &mut impl Write, mut window: SharedMem) -> i32 {
     let req = match read_request(input) {
         Ok(Some((OP_OPEN, payload))) => serde_json::from_slice::<OpenRequest>(&payload),
         _ => {
@@ -56,6 +55,19 @@ pub fn serve(input: &mut impl Read, output: &mut impl Write, mut window: Window)
             let _ = write_reply(output, ST_ERR, format!("bad OPEN request: {e}").as_bytes());
             return 2;
         }
+    };
+    let arena = if req.arena {
+        // SAFETY: the engine said it passed its buffer arena's memfd at ARENA_FD.
+        match unsafe { SharedMem::inherited(ARENA_FD) } {
+            Ok(a) => Some(a),
+            Err(e) => {
+                let msg = format!("cannot map the buffer arena: {e}");
+                let _ = write_reply(output, ST_ERR, msg.as_bytes());
+                return 2;
+            }
+        }
+    } else {
+        None
     };
     let (mut session, opened) = match Session::open(&req) {
         Ok(s) => s,
@@ -72,9 +84,11 @@ pub fn serve(input: &mut impl Read, output: &mut impl Write, mut window: Window)
     while let Ok(Some((op, payload))) = read_request(input) {
         let sent = match op {
             OP_READ => {
-                let reqs = decode_reads(&payload);
-                match session.read(&reqs, window.bytes_mut()) {
-                    Ok(()) => write_data(output, reqs.iter().map(|r| r.1).sum()),
+                let reads = decode_reads(&payload);
+                let result = destinations(&reads, &mut window, arena.as_ref())
+                    .and_then(|mut dests| session.read(&mut dests));
+                match result {
+                    Ok(()) => write_data(output, reads.iter().map(|r| r.1).sum()),
                     Err(e) => write_reply(output, ST_ERR, e.as_bytes()),
                 }
             }
@@ -98,4 +112,40 @@ pub fn serve(input: &mut impl Read, output: &mut impl Write, mut window: Window)
     }
     drop(session);
     0
+}
+
+/// The buffer each read goes to: packed in the window, or its place in the arena. Arena
+/// places must lie inside it and not overlap (each becomes an exclusive slice).
+fn destinations<'a>(
+    reads: &[(u64, u64, u64)],
+    window: &'a mut SharedMem,
+    arena: Option<&'a SharedMem>,
+) -> Result<Vec<(u64, &'a mut [u8])>, String> {
+    let mut placed: Vec<(u64, u64)> = reads
+        .iter()
+        .filter(|r| r.2 != TO_WINDOW)
+        .map(|r| (r.2, r.1))
+        .collect();
+    placed.sort_unstable();
+    let arena_len = arena.map_or(0, |a| a.len() as u64);
+    let overlap = placed.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0);
+    if overlap || placed.last().is_some_and(|&(at, len)| at + len > arena_len) {
+        return Err("READ destinations overlap or lie outside the buffer arena".into());
+    }
+    let mut rest = window.bytes_mut();
+    let mut out = Vec::with_capacity(reads.len());
+    for &(offset, len, dest) in reads {
+        if dest == TO_WINDOW {
+            if len > rest.len() as u64 {
+                return Err(format!("READ of {len} bytes overflows the read window"));
+            }
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
+            out.push((offset, head));
+            rest = tail;
+        } else if let Some(a) = arena {
+            // SAFETY: checked above: inside the arena and disjoint from every other read.
+            out.push((offset, unsafe { a.slice_mut(dest as usize, len as usize) }));
+        }
+    }
+    Ok(out)
 }
