@@ -96,21 +96,22 @@ pub fn read_request(r: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
 }
 
 pub fn write_reply(w: &mut impl Write, status: u8, payload: &[u8]) -> io::Result<()> {
-    let mut head = [0u8; 9];
-    head[0] = status;
-    head[1..].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    w.write_all(&head)?;
+    write_reply_head(w, status, payload.len() as u64)?;
     w.write_all(payload)?;
     w.flush()
 }
 
-/// `DATA`: `len` bytes are ready in the window.
+/// `DATA`: the `len` bytes of a READ are in place.
 pub fn write_data(w: &mut impl Write, len: u64) -> io::Result<()> {
-    let mut head = [0u8; 9];
-    head[0] = ST_DATA;
-    head[1..].copy_from_slice(&len.to_le_bytes());
-    w.write_all(&head)?;
+    write_reply_head(w, ST_DATA, len)?;
     w.flush()
+}
+
+fn write_reply_head(w: &mut impl Write, status: u8, len: u64) -> io::Result<()> {
+    let mut head = [0u8; 9];
+    head[0] = status;
+    head[1..].copy_from_slice(&len.to_le_bytes());
+    w.write_all(&head)
 }
 
 pub fn read_reply_header(r: &mut impl Read) -> io::Result<(u8, u64)> {
