@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -323,3 +324,25 @@ def test_the_wheel_ships_the_worker_but_no_vddk():
     names = zipfile.ZipFile(wheel()).namelist()
     assert "hamal/_vddk_worker.py" in names
     assert not [n for n in names if "vixDiskLib" in n or "fake" in n], names
+
+
+def test_workers_clean_up_when_the_engine_is_killed(libs, vm, tmp_path):
+    """SIGKILL of the syncing process: its workers see the pipe close and still Close,
+    Disconnect and Exit."""
+    uri, out = vm.uri(libs["v8"]), tmp_path / "disk.raw"
+    env = {**os.environ, **vm.env(), "HAMAL_CONF": "/nonexistent/hamal.conf"}
+    cmd = [sys.executable, "-m", "hamal", "sync", uri, str(out), "--no-progress", "--bwlimit", "4M"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(read_calls(vm)) < 20:
+        time.sleep(0.05)
+    assert read_calls(vm), "the sync never started reading"
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        procs = per_process(vm)
+        if procs and all(c["Exit"] == 1 for c in procs.values()):
+            break
+        time.sleep(0.1)
+    assert_cleaned_up(vm)
