@@ -346,3 +346,12 @@ def test_workers_clean_up_when_the_engine_is_killed(libs, vm, tmp_path):
             break
         time.sleep(0.1)
     assert_cleaned_up(vm)
+
+
+def test_map_lists_what_query_allocated_blocks_reports(libs, vm, tmp_path):
+    conf = write_conf(tmp_path / "hamal.conf", vddk_libdir=libs["v8"])
+    r = hamal(vm, "map", vm.uri(), "--json", conf=conf)
+    assert r.code == 0, r.err
+    m = json.loads(r.out)
+    assert m["size"] == 48 * MIB
+    assert sum(n for _, n in m["allocated"]) == data_bytes(vm.disk)

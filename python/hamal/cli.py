@@ -325,7 +325,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    m = _native.map_source(args.source, bitmap=args.bitmap)
+    m = _native.map_source(args.source, bitmap=args.bitmap, vddk=sync.vddk_settings(load_config(args.config)))
     if args.json:
         print(json.dumps(m, indent=2))
         return EXIT_OK

@@ -180,11 +180,20 @@ pub fn load_changed_file(path: &str) -> PyResult<Vec<(i128, i128)>> {
 
 /// Size, allocated extents and (with `bitmap`) dirty extents of a source.
 #[pyfunction]
-#[pyo3(signature = (source, *, bitmap=None))]
-pub fn map_source(py: Python<'_>, source: &str, bitmap: Option<&str>) -> PyResult<Py<PyAny>> {
+#[pyo3(signature = (source, *, bitmap=None, vddk=None))]
+pub fn map_source(
+    py: Python<'_>,
+    source: &str,
+    bitmap: Option<&str>,
+    vddk: Option<Bound<'_, PyDict>>,
+) -> PyResult<Py<PyAny>> {
+    let tuning = Tuning {
+        vddk: convert::vddk_options(vddk.as_ref())?,
+        ..Tuning::default()
+    };
     let uri = hamal_core::uri::DiskUri::parse(source).map_err(|e| errors::to_py(&e))?;
     let map = py
-        .detach(|| engine::map_source(&uri, bitmap))
+        .detach(|| engine::map_source(&uri, bitmap, &tuning))
         .map_err(|e| errors::to_py(&e))?;
     convert::to_py(py, &map)
 }

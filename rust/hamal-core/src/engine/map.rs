@@ -17,8 +17,8 @@ pub struct SourceMap {
     pub changed: Option<Vec<(u64, u64)>>,
 }
 
-pub fn map_source(uri: &DiskUri, bitmap: Option<&str>) -> Result<SourceMap> {
-    let src = open_source(uri, &Tuning::default(), bitmap, "", None, true)?;
+pub fn map_source(uri: &DiskUri, bitmap: Option<&str>, tuning: &Tuning) -> Result<SourceMap> {
+    let src = open_source(uri, tuning, bitmap, "", None, true)?;
     let pairs =
         |m: crate::extent::ExtentMap| m.extents().iter().map(|e| (e.offset, e.len)).collect();
     Ok(SourceMap {

@@ -8,6 +8,7 @@
 //! only that worker, and the disk's sync fails with how it died.
 
 mod client;
+mod log;
 pub mod protocol;
 mod session;
 mod uri;

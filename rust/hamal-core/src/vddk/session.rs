@@ -1,8 +1,9 @@
 //! One open VDDK disk inside the worker process: InitEx, ConnectEx, Open, reads, and on every
 //! path out (success, error, parent gone) Close, Disconnect and Exit, in that order.
 
+use super::log::{log_debug, log_panic, log_warn};
 use super::protocol::{Allocated, OpenRequest, Opened};
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_void, CStr, CString};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use vmware_vddk_sys as sys;
@@ -357,41 +358,4 @@ unsafe extern "C" fn on_complete(data: *mut c_void, result: sys::VixError) {
     let slot = unsafe { &*data.cast::<Slot>() };
     slot.result.store(result, Ordering::Release);
     slot.done.store(true, Ordering::Release);
-}
-
-extern "C" {
-    /// `vsnprintf` with the `va_list` passed on as the pointer it is on this ABI.
-    fn vsnprintf(buf: *mut c_char, n: usize, fmt: *const c_char, args: *mut c_void) -> c_int;
-}
-
-/// Formats a VDDK log message and writes it to stderr as `LEVEL vddk: text`; the engine reads
-/// those lines into its log.
-unsafe fn emit(level: &str, fmt: *const c_char, args: *mut c_void) {
-    if fmt.is_null() {
-        return;
-    }
-    let mut buf = [0 as c_char; 2048];
-    // SAFETY: `fmt` and `args` are the pair VDDK passed to its log function; `buf` bounds the
-    // output and vsnprintf NUL-terminates it.
-    unsafe { vsnprintf(buf.as_mut_ptr(), buf.len(), fmt, args) };
-    // SAFETY: NUL-terminated by vsnprintf.
-    let msg = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_string_lossy();
-    for line in msg.lines().filter(|l| !l.trim().is_empty()) {
-        eprintln!("{level} vddk: {}", line.trim_end());
-    }
-}
-
-unsafe extern "C" fn log_debug(fmt: *const c_char, args: *mut c_void) {
-    // SAFETY: forwarded from VDDK unchanged.
-    unsafe { emit("debug", fmt, args) }
-}
-
-unsafe extern "C" fn log_warn(fmt: *const c_char, args: *mut c_void) {
-    // SAFETY: forwarded from VDDK unchanged.
-    unsafe { emit("warn", fmt, args) }
-}
-
-unsafe extern "C" fn log_panic(fmt: *const c_char, args: *mut c_void) {
-    // SAFETY: forwarded from VDDK unchanged.
-    unsafe { emit("error", fmt, args) }
 }
