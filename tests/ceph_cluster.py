@@ -1,7 +1,7 @@
 """A throw-away single-node Ceph cluster on 127.0.0.1 only: radosgw for the S3 tests, RBD pools
 for the librbd source tests.
 
-One monitor, one memstore OSD, optionally radosgw, no manager; ``auth none`` or cephx. Facts it
+One monitor, one memstore OSD, optionally a manager and radosgw; ``auth none`` or cephx. Facts it
 relies on
 (learned the hard way): radosgw needs ``ms mon client mode = crc`` under ``auth none`` or it
 waits 300 s for the monitor; each map change waits ``paxos propose interval`` (1 s by default);
@@ -30,7 +30,7 @@ RGW_POOLS = [
     "default.rgw.buckets.data",
     "default.rgw.buckets.non-ec",
 ]
-DAEMONS = ["ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "ceph"]
+DAEMONS = ["ceph-mon", "ceph-mgr", "ceph-osd", "radosgw", "radosgw-admin", "ceph"]
 
 
 def missing_programs() -> list[str]:
@@ -56,13 +56,17 @@ def wait_for(what: str, check, timeout: float = 60.0) -> None:
 
 
 class CephCluster:
-    def __init__(self, root: Path, bluestore_gib: int = 0, rgw: bool = True, cephx: bool = False):
+    def __init__(
+        self, root: Path, bluestore_gib: int = 0, rgw: bool = True, cephx: bool = False, mgr: bool = False
+    ):
         """``bluestore_gib`` > 0 keeps the OSD's data in a sparse file of that size instead of
         RAM (memstore holds about twice the data in memory). ``cephx`` turns authentication on:
-        the admin keyring is ``root/admin.keyring``, named in the config."""
+        the admin keyring is ``root/admin.keyring``, named in the config. ``mgr`` starts a
+        manager (``mgr.x``) and waits until it is active."""
         self.root = root
         self.bluestore_gib = bluestore_gib
         self.with_rgw = rgw
+        self.with_mgr = mgr
         self.cephx = cephx
         self.admin_keyring = root / "admin.keyring"
         self.conf = root / "ceph.conf"
@@ -85,7 +89,7 @@ class CephCluster:
 
     def write_conf(self) -> None:
         r = self.root
-        for d in ("mon", "osd", "run", "log"):
+        for d in ("mon", "osd", "mgr", "run", "log"):
             (r / d).mkdir(parents=True, exist_ok=True)
         fsid = Path("/proc/sys/kernel/random/uuid").read_text().strip()
         auth = "cephx" if self.cephx else "none"
@@ -119,6 +123,10 @@ paxos propose interval = 0.01
 [mon.a]
 mon data = {r}/mon
 public addr = v2:127.0.0.1:{self.mon_port}
+
+[mgr.x]
+mgr data = {r}/mgr
+keyring = {r}/mgr.keyring
 
 [osd.0]
 osd data = {r}/osd
@@ -179,8 +187,19 @@ client mount timeout = 30
         self.run("ceph-osd", "--id", osd_id, "--mkfs")
         self.run("ceph-osd", "--id", osd_id)
         wait_for("the OSD", lambda: " 1 up" in self.ceph("osd", "stat"))
+        if self.with_mgr:
+            self.start_mgr()
         if self.with_rgw:
             self.setup_rgw()
+
+    def start_mgr(self) -> None:
+        if self.cephx:
+            caps = ["mon", "allow profile mgr", "osd", "allow *", "mds", "allow *"]
+            self.ceph("auth", "get-or-create", "mgr.x", *caps, "-o", str(self.root / "mgr.keyring"))
+        self.run("ceph-mgr", "--id", "x")
+        wait_for(
+            "the manager", lambda: '"available": true' in self.ceph("mgr", "stat", "--format", "json-pretty")
+        )
 
     def create_rbd_pool(self, pool: str) -> None:
         self.ceph(stdin=f"osd pool create {pool} 8\nosd pool application enable {pool} rbd\n", timeout=60)
@@ -222,7 +241,7 @@ client mount timeout = 30
         _wait_gone(pid)
 
     def stop(self) -> None:
-        for name in ("client.rgw.t", "osd.0", "mon.a"):
+        for name in ("client.rgw.t", "mgr.x", "osd.0", "mon.a"):
             try:
                 pid = self.pid_of(name)
             except (OSError, ValueError):

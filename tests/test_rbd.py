@@ -85,7 +85,7 @@ class Rbd:
 
 
 def start_cluster(root: Path, cephx: bool) -> CephCluster:
-    cluster = CephCluster(root, rgw=False, cephx=cephx)
+    cluster = CephCluster(root, rgw=False, cephx=cephx, mgr=True)
     try:
         cluster.start()
         cluster.create_rbd_pool("rbd")
