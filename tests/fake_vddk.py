@@ -62,7 +62,7 @@ class FakeVm:
     def disk(self) -> Path:
         return self.root / "vm" / "disk.vmdk"
 
-    def uri(self, libdir: Path | None = None, **options: str) -> str:
+    def uri(self, libdir: Path | None = None, disk: str = "vm/disk.vmdk", **options: str) -> str:
         q = {
             "vm": "vm-42",
             "snapshot": "snapshot-7",
@@ -72,7 +72,7 @@ class FakeVm:
             **options,
         }
         query = "&".join(f"{k}={v}" for k, v in q.items())
-        return f"vddk://root@127.0.0.1/[ds1] vm/disk.vmdk?{query}"
+        return f"vddk://root@127.0.0.1/[ds1] {disk}?{query}"
 
     def env(self, **extra: str) -> dict[str, str]:
         return {

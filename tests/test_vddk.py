@@ -355,3 +355,22 @@ def test_map_lists_what_query_allocated_blocks_reports(libs, vm, tmp_path):
     m = json.loads(r.out)
     assert m["size"] == 48 * MIB
     assert sum(n for _, n in m["allocated"]) == data_bytes(vm.disk)
+
+
+def test_two_disks_of_a_vm_sync_in_parallel(libs, vm, tmp_path, monkeypatch):
+    second = vm.root / "vm" / "data.vmdk"
+    make_image(second, 24 * MIB, seed=9)
+    for k, v in vm.env().items():
+        monkeypatch.setenv(k, v)
+    outs = [tmp_path / "boot.raw", tmp_path / "data.raw"]
+    disks = [
+        hsync.disk(vm.uri(libs["v8"]), str(outs[0]), disk_id="boot"),
+        hsync.disk(vm.uri(libs["v8"], disk="vm/data.vmdk"), str(outs[1]), disk_id="data"),
+    ]
+    results = _native.start_sync(disks, parallel_disks=2).wait(120)
+    assert results is not None and [r["disk_id"] for r in results] == ["boot", "data"]
+    assert sha256(outs[0]) == sha256(vm.disk) and sha256(outs[1]) == sha256(second)
+    opens = [c.args for c in vm.calls() if c.name == "Open"]
+    assert {a["path"] for a in opens} == {"[ds1]%20vm/disk.vmdk", "[ds1]%20vm/data.vmdk"}
+    assert all(a["flags"] == "4" and a["snapshot"] == "snapshot-7" for a in opens)
+    assert_cleaned_up(vm)

@@ -164,7 +164,8 @@ pub unsafe extern "C" fn VixDiskLib_Open(
     // SAFETY: a string per the API; `conn` came from ConnectEx.
     let (path, conn) = unsafe { (text(path), &*conn.cast::<Conn>()) };
     record(&format!(
-        "Open path={path} flags={flags} snapshot={}",
+        "Open path={} flags={flags} snapshot={}",
+        path.replace(' ', "%20"),
         conn.snapshot
     ));
     let file = match path.strip_prefix('[').and_then(|p| p.split_once("] ")) {
