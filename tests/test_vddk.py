@@ -374,3 +374,15 @@ def test_two_disks_of_a_vm_sync_in_parallel(libs, vm, tmp_path, monkeypatch):
     assert {a["path"] for a in opens} == {"[ds1]%20vm/disk.vmdk", "[ds1]%20vm/data.vmdk"}
     assert all(a["flags"] == "4" and a["snapshot"] == "snapshot-7" for a in opens)
     assert_cleaned_up(vm)
+
+
+def test_a_hung_vddk_read_fails_the_disk_within_the_timeout(libs, vm, tmp_path):
+    vm.fail = "hang:40000"
+    began = time.monotonic()
+    r = hamal(vm, "sync", vm.uri(libs["v8"], timeout="2"), str(tmp_path / "disk.raw"), "--no-progress")
+    took = time.monotonic() - began
+    line = one_error_line(r.err)
+    assert r.code != 0 and "VDDK did not answer within 2 s; its worker was stopped" in line, line
+    assert took < 20, f"took {took:.1f} s"
+    hung = [c.pid for c in vm.calls() if c.name == "hang"]
+    assert hung and not any(Path(f"/proc/{pid}").exists() for pid in hung)

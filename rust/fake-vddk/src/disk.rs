@@ -50,6 +50,10 @@ impl Disk {
             record(&format!("abort start={start} n={count}"));
             std::process::abort();
         }
+        if hit(f.hang_at) {
+            record(&format!("hang start={start} n={count}"));
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
         if hit(f.read_at) || count == 0 || start + count > sectors {
             return VIX_E_FILE_ERROR;
         }

@@ -4,8 +4,9 @@ use std::io::Write;
 use std::sync::OnceLock;
 
 /// Faults injected through `FAKE_VDDK_FAIL` (comma-separated): `init`, `connect`, `open`,
-/// `query`, `read:SECTOR`, `abort:SECTOR`. A thumbprint other than `FAKE_VDDK_THUMBPRINT` or a
-/// password other than `FAKE_VDDK_PASSWORD` (when set) is refused as a real host would.
+/// `query`, `read:SECTOR`, `abort:SECTOR`, `hang:SECTOR` (that read never returns). A
+/// thumbprint other than `FAKE_VDDK_THUMBPRINT` or a password other than `FAKE_VDDK_PASSWORD`
+/// (when set) is refused as a real host would.
 #[derive(Default)]
 pub struct Faults {
     pub init: bool,
@@ -14,6 +15,7 @@ pub struct Faults {
     pub query: bool,
     pub read_at: Option<u64>,
     pub abort_at: Option<u64>,
+    pub hang_at: Option<u64>,
 }
 
 pub fn faults() -> &'static Faults {
@@ -33,6 +35,7 @@ pub fn faults() -> &'static Faults {
                 "query" => f.query = true,
                 "read" => f.read_at = sector,
                 "abort" => f.abort_at = sector,
+                "hang" => f.hang_at = sector,
                 _ => {}
             }
         }

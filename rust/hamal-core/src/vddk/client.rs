@@ -25,6 +25,7 @@ pub struct Worker {
     tail: Arc<Mutex<VecDeque<String>>>,
     stderr: Option<JoinHandle<()>>,
     window: SharedMem,
+    timeout: Duration,
     /// The engine's chunk buffers, when they are shared with this worker.
     arena: Option<Arc<SharedMem>>,
     name: String,
@@ -135,6 +136,7 @@ impl Worker {
             tail,
             stderr,
             window,
+            timeout: uri.timeout,
             arena,
             name,
         };
@@ -165,6 +167,7 @@ impl Worker {
 
     /// Reads a reply header; an error reply becomes the disk's error.
     fn expect(&mut self, status: u8) -> Result<u64> {
+        self.wait_for_reply()?;
         let (st, len) = read_reply_header(&mut self.from).map_err(|_| self.died())?;
         if st == ST_ERR {
             let mut msg = vec![0u8; len as usize];
@@ -263,6 +266,41 @@ impl Worker {
             )));
         }
         Ok(())
+    }
+
+    /// Waits until the worker answers; past the timeout it is killed (a hung VDDK call never
+    /// returns) and the disk fails.
+    fn wait_for_reply(&mut self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        if !self.from.buffer().is_empty() {
+            return Ok(());
+        }
+        let mut pfd = libc::pollfd {
+            fd: self.from.get_ref().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: poll on one pollfd this function owns, for at most `ms`.
+            let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if n > 0 {
+                return Ok(()); // data, or EOF / an error that the read then reports
+            }
+            let interrupted =
+                n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted;
+            if !interrupted {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err(Error::Vddk(format!(
+                    "{}: VDDK did not answer within {} s; its worker was stopped",
+                    self.name,
+                    self.timeout.as_secs_f64()
+                )));
+            }
+        }
     }
 
     /// The error for a worker that stopped answering: how it ended and its last words.

@@ -7,8 +7,12 @@
 use crate::uri::percent_decode;
 use crate::{Error, Result};
 use std::path::PathBuf;
+use std::time::Duration;
 
-const FORM: &str = "vddk://USER@HOST[:PORT]/[DATASTORE] DIR/DISK.vmdk?vm=vm-N&snapshot=snapshot-N&thumbprint=AA:BB:..[&password_file=PATH|cookie_file=PATH&transports=nbdssl:nbd&libdir=DIR&config=PATH&nfc_host_port=N]";
+const FORM: &str = "vddk://USER@HOST[:PORT]/[DATASTORE] DIR/DISK.vmdk?vm=vm-N&snapshot=snapshot-N&thumbprint=AA:BB:..[&password_file=PATH|cookie_file=PATH&transports=nbdssl:nbd&libdir=DIR&config=PATH&nfc_host_port=N&timeout=SECONDS]";
+
+/// How long VDDK may take to answer one request (connect and open, or a read batch).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VddkUri {
@@ -34,6 +38,8 @@ pub struct VddkUri {
     /// VDDK's own configuration file.
     pub config: Option<PathBuf>,
     pub nfc_host_port: Option<u32>,
+    /// A worker that does not answer within this is stopped and the disk's sync fails.
+    pub timeout: Duration,
 }
 
 impl VddkUri {
@@ -86,6 +92,7 @@ impl VddkUri {
             libdir: None,
             config: None,
             nfc_host_port: None,
+            timeout: DEFAULT_TIMEOUT,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -106,6 +113,14 @@ impl VddkUri {
                 "transports" => u.transports = Some(v),
                 "libdir" => u.libdir = Some(v.into()),
                 "config" => u.config = Some(v.into()),
+                "timeout" => {
+                    let secs: f64 = v
+                        .parse()
+                        .ok()
+                        .filter(|s: &f64| *s > 0.0 && *s <= 86400.0)
+                        .ok_or_else(|| bad("timeout must be a number of seconds in (0, 86400]"))?;
+                    u.timeout = Duration::from_secs_f64(secs);
+                }
                 "nfc_host_port" => {
                     u.nfc_host_port = Some(v.parse().map_err(|_| bad("bad nfc_host_port"))?)
                 }
@@ -182,6 +197,7 @@ mod tests {
         assert_eq!(u.thumbprint, TP.to_ascii_uppercase());
         assert_eq!(u.transports.as_deref(), Some("nbd"));
         assert_eq!(u.nfc_host_port, Some(902));
+        assert_eq!(u.timeout, DEFAULT_TIMEOUT);
         let esc = parse(&format!(
             "vddk://r@h/%5Bds%5D%20a.vmdk?vm=vm-1&snapshot=s&thumbprint={TP}&cookie_file=/c"
         ))
@@ -219,6 +235,10 @@ mod tests {
             (
                 format!("vddk://r@h:99999/d?{ok}&password_file=/p"),
                 "bad port",
+            ),
+            (
+                format!("vddk://r@h/d?{ok}&password_file=/p&timeout=0"),
+                "timeout must be",
             ),
         ] {
             let e = parse(&uri).unwrap_err().to_string();
