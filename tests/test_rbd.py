@@ -317,3 +317,38 @@ def test_hung_osd_fails_the_sync_in_bounded_time_and_a_rerun_resumes(cephx_env: 
     again = sync(uri, str(target))
     assert again["bytes_resumed"] > 0, again
     assert target.read_bytes() == cephx_env.export(img, "s1")
+
+
+def test_a_clone_reads_through_its_parent(rbd_env: Rbd, tmp_path: Path) -> None:
+    """OpenStack volumes made from images are clones: a full sync must include the parent's
+    data, and an incremental what the clone changed over it (writes and discards)."""
+    parent = rbd_env.new_image(32 * MIB)
+    rbd_env.io(parent, "write:0:8388608:20", "write:16777216:4194304:21")
+    rbd_env.snap(parent, "base")
+    rbd_env.rbd("snap", "protect", f"{rbd_env.pool}/{parent}@base")
+    child = f"clone{next(_names)}"
+    rbd_env.rbd("clone", f"{rbd_env.pool}/{parent}@base", f"{rbd_env.pool}/{child}")
+    rbd_env.io(child, "write:1048576:65536:22", "write:25165824:1048576:23")
+    rbd_env.snap(child, "c1")
+    target = tmp_path / "clone.raw"
+    full = sync(rbd_env.uri(child, "c1"), str(target))
+    assert target.read_bytes() == rbd_env.export(child, "c1")
+    assert full["bytes_total"] >= 12 * MIB, "the parent's data is read"
+    rbd_env.io(child, "write:2097152:4096:24", "discard:16777216:2097152")
+    rbd_env.snap(child, "c2")
+    sync(rbd_env.uri(child, "c2", from_snap="c1"), str(target))
+    expected = rbd_env.export(child, "c2")
+    assert target.read_bytes() == expected
+    assert expected[16777216 : 16777216 + 2097152] == bytes(2097152), "the discard over the parent"
+
+
+def test_an_image_in_a_namespace(rbd_env: Rbd, tmp_path: Path) -> None:
+    ns = f"ns{next(_names)}"
+    rbd_env.rbd("namespace", "create", "--pool", rbd_env.pool, "--namespace", ns)
+    spaced = Rbd(rbd_env.cluster, f"{rbd_env.pool}/{ns}", rbd_env.root)
+    img = spaced.new_image(16 * MIB)
+    spaced.io(img, "write:0:1048576:30", "write:8388608:2097152:31")
+    spaced.snap(img, "s1")
+    target = tmp_path / "ns.raw"
+    sync(spaced.uri(img, "s1"), str(target))
+    assert target.read_bytes() == spaced.export(img, "s1")
