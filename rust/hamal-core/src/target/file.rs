@@ -141,6 +141,7 @@ impl Target for FileTarget {
             file: Arc::clone(&self.file),
             path: self.path.clone(),
             io,
+            write_behind: true,
             behind: VecDeque::new(),
             behind_bytes: 0,
         }))
@@ -165,6 +166,8 @@ struct FileWriter {
     file: Arc<File>,
     path: PathBuf,
     io: BatchIo,
+    /// Off where the file system has no `sync_file_range`.
+    write_behind: bool,
     /// Ranges written whose write-back has started, oldest first.
     behind: VecDeque<(u64, u64)>,
     behind_bytes: u64,
@@ -174,20 +177,24 @@ impl FileWriter {
     /// Bounded write-behind: every written range starts its write-back at once, and past
     /// `WRITE_BEHIND_BYTES` the oldest ranges are waited for and dropped from the page cache.
     /// The disk works during the copy, dirty pages stay few (no write throttling, no cache
-    /// pollution on the host), and the commit's fdatasync, which alone gives durability, has
-    /// little left to do.
-    fn write_behind(&mut self, reqs: &[WriteReq<'_>]) {
-        let fd = self.file.as_raw_fd();
+    /// pollution on the host), and the commit's fdatasync has little left to do.
+    ///
+    /// A write-back error must fail the sync here: the kernel reports it to this wait and not
+    /// again to a later fdatasync on the same file. Where the file system cannot do
+    /// `sync_file_range`, write-behind turns itself off.
+    /// Errors come with the offset of the range whose write-back failed.
+    fn write_behind(&mut self, reqs: &[WriteReq<'_>]) -> Result<(), (u64, io::Error)> {
+        if !self.write_behind {
+            return Ok(());
+        }
         for r in reqs {
             let len = r.buf.len() as u64;
-            // SAFETY: sync_file_range on a descriptor we own, with plain integer arguments.
-            unsafe {
-                libc::sync_file_range(fd, r.offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE)
-            };
+            self.sync_range(r.offset, len, libc::SYNC_FILE_RANGE_WRITE)
+                .map_err(|e| (r.offset, e))?;
             self.behind.push_back((r.offset, len));
             self.behind_bytes += len;
         }
-        while self.behind_bytes > WRITE_BEHIND_BYTES {
+        while self.write_behind && self.behind_bytes > WRITE_BEHIND_BYTES {
             let Some((offset, len)) = self.behind.pop_front() else {
                 break;
             };
@@ -195,12 +202,36 @@ impl FileWriter {
             let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
                 | libc::SYNC_FILE_RANGE_WRITE
                 | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-            // SAFETY: as above; fadvise only drops clean cached pages of our own file.
+            self.sync_range(offset, len, wait)
+                .map_err(|e| (offset, e))?;
+            // SAFETY: fadvise on our own descriptor; it only drops clean cached pages.
             unsafe {
-                libc::sync_file_range(fd, offset as i64, len as i64, wait);
-                libc::posix_fadvise(fd, offset as i64, len as i64, libc::POSIX_FADV_DONTNEED);
-            }
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    offset as i64,
+                    len as i64,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
         }
+        Ok(())
+    }
+
+    fn sync_range(&mut self, offset: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
+        let fd = self.file.as_raw_fd();
+        // SAFETY: sync_file_range on a descriptor we own, with plain integer arguments.
+        if unsafe { libc::sync_file_range(fd, offset as i64, len as i64, flags) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSYS | libc::EINVAL | libc::ESPIPE | libc::EOPNOTSUPP)
+        ) {
+            self.write_behind = false;
+            return Ok(());
+        }
+        Err(e)
     }
 }
 
@@ -209,7 +240,7 @@ impl TargetWriter for FileWriter {
         self.io
             .write_batch(self.file.as_raw_fd(), reqs)
             .map_err(|e| Error::target_io(&self.path, "write failed", Some(e.offset), e.error))?;
-        self.write_behind(reqs);
-        Ok(())
+        self.write_behind(reqs)
+            .map_err(|(at, e)| Error::target_io(&self.path, "write-back failed", Some(at), e))
     }
 }
