@@ -12,10 +12,13 @@ from pathlib import Path
 
 from conftest import MIB, make_image, run_hamal, sha256
 
+JOURNAL_HEADER = 48  # magic, plan fingerprint, start time
+JOURNAL_RECORD = 48  # chunk index, digest, bytes stored
+
 
 def journal_records(journal: Path) -> int:
-    """Bytes of journal beyond its 40-byte header (0 when none yet)."""
-    return max(0, journal.stat().st_size - 40) if journal.exists() else 0
+    """Bytes of journal beyond its header (0 when none yet)."""
+    return max(0, journal.stat().st_size - JOURNAL_HEADER) if journal.exists() else 0
 
 
 def kill_mid_sync(src: Path, dst: Path, bwlimit: str, min_chunks: int) -> None:
@@ -27,7 +30,7 @@ def kill_mid_sync(src: Path, dst: Path, bwlimit: str, min_chunks: int) -> None:
     cmd += ["--fsync-period", "0.1", "--chunk-size", "1M", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while journal_records(journal) < min_chunks * 40 and time.monotonic() < deadline:
+    while journal_records(journal) < min_chunks * JOURNAL_RECORD and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -39,7 +39,7 @@ def test_sigkill_mid_sync_commits_nothing_and_resumes(tmp_path: Path) -> None:
     store = f"dir:{tmp_path / 'store'}"
     p = start_slow_sync(src, store, journal)
     try:
-        # Journal header is 40 bytes; a batch after it means chunks are durable in the store.
+        # Journal header is 48 bytes; a batch after it means chunks are durable in the store.
         wait_until(lambda: journal.exists() and journal.stat().st_size > 100, "journaled chunks")
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=10)

@@ -53,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bitmap", metavar="NAME", help="NBD source: sync the extents dirty in this bitmap")
     s.add_argument("--source-id", help="name of the snapshot read; lets an NBD sync resume from its journal")
     s.add_argument(
+        "--parent",
+        metavar="VERSION",
+        help="chunk store: the version the changes are relative to (default: the disk's newest); "
+        "the sync is refused when it is missing",
+    )
+    s.add_argument(
+        "--full-on-mismatch",
+        action="store_true",
+        help="chunk store: sync in full (saying why) instead of refusing when the parent cannot be used",
+    )
+    s.add_argument(
         "--disk",
         "--disk-id",
         dest="disk_id",
@@ -188,6 +199,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
             journal=args.journal,
             bitmap=args.bitmap,
             source_id=args.source_id,
+            parent=args.parent,
+            full_on_mismatch=args.full_on_mismatch,
         )
     ]
     job = sync.start(plan, cfg, options)
@@ -207,8 +220,11 @@ def _describe_sync(s: dict[str, Any]) -> str:
         f"({human(rate)}/s): {human(s['bytes_written'])} written, {human(s['bytes_zero'])} zero, "
         f"{human(s['bytes_resumed'])} resumed, {human(s['holes_zeroed'])} holes zeroed [{s['io_backend']}]"
     )
+    if s.get("full_reason"):
+        line += f"\n  full sync instead of incremental: {s['full_reason']}"
     if s.get("version"):
-        line += f"\n  committed version {s['version']} to {s['target']}"
+        on = f" on parent {s['parent']}" if s.get("parent") else ""
+        line += f"\n  committed version {s['version']}{on} to {s['target']}"
     if s.get("content_digest") and not s.get("version"):
         line += f"\n  {s['checksum']} content digest {s['content_digest']}"
     return line
@@ -267,7 +283,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
         args,
         report,
         f"removed {len(report['removed_versions'])} versions, kept {report['kept_versions']}; "
-        f"removed {report['removed_chunks']} chunks and {report['removed_pages']} index pages",
+        f"removed {report['removed_chunks']} chunks and {report['removed_pages']} index pages; "
+        f"cleaned {report['removed_locks']} dead locks, {report['removed_temporaries']} temporary objects "
+        f"and {report['removed_quarantined']} quarantined chunks",
     )
     if report["gc_skipped"]:
         print(f"hamal: unreferenced chunks were not collected: {report['gc_skipped']}", file=sys.stderr)
@@ -287,6 +305,14 @@ def cmd_verify_store(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     for p in report["problems"]:
         print(f"hamal: {p}", file=sys.stderr)
+    if report["quarantined"]:
+        print(
+            f"hamal: moved {report['quarantined']} damaged chunks to the quarantine; "
+            "the next sync that reads their data uploads them again",
+            file=sys.stderr,
+        )
+    for left in report["leftovers"]:
+        print(f"hamal: left behind by a killed run (prune removes it): {left}", file=sys.stderr)
     if report["problems"]:
         return EXIT_MISMATCH
     if not args.json:

@@ -2,6 +2,7 @@
 defined by the Rust extension so both sides raise the same types."""
 
 from hamal._native import (
+    BusyError,
     CephError,
     ConfigError,
     HamalError,
@@ -17,6 +18,7 @@ from hamal._native import (
 )
 
 __all__ = [
+    "BusyError",
     "CephError",
     "ConfigError",
     "HamalError",

@@ -76,6 +76,7 @@ class SyncOptions:
             "fsync_timeout_s": v2["fsync_timeout"],
             "store": store_settings(cfg, self.key_file),
             "vddk": vddk_settings(cfg),
+            "lock_dir": os.path.join(conf["DEFAULT"]["hamal_lib_dir"], "locks"),
         }
 
 
@@ -124,12 +125,21 @@ def disk(
     bitmap: str | None = None,
     source_id: str | None = None,
     version: str | None = None,
+    parent: str | None = None,
+    full_on_mismatch: bool = False,
+    snapshot_time: str | None = None,
 ) -> dict[str, Any]:
     """One disk of a plan. With neither ``changed`` nor ``bitmap`` every allocated extent is
     synced (a full sync); ``bitmap`` names the dirty bitmap of an NBD source to take changes from.
     ``source_id`` names the snapshot read; a resume journal is trusted only for the same id
     (file sources identify themselves by their modification time). ``version`` picks the version
-    read from a chunk-store source (default: the newest)."""
+    read from a chunk-store source (default: the newest).
+
+    Into a chunk store, ``parent`` names the version the changes are relative to (the one whose
+    cursor they were computed from); the sync is refused when it is missing or does not fit,
+    or runs in full with ``full_on_mismatch`` (the summary's ``full_reason`` says why).
+    ``snapshot_time`` (RFC 3339) becomes the version's time; by default the time the first
+    attempt of the sync started."""
     if disk_id is None and (is_store(target) or is_store(source)):
         raise PlanError(f"a chunk store ({target if is_store(target) else source}) needs a disk id (--disk)")
     return {
@@ -142,6 +152,9 @@ def disk(
         "changed_origin": changed_origin or "changed list",
         "journal": journal,
         "version": version,
+        "parent": parent,
+        "full_on_mismatch": full_on_mismatch,
+        "snapshot_time": snapshot_time,
     }
 
 

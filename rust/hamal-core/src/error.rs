@@ -47,6 +47,10 @@ pub enum Error {
     #[error("{0}")]
     Store(String),
 
+    /// Another run holds the target or store (one writer per target); nothing was written.
+    #[error("{0}")]
+    Busy(String),
+
     /// A Ceph cluster, pool, image or snapshot could not be reached or used (librbd missing,
     /// authentication, unknown names, timeouts).
     #[error("{0}")]

@@ -39,6 +39,9 @@ fn plan(src: &Path, dst: &Path, changed: Option<Vec<(i128, i128)>>, tuning: Tuni
             bitmap: None,
             source_id: None,
             version: None,
+            parent: None,
+            full_on_mismatch: false,
+            snapshot_time: None,
         }],
         tuning,
     }
@@ -195,6 +198,9 @@ fn several_disks_in_parallel() {
             bitmap: None,
             source_id: None,
             version: None,
+            parent: None,
+            full_on_mismatch: false,
+            snapshot_time: None,
         });
     }
     let tuning = Tuning {

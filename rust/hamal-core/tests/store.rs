@@ -76,6 +76,9 @@ impl Env {
                 bitmap: None,
                 source_id: Some("snap".into()),
                 version: version.map(str::to_owned),
+                parent: None,
+                full_on_mismatch: false,
+                snapshot_time: None,
             }],
             tuning: self.tuning(o),
         };
@@ -227,7 +230,7 @@ fn damaged_and_missing_chunks_are_reported_with_their_offset() {
         shallow.problems
     );
     let deep = store::verify_store(&env.uri(), &o, None, None, true).unwrap();
-    assert_eq!(deep.problems.len(), 2, "{:?}", deep.problems);
+    assert_eq!(deep.problems.len(), 3, "{:?}", deep.problems);
     assert!(deep.problems.iter().any(|p| p.contains("damaged")));
     for p in &deep.problems {
         assert!(
@@ -235,9 +238,54 @@ fn damaged_and_missing_chunks_are_reported_with_their_offset() {
             "{p}"
         );
     }
+    // The damaged chunk was moved aside, and the problem names the version and offset using it.
+    assert_eq!(deep.quarantined, 1);
+    assert!(!chunks[0].exists());
+    assert!(deep.problems[2].contains("uses 1 quarantined chunk(s), at disk offset 2097152"));
+    assert_eq!(env.objects("quarantine").len(), 1);
     let e = env.restore(&v, &env.path("out.raw"), &o).unwrap_err();
     assert!(matches!(*e, Error::Mismatch(_)), "{e}");
     assert!(e.to_string().contains("disk offset"), "{e}");
+
+    // A full sync of the same data uploads both chunks again: every version restores.
+    env.sync(&src, None, &o).unwrap();
+    let again = store::verify_store(&env.uri(), &o, None, None, true).unwrap();
+    assert!(again.problems.is_empty(), "{:?}", again.problems);
+    let out = env.path("healed.raw");
+    env.restore(&v, &out, &o).unwrap();
+    assert!(same(&out, &src));
+    let pruned = store::prune(&env.uri(), &o, 5, None).unwrap();
+    assert_eq!(
+        pruned.removed_quarantined, 1,
+        "the healed chunk's damaged copy goes"
+    );
+}
+
+#[test]
+fn an_incremental_rereads_chunks_its_parent_has_in_quarantine() {
+    let env = Env::new();
+    let o = StoreOptions::default();
+    let src = env.path("src.raw");
+    fill(&src, 8 * MIB, &[(2, 1), (6, 2)]);
+    let v1 = env.sync(&src, None, &o).unwrap();
+    let mut chunks = env.objects("chunks");
+    chunks.sort();
+    let mut bytes = std::fs::read(&chunks[0]).unwrap();
+    bytes[20] ^= 0xff;
+    std::fs::write(&chunks[0], bytes).unwrap();
+    assert_eq!(
+        store::verify_store(&env.uri(), &o, None, None, true)
+            .unwrap()
+            .quarantined,
+        1
+    );
+    // Nothing changed: the incremental still reads the quarantined chunk and heals the store.
+    let v2 = env.sync(&src, Some(vec![]), &o).unwrap();
+    for v in [&v1, &v2] {
+        let out = env.path(&format!("{v}.raw"));
+        env.restore(v, &out, &o).unwrap();
+        assert!(same(&out, &src), "version {v}");
+    }
 }
 
 #[test]
@@ -290,13 +338,20 @@ fn incremental_needs_a_parent_and_bad_ids_are_refused() {
         .sync(&src, Some(vec![(0, 4096)]), &o)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("run a full sync first"), "{e}");
+    assert!(
+        e.contains("has no version yet") && e.contains("run a full sync"),
+        "{e}"
+    );
+    assert!(
+        !env.path("store").exists(),
+        "a refused run creates no store"
+    );
     let e = env
         .restore("nope", &env.path("o.raw"), &o)
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("not a hamal chunk store") || e.contains("no version"),
+        e.contains("not a hamal chunk store") || e.contains("does not exist"),
         "{e}"
     );
     assert!(StoreUri::parse("s3://AB").unwrap().is_err());

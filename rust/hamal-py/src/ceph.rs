@@ -25,6 +25,14 @@ pub fn rbd_list_snapshots(py: Python<'_>, image: &str) -> PyResult<Py<PyAny>> {
     convert::to_py(py, &snaps)
 }
 
+/// The image's size now, in bytes.
+#[pyfunction]
+pub fn rbd_image_size(py: Python<'_>, image: &str) -> PyResult<u64> {
+    let uri = image_uri(image)?;
+    py.detach(|| ceph::image_size(&uri))
+        .map_err(|e| errors::to_py(&e))
+}
+
 /// Takes a snapshot (protected if asked) and returns it as `rbd_list_snapshots` does.
 #[pyfunction]
 #[pyo3(signature = (image, name, *, protect=false))]

@@ -61,7 +61,8 @@ where
 }
 
 /// Reads one disk of a plan from a dict with keys `disk_id`, `source`, `target`, and optional
-/// `changed` (list of `[offset, length]`), `changed_origin`, `journal`.
+/// `changed` (list of `[offset, length]`), `changed_origin`, `journal`, `bitmap`, `source_id`,
+/// `version`, `parent`, `full_on_mismatch`, `snapshot_time`.
 pub fn disk_plan(d: &Bound<'_, PyDict>, i: usize) -> PyResult<DiskPlan> {
     let need = |key: &str| -> PyResult<String> {
         item::<String>(d, key, i)?
@@ -86,6 +87,9 @@ pub fn disk_plan(d: &Bound<'_, PyDict>, i: usize) -> PyResult<DiskPlan> {
         bitmap: item::<String>(d, "bitmap", i)?,
         source_id: item::<String>(d, "source_id", i)?,
         version: item::<String>(d, "version", i)?,
+        parent: item::<String>(d, "parent", i)?,
+        full_on_mismatch: item::<bool>(d, "full_on_mismatch", i)?.unwrap_or(false),
+        snapshot_time: item::<String>(d, "snapshot_time", i)?,
     })
 }
 

@@ -49,6 +49,12 @@ create_exception!(
 );
 create_exception!(
     _native,
+    BusyError,
+    HamalError,
+    "Another run holds the target or store (one writer per target); nothing was written."
+);
+create_exception!(
+    _native,
     CephError,
     HamalError,
     "A Ceph cluster, pool, image or snapshot could not be reached or used."
@@ -87,6 +93,7 @@ pub fn to_py(e: &Error) -> PyErr {
         Error::Target { .. } => TargetError::new_err(msg),
         Error::Journal { .. } => JournalError::new_err(msg),
         Error::Store(_) => StoreError::new_err(msg),
+        Error::Busy(_) => BusyError::new_err(msg),
         Error::Ceph(_) => CephError::new_err(msg),
         Error::Vddk(_) => VddkError::new_err(msg),
         Error::Mismatch(_) => MismatchError::new_err(msg),
@@ -104,6 +111,7 @@ pub fn kind(e: &Error) -> &'static str {
         Error::Target { .. } => "TargetError",
         Error::Journal { .. } => "JournalError",
         Error::Store(_) => "StoreError",
+        Error::Busy(_) => "BusyError",
         Error::Ceph(_) => "CephError",
         Error::Vddk(_) => "VddkError",
         Error::Mismatch(_) => "MismatchError",
@@ -121,6 +129,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TargetError", py.get_type::<TargetError>())?;
     m.add("JournalError", py.get_type::<JournalError>())?;
     m.add("StoreError", py.get_type::<StoreError>())?;
+    m.add("BusyError", py.get_type::<BusyError>())?;
     m.add("CephError", py.get_type::<CephError>())?;
     m.add("VddkError", py.get_type::<VddkError>())?;
     m.add("MismatchError", py.get_type::<MismatchError>())?;

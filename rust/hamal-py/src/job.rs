@@ -89,7 +89,7 @@ impl Job {
 #[pyfunction]
 #[pyo3(signature = (disks, *, chunk_size=4*1024*1024, readers=2, writers=1, queue_depth=4, parallel_disks=4,
     checksum=None, release_cpu_ms_per_mb=0, bwlimit_bps=None, io_mode="auto", memory_budget=256*1024*1024,
-    fsync_period_s=3.0, fsync_timeout_s=0, store=None, vddk=None))]
+    fsync_period_s=3.0, fsync_timeout_s=0, store=None, vddk=None, lock_dir=None))]
 pub fn start_sync(
     disks: Vec<Bound<'_, PyDict>>,
     chunk_size: u64,
@@ -106,6 +106,7 @@ pub fn start_sync(
     fsync_timeout_s: u64,
     store: Option<Bound<'_, PyDict>>,
     vddk: Option<Bound<'_, PyDict>>,
+    lock_dir: Option<String>,
 ) -> PyResult<Job> {
     let tuning = Tuning {
         chunk_size,
@@ -122,6 +123,7 @@ pub fn start_sync(
         fsync_warn_after: (fsync_timeout_s > 0).then(|| Duration::from_secs(fsync_timeout_s)),
         store: crate::store::options(store.as_ref())?,
         vddk: convert::vddk_options(vddk.as_ref())?,
+        lock_dir: lock_dir.map_or_else(|| Tuning::default().lock_dir, Into::into),
     };
     let disks = disks
         .iter()

@@ -48,6 +48,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(store::verify_store, m)?)?;
     m.add_function(wrap_pyfunction!(store::prune_store, m)?)?;
     m.add_function(wrap_pyfunction!(ceph::rbd_list_snapshots, m)?)?;
+    m.add_function(wrap_pyfunction!(ceph::rbd_image_size, m)?)?;
     m.add_function(wrap_pyfunction!(ceph::rbd_create_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(ceph::rbd_remove_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(ceph::rbd_protect_snapshot, m)?)?;

@@ -31,6 +31,11 @@ pub fn list_snapshots(uri: &RbdUri) -> Result<Vec<Snapshot>> {
     Ok(snaps)
 }
 
+/// The image's size now, in bytes.
+pub fn image_size(uri: &RbdUri) -> Result<u64> {
+    open_head(uri)?.size()
+}
+
 /// Takes snapshot `name` of the image, protected if asked (Cinder protects its snapshots).
 pub fn create_snapshot(uri: &RbdUri, name: &str, protect: bool) -> Result<Snapshot> {
     let image = open_head(uri)?;

@@ -13,11 +13,11 @@ use super::pool::{BufferPool, ChunkBuf};
 use super::progress::{DiskProgress, DiskState};
 use super::throttle::{release_cpu, Pacer};
 use crate::checksum::{is_zero, ChunkHasher, ContentDigest, Digest};
-use crate::extent::{ChunkWork, ExtentMap};
+use crate::extent::{ChunkWork, Extent, ExtentMap};
 use crate::io::{ReadReq, WriteReq};
 use crate::source::{FileSource, NbdSource, RbdSource, Source, VddkSource};
-use crate::store::{StoreSource, StoreTarget};
-use crate::target::{CommitInfo, FileTarget, NbdTarget, Target};
+use crate::store::{StoreSource, StoreSync, StoreTarget};
+use crate::target::{CommitInfo, Done, FileTarget, NbdTarget, Target};
 use crate::uri::DiskUri;
 use crate::{Error, Result};
 use serde::Serialize;
@@ -47,6 +47,10 @@ pub struct DiskSummary {
     pub content_digest: Option<String>,
     /// The version committed, for a chunk-store target.
     pub version: Option<String>,
+    /// The version an incremental into a chunk store was applied to.
+    pub parent: Option<String>,
+    /// Why a sync asked to be incremental ran in full.
+    pub full_reason: Option<String>,
 }
 
 /// A chunk read and checked, on its way to a writer.
@@ -55,6 +59,8 @@ struct Filled {
     buf: ChunkBuf,
     zero: bool,
     digest: Digest,
+    /// Bytes a chunk sink stored for it.
+    stored: u64,
 }
 
 /// Chunks written but not yet flushed, and the journal they go to after the flush. Writers
@@ -64,7 +70,7 @@ struct Durability<'t> {
     target: &'t dyn Target,
     warn_after: Option<Duration>,
     journal: Mutex<Journal>,
-    pending: Mutex<Vec<(u64, Digest)>>,
+    pending: Mutex<Vec<Done>>,
     digest: Mutex<ContentDigest>,
 }
 
@@ -118,16 +124,21 @@ pub(crate) fn open_source(
 }
 
 fn open_target(plan: &DiskPlan, size: u64, t: &Tuning, full: bool) -> Result<Box<dyn Target>> {
+    let purpose = format!("sync of disk {}", plan.disk_id);
     match &plan.target {
         DiskUri::File(p) => Ok(Box::new(FileTarget::open(p, size, t.io_mode)?)),
-        DiskUri::Nbd(u) => Ok(Box::new(NbdTarget::open(u, size)?)),
+        DiskUri::Nbd(u) => Ok(Box::new(NbdTarget::open(u, size, &t.lock_dir, &purpose)?)),
         DiskUri::Store(u) => Ok(Box::new(StoreTarget::open(
             u,
             &t.store,
-            &plan.disk_id,
-            size,
-            t.chunk_size,
-            full,
+            &StoreSync {
+                disk: &plan.disk_id,
+                size,
+                chunk_size: t.chunk_size,
+                full,
+                parent: plan.parent.as_deref(),
+                full_on_mismatch: plan.full_on_mismatch,
+            },
         )?)),
         DiskUri::Rbd(_) | DiskUri::Vddk(_) => {
             Err(Error::Plan(format!("{}: {SOURCE_ONLY}", plan.target)))
@@ -200,7 +211,40 @@ impl DiskRun<'_> {
         };
         let allocated = source.allocated()?;
         let target = open_target(plan, size, t, changed.is_none())?;
+        let out = self.run_on(&*source, &*target, changed, allocated, started);
+        if out.is_err() && self.progress.snapshot().bytes_done == 0 {
+            // A run that failed before writing anything leaves no journal, and no target file
+            // it created.
+            Journal::remove_if_empty(&plan.journal_path()?);
+            if target.is_fresh() {
+                target.abandon();
+            }
+        }
+        out
+    }
+
+    fn run_on(
+        &self,
+        source: &dyn Source,
+        target: &dyn Target,
+        changed: Option<ExtentMap>,
+        allocated: ExtentMap,
+        started: Instant,
+    ) -> Result<DiskSummary> {
+        let (t, plan) = (self.tuning, self.plan);
+        let size = source.size();
         let sink = target.as_chunk_sink();
+        let full_reason = sink.and_then(|s| s.full_reason());
+        let changed = match (changed, sink) {
+            (_, Some(_)) if full_reason.is_some() => None,
+            (Some(c), Some(s)) => {
+                let redo = s.repairs().into_iter().map(|i| {
+                    Extent::new(i * t.chunk_size, t.chunk_size.min(size - i * t.chunk_size))
+                });
+                Some(c.union(&ExtentMap::from_extents(redo)))
+            }
+            (c, _) => c,
+        };
         let hasher = sink
             .map(|s| s.hasher())
             .or(t.checksum.map(ChunkHasher::Plain));
@@ -232,7 +276,7 @@ impl DiskRun<'_> {
         let zeros = zeros.subtract(&data);
         let mut journal = Journal::open(
             &plan.journal_path()?,
-            &fingerprint(plan, &*source, &*target, t, hasher, &data),
+            &fingerprint(plan, source, target, t, hasher, &data),
             size.div_ceil(t.chunk_size),
             sink.is_some(),
         )?;
@@ -255,23 +299,29 @@ impl DiskRun<'_> {
             target.zero_range(hole.offset, hole.len)?;
         }
         let resumed_digest = journal.resumed_digest;
+        let snapshot_time = plan.snapshot_time.clone().unwrap_or_else(|| {
+            chrono::DateTime::from_timestamp_millis(journal.started_ms as i64)
+                .unwrap_or_default()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        });
         let durable = Durability {
-            target: &*target,
+            target,
             warn_after: t.fsync_warn_after,
             journal: Mutex::new(journal),
             pending: Mutex::new(Vec::new()),
             digest: Mutex::new(ContentDigest::default()),
         };
-        let backend = self.pipeline(&*source, &*target, hasher, &data, &durable)?;
+        let backend = self.pipeline(source, target, hasher, &data, &durable)?;
         let mut digest = durable.digest.into_inner().unwrap();
         digest.merge(&resumed_digest);
         let snap = p.snapshot();
         let version = match sink {
             Some(sink) => Some(sink.commit(&CommitInfo {
                 source: source.describe(),
+                snapshot_time,
                 cursor: plan.source_id.clone().or(plan.bitmap.clone()),
                 full,
-                bytes_read: snap.bytes_done - snap.bytes_resumed,
+                bytes_read: snap.bytes_done + snap.bytes_resumed,
                 chunks_changed: snap.chunks_total + zeros.chunk_count(t.chunk_size),
                 chunks_zero: zeros.chunk_count(t.chunk_size),
                 millis: started.elapsed().as_millis() as u64,
@@ -296,6 +346,8 @@ impl DiskRun<'_> {
             checksum: hasher.map(|h| h.name()),
             content_digest: hasher.map(|_| digest.hex()),
             version,
+            parent: sink.and_then(|s| s.parent()),
+            full_reason,
         })
     }
 
@@ -440,6 +492,7 @@ impl DiskRun<'_> {
                         buf,
                         zero,
                         digest,
+                        stored: 0,
                     })
                     .is_err()
                 {
@@ -464,7 +517,7 @@ impl DiskRun<'_> {
             None => Some(target.writer(t.queue_depth)?),
         };
         loop {
-            let batch: Vec<Filled> = {
+            let mut batch: Vec<Filled> = {
                 let rx = rx.lock().unwrap();
                 let Ok(first) = rx.recv() else { return Ok(()) };
                 let mut b = vec![first];
@@ -484,12 +537,12 @@ impl DiskRun<'_> {
                 let sink = sink.expect("a target without a writer is a chunk sink");
                 // Whole chunks by name; zero chunks are recorded, not stored, and journaled
                 // with the all-zero name.
-                for f in &batch {
+                for f in &mut batch {
                     let len = f.work.len();
                     if f.zero {
                         target.zero_range(f.work.first_offset(), len)?;
                     } else {
-                        sink.put(f.work.index, &f.buf[..len as usize], &f.digest)?;
+                        f.stored = sink.put(f.work.index, &f.buf[..len as usize], &f.digest)?;
                     }
                 }
                 self.finish_chunks(batch, durable, pool, true);
@@ -541,7 +594,11 @@ impl DiskRun<'_> {
                 f.digest
             };
             digest.add(f.work.index, &name);
-            pending.push((f.work.index, name));
+            pending.push(Done {
+                index: f.work.index,
+                name,
+                stored: f.stored,
+            });
             pool.put(f.buf);
         }
     }

@@ -43,6 +43,8 @@ pub struct Tuning {
     pub store: StoreOptions,
     /// Where VDDK is and how it reads (`[vmware]`).
     pub vddk: VddkOptions,
+    /// Where locks of targets that are not local files live (NBD exports; `hamal_lib_dir/locks`).
+    pub lock_dir: PathBuf,
 }
 
 impl Default for Tuning {
@@ -62,6 +64,7 @@ impl Default for Tuning {
             fsync_warn_after: None,
             store: StoreOptions::default(),
             vddk: VddkOptions::default(),
+            lock_dir: std::env::temp_dir().join("hamal-locks"),
         }
     }
 }
@@ -90,6 +93,12 @@ pub struct DiskPlan {
     pub source_id: Option<String>,
     /// For a chunk-store source: the version to read (`None`: the disk's newest).
     pub version: Option<String>,
+    /// For a chunk-store target: the version the changes are relative to (`None`: the newest).
+    pub parent: Option<String>,
+    /// For a chunk-store target: sync in full, saying why, when the parent cannot be used.
+    pub full_on_mismatch: bool,
+    /// When the source's content was taken (RFC 3339), recorded as the version's time.
+    pub snapshot_time: Option<String>,
 }
 
 impl DiskPlan {
@@ -198,6 +207,19 @@ impl JobPlan {
             }
             if matches!(d.target, DiskUri::Store(_)) {
                 crate::store::version::check_disk_id(&d.disk_id).map_err(Error::Plan)?;
+            } else if d.parent.is_some() || d.full_on_mismatch {
+                return Err(Error::Plan(format!(
+                    "disk '{}': a parent version is only named when syncing into a chunk store",
+                    d.disk_id
+                )));
+            }
+            if let Some(t) = &d.snapshot_time {
+                chrono::DateTime::parse_from_rfc3339(t).map_err(|e| {
+                    Error::Plan(format!(
+                        "disk '{}': snapshot time '{t}' is not an RFC 3339 time: {e}",
+                        d.disk_id
+                    ))
+                })?;
             }
             d.journal_path()?;
             if !ids.insert(&d.disk_id) {

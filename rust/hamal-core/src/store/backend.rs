@@ -11,6 +11,18 @@ pub struct Listed {
     pub modified: SystemTime,
 }
 
+/// What [`Backend::peek`] finds.
+pub enum Peek {
+    Missing,
+    /// It exists; this backend cannot cheaply say more (S3 objects are written whole).
+    Present,
+    /// It exists with this size and these first bytes.
+    Head {
+        head: Vec<u8>,
+        size: u64,
+    },
+}
+
 pub trait Backend: Send + Sync {
     /// The store URI, for messages.
     fn describe(&self) -> String;
@@ -23,6 +35,18 @@ pub trait Backend: Send + Sync {
         keys.iter().map(|k| self.get(k)).collect()
     }
     fn exists(&self, key: &str) -> Result<bool>;
+    /// Whether `key` exists, with its size and first `n` bytes where that is cheap.
+    fn peek(&self, key: &str, _n: usize) -> Result<Peek> {
+        Ok(if self.exists(key)? {
+            Peek::Present
+        } else {
+            Peek::Missing
+        })
+    }
+    /// Temporary objects left by interrupted writes (none where writes are atomic).
+    fn list_temporaries(&self) -> Result<Vec<Listed>> {
+        Ok(Vec::new())
+    }
     /// Every object whose key starts with `prefix` (a folder such as `chunks/`).
     fn list(&self, prefix: &str) -> Result<Vec<Listed>>;
     /// Removes an object; a missing one is not an error.

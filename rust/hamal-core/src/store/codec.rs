@@ -1,6 +1,8 @@
 //! How a chunk or an index page becomes a stored object, and back.
 //!
-//! Object layout: `b"HMC1"`, one flag byte (bit 0: zstd, bit 1: AES-256-GCM), then, when
+//! Object layout: `b"HMC1"`, one flag byte (bit 0: zstd, bit 1: AES-256-GCM, bit 2: sized),
+//! when sized the object's whole length (`u64` LE, so a truncated object is caught from its
+//! first bytes and its size alone; objects written before bit 2 existed have no length), then, when
 //! encrypted, a random 12-byte nonce followed by the ciphertext with its 16-byte tag; otherwise
 //! the (maybe compressed) bytes. The object's name is the hash of its plaintext: BLAKE3, or
 //! keyed BLAKE3 when the store is encrypted (so equal plaintext is not revealed). Decoding always
@@ -14,7 +16,18 @@ use std::path::Path;
 const MAGIC: &[u8; 4] = b"HMC1";
 const ZSTD: u8 = 1;
 const AES: u8 = 2;
+const SIZED: u8 = 4;
 const NONCE: usize = 12;
+/// Bytes of an object's head that [`declared_len`] needs.
+pub const HEAD: usize = 13;
+
+/// The length an object's head declares (`None`: an object written without one).
+pub fn declared_len(head: &[u8]) -> Option<u64> {
+    if head.len() < HEAD || &head[..4] != MAGIC || head[4] & SIZED == 0 {
+        return None;
+    }
+    Some(u64::from_le_bytes(head[5..13].try_into().unwrap()))
+}
 
 /// Keys derived from the operator's key file.
 #[derive(Clone)]
@@ -88,8 +101,10 @@ impl Codec {
                 flags |= ZSTD;
             }
         }
-        let mut out = Vec::with_capacity(body.len() + 5 + NONCE + 16);
+        let mut out = Vec::with_capacity(body.len() + HEAD + NONCE + 16);
         out.extend_from_slice(MAGIC);
+        flags |= SIZED;
+        let len = HEAD + body.len() + if self.keys.is_some() { NONCE + 16 } else { 0 };
         match &self.keys {
             Some(k) => {
                 let mut nonce = [0u8; NONCE];
@@ -99,14 +114,17 @@ impl Codec {
                     .encrypt(Nonce::from_slice(&nonce), body)
                     .expect("AES-GCM encrypts any length we store");
                 out.push(flags | AES);
+                out.extend_from_slice(&(len as u64).to_le_bytes());
                 out.extend_from_slice(&nonce);
                 out.extend_from_slice(&sealed);
             }
             None => {
                 out.push(flags);
+                out.extend_from_slice(&(len as u64).to_le_bytes());
                 out.extend_from_slice(body);
             }
         }
+        debug_assert_eq!(out.len(), len);
         out
     }
 
@@ -119,6 +137,13 @@ impl Codec {
         let flags = obj[4];
         let opened;
         let mut body = &obj[5..];
+        if flags & SIZED != 0 {
+            let want = declared_len(obj).ok_or("truncated header")?;
+            if want != obj.len() as u64 {
+                return Err(format!("truncated: {} of {want} bytes", obj.len()));
+            }
+            body = &obj[HEAD..];
+        }
         if flags & AES != 0 {
             let k = self
                 .keys
@@ -186,6 +211,10 @@ mod tests {
             let last = bad.len() - 1;
             bad[last] ^= 1;
             assert!(c.decode(&a, &bad, data.len()).is_err());
+            assert_eq!(declared_len(&obj), Some(obj.len() as u64));
+            let cut = &obj[..obj.len() - 3];
+            let e = c.decode(&a, cut, data.len()).unwrap_err();
+            assert!(e.starts_with("truncated"), "{e}");
         }
         let plain = Codec {
             level: 0,

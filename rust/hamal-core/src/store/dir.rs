@@ -2,11 +2,11 @@
 //! renames it into place, so an object is either whole or absent; `sync` fsyncs the folders
 //! whose entries changed.
 
-use super::backend::{Backend, Listed};
+use super::backend::{Backend, Listed, Peek};
 use crate::{Error, Result};
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{ErrorKind, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -34,13 +34,13 @@ impl DirBackend {
                     root.display()
                 )))
             }
-            Err(e) if e.kind() == ErrorKind::NotFound && create => {
-                fs::create_dir_all(root).map_err(|e| err("cannot create", e))?
-            }
+            // Created by the first write, so a run refused before it leaves nothing behind.
+            Err(e) if e.kind() == ErrorKind::NotFound && create => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 return Err(Error::Store(format!(
-                    "store {text}: {} does not exist",
-                    root.display()
+                    "store {text}: {} does not exist ({} yet)",
+                    root.display(),
+                    super::repo::NOT_A_STORE
                 )))
             }
             Err(e) => return Err(err("cannot open", e)),
@@ -78,6 +78,36 @@ impl DirBackend {
             }
         }
         Ok(())
+    }
+
+    /// Every file under `prefix`, temporary ones included.
+    fn walk(&self, prefix: &str) -> Result<Vec<Listed>> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.path(prefix)];
+        while let Some(dir) = stack.pop() {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err("cannot list", prefix, e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.err("cannot list", prefix, e))?;
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| self.err("cannot list", prefix, e))?;
+                let path = entry.path();
+                if meta.is_dir() {
+                    stack.push(path);
+                } else {
+                    let rel = path.strip_prefix(&self.root).expect("listed under root");
+                    out.push(Listed {
+                        key: rel.to_string_lossy().into_owned(),
+                        modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -127,33 +157,38 @@ impl Backend for DirBackend {
         }
     }
 
+    fn peek(&self, key: &str, n: usize) -> Result<Peek> {
+        let mut f = match File::open(self.path(key)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Peek::Missing),
+            Err(e) => return Err(self.err("cannot open", key, e)),
+        };
+        let size = f
+            .metadata()
+            .map_err(|e| self.err("cannot stat", key, e))?
+            .len();
+        let mut head = Vec::with_capacity(n);
+        (&mut f)
+            .take(n as u64)
+            .read_to_end(&mut head)
+            .map_err(|e| self.err("cannot read", key, e))?;
+        Ok(Peek::Head { head, size })
+    }
+
+    fn list_temporaries(&self) -> Result<Vec<Listed>> {
+        Ok(self
+            .walk("")?
+            .into_iter()
+            .filter(|l| l.key.contains(TMP_MARK))
+            .collect())
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.path(prefix)];
-        while let Some(dir) = stack.pop() {
-            let entries = match fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                Err(e) => return Err(self.err("cannot list", prefix, e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(|e| self.err("cannot list", prefix, e))?;
-                let meta = entry
-                    .metadata()
-                    .map_err(|e| self.err("cannot list", prefix, e))?;
-                let path = entry.path();
-                if meta.is_dir() {
-                    stack.push(path);
-                } else if !entry.file_name().to_string_lossy().contains(TMP_MARK) {
-                    let rel = path.strip_prefix(&self.root).expect("listed under root");
-                    out.push(Listed {
-                        key: rel.to_string_lossy().into_owned(),
-                        modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
-                    });
-                }
-            }
-        }
-        Ok(out)
+        Ok(self
+            .walk(prefix)?
+            .into_iter()
+            .filter(|l| !l.key.contains(TMP_MARK))
+            .collect())
     }
 
     fn delete(&self, key: &str) -> Result<()> {

@@ -1,10 +1,17 @@
-//! Store locks, so garbage collection never runs under a sync or a restore: those hold a shared lock,
-//! `prune`'s collection an exclusive one. Each side writes its lock object first and then lists
-//! the others, so of two that start together at least one sees the other and backs off. A lock
-//! not refreshed for [`STALE`] belongs to a dead process and is ignored.
+//! Store locks. Syncs and restores hold a shared lock, so garbage collection (`prune`, under an
+//! exclusive one) never runs under them; a sync's shared lock also names its disk, and two syncs
+//! of one disk exclude each other (one writer per disk). Each side writes its lock object first
+//! and then lists the others, so of two that start together at least one sees the other and
+//! backs off.
+//!
+//! A lock records its holder (`crate::holder`): on the same host a lock whose process is gone
+//! is dead at once and removed by whoever finds it; another host's lock not refreshed for
+//! [`STALE`] is dead too (its host may be down), ignored, and removed by `prune`.
 
 use super::backend::Backend;
+use crate::holder::{Holder, Liveness};
 use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,7 +25,7 @@ pub struct Lock {
     refreshed: Mutex<Instant>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum LockKind {
     Shared,
     Exclusive,
@@ -33,23 +40,74 @@ impl LockKind {
     }
 }
 
-fn host() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LockBody {
+    #[serde(flatten)]
+    pub holder: Holder,
+    /// The disk a sync writes (one writer per disk).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<String>,
 }
 
-/// Takes a lock of `kind`. Fails with the holders' names when a conflicting live lock exists
-/// (any other lock for an exclusive one; an exclusive one for a shared one).
-pub fn acquire(backend: &Arc<dyn Backend>, kind: LockKind, purpose: &str) -> Result<Lock> {
+/// A lock object found in the store.
+pub struct FoundLock {
+    pub key: String,
+    pub body: LockBody,
+    /// Why it is dead (`None`: live).
+    pub dead: Option<String>,
+}
+
+impl FoundLock {
+    fn exclusive(&self) -> bool {
+        self.key.starts_with("locks/exclusive-")
+    }
+}
+
+/// Every lock object of the store, with its holder and whether it is dead.
+pub fn survey(backend: &Arc<dyn Backend>) -> Result<Vec<FoundLock>> {
+    let now = SystemTime::now();
+    let mut out = Vec::new();
+    for item in backend.list("locks/")? {
+        let Some(bytes) = backend.get(&item.key)? else {
+            continue; // removed meanwhile
+        };
+        let body: LockBody = serde_json::from_slice(&bytes).unwrap_or_default();
+        let age = now.duration_since(item.modified).unwrap_or_default();
+        let dead = match body.holder.liveness() {
+            Liveness::Alive => None,
+            Liveness::Dead => Some(format!("its process {} is gone", body.holder.pid)),
+            Liveness::Unknown if age >= STALE => {
+                Some(format!("not refreshed for {} minutes", age.as_secs() / 60))
+            }
+            Liveness::Unknown => None,
+        };
+        out.push(FoundLock {
+            key: item.key,
+            body,
+            dead,
+        });
+    }
+    Ok(out)
+}
+
+/// Takes a lock of `kind` for `holder`; `disk` names the disk a sync writes. Fails with the
+/// holder named when a conflicting live lock exists: any other for an exclusive lock, an
+/// exclusive one for a shared lock, and a sync of the same disk. Locks of processes that are
+/// gone from this host are removed on the way.
+pub fn acquire(
+    backend: &Arc<dyn Backend>,
+    kind: LockKind,
+    holder: Holder,
+    disk: Option<&str>,
+) -> Result<Lock> {
     let mut nonce = [0u8; 6];
     getrandom::getrandom(&mut nonce).expect("the OS random source");
     let key = format!("locks/{}-{}.json", kind.name(), super::codec::hex(&nonce));
-    let body = serde_json::to_vec(&serde_json::json!({
-        "kind": kind.name(), "host": host(), "pid": std::process::id(), "purpose": purpose,
-        "created": chrono::Utc::now().to_rfc3339(),
-    }))
-    .expect("serializable");
+    let body = LockBody {
+        holder,
+        disk: disk.map(str::to_owned),
+    };
+    let body = serde_json::to_vec(&body).expect("serializable");
     backend.put(&key, body.clone())?;
     let lock = Lock {
         backend: backend.clone(),
@@ -57,37 +115,49 @@ pub fn acquire(backend: &Arc<dyn Backend>, kind: LockKind, purpose: &str) -> Res
         body,
         refreshed: Mutex::new(Instant::now()),
     };
-    let now = SystemTime::now();
-    let mut holders = Vec::new();
-    for other in backend.list("locks/")? {
-        let live = now.duration_since(other.modified).unwrap_or_default() < STALE;
-        let conflicts = match kind {
+    let mut conflicts = Vec::new();
+    for other in survey(backend)? {
+        if other.key == lock.key {
+            continue;
+        }
+        if let Some(why) = &other.dead {
+            if other.body.holder.liveness() == Liveness::Dead {
+                tracing::info!("removing the dead lock {} ({why})", other.key);
+                backend.delete(&other.key)?;
+            }
+            continue;
+        }
+        let same_disk = disk.is_some() && other.body.disk.as_deref() == disk;
+        let conflict = match kind {
             LockKind::Exclusive => true,
-            LockKind::Shared => other.key.starts_with("locks/exclusive-"),
+            LockKind::Shared => other.exclusive() || same_disk,
         };
-        if other.key != lock.key && live && conflicts {
-            let who = backend.get(&other.key).ok().flatten().unwrap_or_default();
-            holders.push(String::from_utf8_lossy(&who).into_owned());
+        if conflict {
+            conflicts.push((same_disk, other.body.holder.describe()));
         }
     }
-    if !holders.is_empty() {
-        drop(lock);
-        return Err(Error::Store(format!(
-            "store {} is busy ({} lock held by {}); try again when it ends",
-            backend.describe(),
-            if kind == LockKind::Shared {
-                "a prune"
-            } else {
-                "a sync"
-            },
-            holders.join(", ")
-        )));
+    if conflicts.is_empty() {
+        return Ok(lock);
     }
-    Ok(lock)
+    drop(lock);
+    let store = backend.describe();
+    let holders: Vec<String> = conflicts.iter().map(|(_, h)| h.clone()).collect();
+    Err(Error::Busy(
+        match (disk, conflicts.iter().any(|(d, _)| *d)) {
+            (Some(d), true) => format!(
+                "store {store}: disk '{d}' is being written by {}; one sync per disk at a time",
+                holders.join(", ")
+            ),
+            _ => format!(
+                "store {store} is busy: held by {}; try again when it ends",
+                holders.join(", ")
+            ),
+        },
+    ))
 }
 
 impl Lock {
-    /// Rewrites the lock object when it is getting old, so others see it is alive.
+    /// Rewrites the lock object when it is getting old, so other hosts see it is alive.
     pub fn refresh(&self) -> Result<()> {
         let mut at = self.refreshed.lock().unwrap();
         if at.elapsed() >= REFRESH {

@@ -1,12 +1,13 @@
 //! Store upkeep: list versions, verify them, prune old ones and collect unreferenced objects.
 
 use super::codec::parse_digest;
-use super::lock::{self, LockKind};
+use super::lock::{self, LockKind, STALE};
 use super::repo::Store;
 use super::tree;
 use super::version::Version;
 use super::{StoreOptions, StoreUri};
 use crate::checksum::Digest;
+use crate::holder::Holder;
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
@@ -32,6 +33,10 @@ pub struct StoreVerifyReport {
     pub deep: bool,
     /// One line per problem: record, page or chunk with its disk offset.
     pub problems: Vec<String>,
+    /// Damaged chunks moved to the quarantine by this (deep) verify.
+    pub quarantined: u64,
+    /// Dead locks and temporary objects that `prune` removes (not damage).
+    pub leftovers: Vec<String>,
 }
 
 const MAX_PROBLEMS: usize = 1000;
@@ -96,6 +101,7 @@ pub fn verify_store(
             .filter_map(|o| o.key.rsplit('/').next().and_then(parse_digest))
             .collect()
     };
+    let mut damaged: HashMap<Digest, String> = HashMap::new();
     let mut last_note = std::time::Instant::now();
     for (done, batch) in uses.chunks(8).enumerate() {
         if last_note.elapsed().as_secs() >= 10 {
@@ -133,14 +139,99 @@ pub fn verify_store(
             report.chunks += 1;
             match r? {
                 Ok(n) => report.bytes_checked += n as u64,
-                Err(p) => report.problems.push(format!(
-                    "{whom}: chunk at disk offset {off} ({}) is {p}",
-                    Store::chunk_key(name)
-                )),
+                Err(p) => {
+                    if p.starts_with("damaged") {
+                        damaged.insert(*name, p.clone());
+                    }
+                    report.problems.push(format!(
+                        "{whom}: chunk at disk offset {off} ({}) is {p}",
+                        Store::chunk_key(name)
+                    ))
+                }
             }
         }
     }
+    if !damaged.is_empty() {
+        quarantine(&store, &versions, &damaged, &mut report)?;
+    }
+    report.leftovers = leftovers(&store)?
+        .into_iter()
+        .map(|l| format!("{}: {}", l.key, l.why))
+        .collect();
     Ok(report)
+}
+
+/// Moves damaged chunks aside (so the next sync of their content uploads them again) and
+/// reports every version and disk offset that uses each.
+fn quarantine(
+    store: &Store,
+    versions: &[Version],
+    damaged: &HashMap<Digest, String>,
+    report: &mut StoreVerifyReport,
+) -> Result<()> {
+    for (name, why) in damaged {
+        store.quarantine_chunk(name, why)?;
+        report.quarantined += 1;
+    }
+    for v in versions {
+        let root = v.root_digest().expect("checked when parsed");
+        let mut uses = Vec::new();
+        // A walk that fails was reported above.
+        let _ = tree::walk(store, root, v.depth, &mut |_| {}, &mut |i, name| {
+            if damaged.contains_key(name) {
+                uses.push(i * v.chunk_size);
+            }
+            Ok(())
+        });
+        if !uses.is_empty() {
+            let shown: Vec<String> = uses.iter().take(20).map(u64::to_string).collect();
+            report.problems.push(format!(
+                "disk '{}' version {} uses {} quarantined chunk(s), at disk offset {}{}: a sync of the same data heals them",
+                v.disk,
+                v.version,
+                uses.len(),
+                shown.join(", "),
+                if uses.len() > 20 { ", ..." } else { "" }
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Something a killed run left behind.
+struct Leftover {
+    key: String,
+    why: String,
+    temporary: bool,
+}
+
+/// Dead locks, and temporary objects older than [`STALE`] (no write takes that long).
+fn leftovers(store: &Store) -> Result<Vec<Leftover>> {
+    let mut out: Vec<Leftover> = lock::survey(&store.backend)?
+        .into_iter()
+        .filter_map(|l| {
+            l.dead.map(|why| Leftover {
+                why: format!("dead lock of {} ({why})", l.body.holder.describe()),
+                key: l.key,
+                temporary: false,
+            })
+        })
+        .collect();
+    let now = std::time::SystemTime::now();
+    for t in store.backend.list_temporaries()? {
+        let age = now.duration_since(t.modified).unwrap_or_default();
+        if age >= STALE {
+            out.push(Leftover {
+                key: t.key,
+                why: format!(
+                    "temporary object of an interrupted write, {} minutes old",
+                    age.as_secs() / 60
+                ),
+                temporary: true,
+            });
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -152,6 +243,12 @@ pub struct PruneReport {
     pub gc_skipped: Option<String>,
     pub removed_chunks: u64,
     pub removed_pages: u64,
+    /// Dead locks removed.
+    pub removed_locks: u64,
+    /// Temporary objects of interrupted writes removed.
+    pub removed_temporaries: u64,
+    /// Quarantined chunks removed (uploaded again since, or no longer used).
+    pub removed_quarantined: u64,
 }
 
 /// Keeps the newest `keep` versions of each disk (or of `disk`), then removes chunks and pages
@@ -187,13 +284,26 @@ pub fn prune(
         kept.extend(list.into_iter().skip(cut));
     }
     report.kept_versions = kept.len();
+    for l in leftovers(&store)? {
+        store.backend.delete(&l.key)?;
+        if l.temporary {
+            report.removed_temporaries += 1;
+        } else {
+            report.removed_locks += 1;
+        }
+    }
     if let Some((key, problem)) = records.damaged.first() {
         report.gc_skipped = Some(format!(
             "damaged version record {key} ({problem}): its chunks cannot be told apart"
         ));
         return Ok(report);
     }
-    let _lock = match lock::acquire(&store.backend, LockKind::Exclusive, "prune") {
+    let _lock = match lock::acquire(
+        &store.backend,
+        LockKind::Exclusive,
+        Holder::me("prune", "prune"),
+        None,
+    ) {
         Ok(l) => l,
         Err(e) => {
             report.gc_skipped = Some(e.to_string());
@@ -225,14 +335,23 @@ pub fn prune(
         ("index/", &pages, &mut report.removed_pages),
     ] {
         for item in store.backend.list(prefix)? {
-            let name = item
-                .key
-                .rsplit('/')
-                .next()
-                .and_then(super::codec::parse_digest);
+            let name = item.key.rsplit('/').next().and_then(parse_digest);
             if name.is_some_and(|n| !live.contains(&n)) {
                 store.backend.delete(&item.key)?;
                 *count += 1;
+            }
+        }
+    }
+    // The quarantine keeps a damaged copy only while a version needs that chunk and no sync
+    // has uploaded it again.
+    let healed_or_unused =
+        |n: &Digest| -> Result<bool> { Ok(!chunks.contains(n) || store.has_chunk(n)?) };
+    for item in store.backend.list("quarantine/")? {
+        let name = item.key.rsplit('/').next().and_then(parse_digest);
+        if let Some(n) = name {
+            if healed_or_unused(&n)? {
+                store.backend.delete(&item.key)?;
+                report.removed_quarantined += 1;
             }
         }
     }

@@ -33,7 +33,7 @@ pub mod version;
 pub use maint::{list_versions, prune, verify_store, PruneReport, StoreVerifyReport};
 pub use repo::Store;
 pub use s3::S3Options;
-pub use sink::StoreTarget;
+pub use sink::{StoreSync, StoreTarget};
 pub use source::StoreSource;
 pub use version::{Version, VersionStats};
 

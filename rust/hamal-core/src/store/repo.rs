@@ -1,7 +1,7 @@
 //! An open chunk store: its backend, codec and version records.
 
-use super::backend::Backend;
-use super::codec::{hex, Codec, Keys};
+use super::backend::{Backend, Peek};
+use super::codec::{self, hex, parse_digest, Codec, Keys};
 use super::dir::DirBackend;
 use super::s3::S3Backend;
 use super::tree::{self, PageIo, ZERO};
@@ -10,10 +10,12 @@ use super::{StoreLocation, StoreOptions, StoreUri};
 use crate::checksum::Digest;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 const CONFIG_KEY: &str = "hamal-store.json";
+/// Part of the message for a location that holds no store.
+pub const NOT_A_STORE: &str = "not a hamal chunk store";
 /// Index pages kept in memory (32 KiB each at most).
 const PAGE_CACHE: usize = 512;
 
@@ -86,7 +88,7 @@ impl Store {
             }
             None => {
                 return Err(bad(format!(
-                    "no {CONFIG_KEY}: not a hamal chunk store (nothing synced to it yet?)"
+                    "no {CONFIG_KEY}: {NOT_A_STORE} (nothing synced to it yet?)"
                 )))
             }
         };
@@ -120,7 +122,6 @@ impl Store {
                 &format!("{} (local metadata of {text})", folder.display()),
                 true,
             )?;
-            dir.put("store-uri.txt", text.clone().into_bytes())?;
             record_places.push(Arc::new(dir));
         }
         if record_places.is_empty() {
@@ -155,20 +156,60 @@ impl Store {
         format!("index/{}/{h}", &h[..2])
     }
 
+    /// Where a damaged chunk is moved aside (`verify --deep`, or a truncated one found by a sync).
+    pub fn quarantine_key(a: &Digest) -> String {
+        let h = hex(a);
+        format!("quarantine/{}/{h}", &h[..2])
+    }
+
     pub fn has_chunk(&self, a: &Digest) -> Result<bool> {
         self.backend.exists(&Self::chunk_key(a))
     }
 
-    /// Stores a chunk unless the store has it; returns the bytes uploaded (0 when present).
+    /// Stores a chunk unless the store has a whole copy; returns the bytes uploaded (0 when
+    /// present). Where the backend shows an object's size (`dir:`), a truncated copy is moved
+    /// to the quarantine and the chunk uploaded again.
     pub fn put_chunk(&self, a: &Digest, plain: &[u8]) -> Result<u64> {
         let key = Self::chunk_key(a);
-        if self.backend.exists(&key)? {
-            return Ok(0);
+        match self.backend.peek(&key, codec::HEAD)? {
+            Peek::Missing => {}
+            Peek::Present => return Ok(0),
+            Peek::Head { head, size } => match codec::declared_len(&head) {
+                Some(want) if want != size => {
+                    self.quarantine_chunk(a, &format!("truncated: {size} of {want} bytes"))?
+                }
+                _ => return Ok(0),
+            },
         }
         let obj = self.codec.encode(plain);
         let n = obj.len() as u64;
         self.backend.put(&key, obj)?;
         Ok(n)
+    }
+
+    /// Moves a damaged chunk object out of `chunks/` so nothing trusts it again; the next sync
+    /// that produces its content uploads it anew (the damage heals).
+    pub fn quarantine_chunk(&self, a: &Digest, why: &str) -> Result<()> {
+        let key = Self::chunk_key(a);
+        tracing::warn!(store = %self.uri.text, "chunk {key} is damaged ({why}); moved to the quarantine");
+        if let Some(obj) = self.backend.get(&key)? {
+            self.backend.put(&Self::quarantine_key(a), obj)?;
+        }
+        self.backend.delete(&key)?;
+        self.backend.sync()
+    }
+
+    /// Quarantined chunks that no sync has uploaded again yet.
+    pub fn unhealed_chunks(&self) -> Result<HashSet<Digest>> {
+        let mut bad = HashSet::new();
+        for item in self.backend.list("quarantine/")? {
+            if let Some(name) = item.key.rsplit('/').next().and_then(parse_digest) {
+                if !self.has_chunk(&name)? {
+                    bad.insert(name);
+                }
+            }
+        }
+        Ok(bad)
     }
 
     /// A chunk's plaintext from its object (`None`: missing), or what is wrong with it.
@@ -265,6 +306,10 @@ impl Store {
     pub fn write_version(&self, v: &mut Version) -> Result<()> {
         let bytes = v.seal();
         for place in self.record_places.iter().rev() {
+            if !Arc::ptr_eq(place, &self.backend) {
+                // A local copy says which store it belongs to.
+                place.put("store-uri.txt", self.uri.text.clone().into_bytes())?;
+            }
             place.put(&v.key(), bytes.clone())?;
             place.sync()?;
         }

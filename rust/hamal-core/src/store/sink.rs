@@ -2,12 +2,13 @@
 //! then the record) is written at commit.
 
 use super::lock::{self, Lock, LockKind};
-use super::repo::Store;
+use super::repo::{Store, NOT_A_STORE};
 use super::tree::{self, ZERO};
 use super::version::{check_disk_id, new_version_id, Version, VersionStats, FORMAT};
 use super::{StoreOptions, StoreUri};
 use crate::checksum::{ChunkHasher, Digest};
-use crate::target::{ChunkSink, CommitInfo, Target, TargetWriter};
+use crate::holder::Holder;
+use crate::target::{ChunkSink, CommitInfo, Done, Target, TargetWriter};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -20,6 +21,10 @@ pub struct StoreTarget {
     chunk_size: u64,
     /// The version an incremental builds on; `None` for a full sync.
     parent: Option<Version>,
+    /// Why an incremental was turned into a full sync (`full_on_mismatch`).
+    full_reason: Option<String>,
+    /// Chunks of the parent whose objects are quarantined: read again from the source.
+    repairs: Vec<u64>,
     /// Chunk index -> new name (`ZERO` for an all-zero chunk), since the parent.
     changes: Mutex<BTreeMap<u64, Digest>>,
     chunks_new: AtomicU64,
@@ -28,19 +33,37 @@ pub struct StoreTarget {
     _lock: Lock,
 }
 
+/// What a sync into a store is asked to do.
+pub struct StoreSync<'a> {
+    pub disk: &'a str,
+    pub size: u64,
+    pub chunk_size: u64,
+    /// Every chunk (a full sync) rather than changes to a parent.
+    pub full: bool,
+    /// The version the changes are relative to (`None`: the disk's newest, said in the log).
+    pub parent: Option<&'a str>,
+    /// Sync in full, saying why, instead of refusing when the parent cannot be used.
+    pub full_on_mismatch: bool,
+}
+
 impl StoreTarget {
-    /// Opens `disk` in the store for a sync of a `size`-byte disk. A full sync starts from an
-    /// empty chunk list; an incremental builds on the disk's newest version.
-    pub fn open(
-        uri: &StoreUri,
-        o: &StoreOptions,
-        disk: &str,
-        size: u64,
-        chunk_size: u64,
-        full: bool,
-    ) -> Result<StoreTarget> {
+    /// Opens `spec.disk` in the store. A full sync starts from an empty chunk list (and may
+    /// create the store); an incremental builds on its parent, and is refused (or, with
+    /// `full_on_mismatch`, made full) when that parent is missing or does not fit. Nothing is
+    /// written to the store before these checks pass, apart from the lock.
+    pub fn open(uri: &StoreUri, o: &StoreOptions, spec: &StoreSync) -> Result<StoreTarget> {
+        let disk = spec.disk;
         check_disk_id(disk).map_err(Error::Plan)?;
-        let store = Arc::new(Store::open(uri, o, true)?);
+        let may_create = spec.full || spec.full_on_mismatch;
+        let store = match Store::open(uri, o, may_create) {
+            Err(Error::Store(m)) if !may_create && m.contains(NOT_A_STORE) => {
+                return Err(Error::Plan(format!(
+                    "store {}: disk '{disk}' has no version yet (there is no store), so there is nothing to apply changes to; nothing was written (run a full sync)",
+                    uri.text
+                )))
+            }
+            opened => Arc::new(opened?),
+        };
         if !store.records_in_store() {
             tracing::warn!(
                 "version records of {} are kept only in {} ([sync] upload_metadata_to_oss = False): the bucket alone cannot be restored",
@@ -51,31 +74,38 @@ impl StoreTarget {
         let lock = lock::acquire(
             &store.backend,
             LockKind::Shared,
-            &format!("sync of disk {disk}"),
+            Holder::me("sync", &format!("sync of disk {disk}")),
+            Some(disk),
         )?;
-        let parent = if full {
-            None
+        let (parent, full_reason) = if spec.full {
+            (None, None)
         } else {
-            let p = store.latest(disk)?.ok_or_else(|| {
-                Error::Plan(format!(
-                    "store {}: disk '{disk}' has no version yet, so there is nothing to apply changes to: run a full sync first",
-                    uri.text
-                ))
-            })?;
-            if p.size != size || p.chunk_size != chunk_size {
-                return Err(Error::Plan(format!(
-                    "store {}: disk '{disk}' version {} has size {} and chunk size {}, this sync has size {size} and chunk size {chunk_size}: run a full sync",
-                    uri.text, p.version, p.size, p.chunk_size
-                )));
+            match choose_parent(&store, spec)? {
+                Ok(p) => (Some(p), None),
+                Err(why) if spec.full_on_mismatch => {
+                    tracing::warn!(disk, "full sync: {why}");
+                    (None, Some(why))
+                }
+                Err(why) => {
+                    return Err(Error::Plan(format!(
+                        "store {}: {why}; nothing was written (run a full sync, or allow one with --full-on-mismatch)",
+                        uri.text
+                    )))
+                }
             }
-            Some(p)
+        };
+        let repairs = match &parent {
+            Some(p) => chunks_to_repair(&store, p)?,
+            None => Vec::new(),
         };
         Ok(StoreTarget {
             store,
             disk: disk.to_owned(),
-            size,
-            chunk_size,
+            size: spec.size,
+            chunk_size: spec.chunk_size,
             parent,
+            full_reason,
+            repairs,
             changes: Mutex::new(BTreeMap::new()),
             chunks_new: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
@@ -87,6 +117,61 @@ impl StoreTarget {
     fn chunk_range(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
         offset / self.chunk_size..(offset + len).div_ceil(self.chunk_size)
     }
+}
+
+/// The version an incremental applies its changes to, or why none fits.
+fn choose_parent(store: &Store, spec: &StoreSync) -> Result<std::result::Result<Version, String>> {
+    let disk = spec.disk;
+    let mut records = store.records(Some(disk))?;
+    if let Some((key, problem)) = records.damaged.first() {
+        return Err(Error::Mismatch(format!("{key}: {problem}")));
+    }
+    let versions = records.good.remove(disk).unwrap_or_default();
+    let newest = versions.last().map(|v| v.version.clone());
+    let found = match spec.parent {
+        Some(id) => versions.into_iter().find(|v| v.version == id),
+        None => versions.into_iter().last(),
+    };
+    let Some(p) = found else {
+        return Ok(Err(match (spec.parent, newest) {
+            (_, None) => format!("disk '{disk}' has no version yet, so there is nothing to apply changes to"),
+            (Some(id), Some(n)) => format!(
+                "the changes are relative to version {id} of disk '{disk}', which is not in the store (its newest is {n})"
+            ),
+            (None, Some(_)) => unreachable!("the newest exists"),
+        }));
+    };
+    if p.size != spec.size || p.chunk_size != spec.chunk_size {
+        return Ok(Err(format!(
+            "disk '{disk}' version {} has size {} and chunk size {}, this sync has size {} and chunk size {}",
+            p.version, p.size, p.chunk_size, spec.size, spec.chunk_size
+        )));
+    }
+    if spec.parent.is_none() {
+        tracing::info!(disk, parent = %p.version, "incremental on the newest version");
+    }
+    Ok(Ok(p))
+}
+
+/// Chunk indexes of `parent` whose objects are quarantined and not yet uploaded again: an
+/// incremental reads them from the source anew instead of building on damage.
+fn chunks_to_repair(store: &Store, parent: &Version) -> Result<Vec<u64>> {
+    let bad = store.unhealed_chunks()?;
+    if bad.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let root = parent.root_digest().expect("checked when parsed");
+    tree::walk(store, root, parent.depth, &mut |_| {}, &mut |i, name| {
+        if bad.contains(name) {
+            out.push(i);
+        }
+        Ok(())
+    })?;
+    if !out.is_empty() {
+        tracing::warn!(disk = %parent.disk, parent = %parent.version, chunks = out.len(), "the parent holds quarantined chunks; reading them from the source again");
+    }
+    Ok(out)
 }
 
 impl Target for StoreTarget {
@@ -136,7 +221,7 @@ impl ChunkSink for StoreTarget {
         self.upload_threads
     }
 
-    fn put(&self, index: u64, data: &[u8], name: &Digest) -> Result<()> {
+    fn put(&self, index: u64, data: &[u8], name: &Digest) -> Result<u64> {
         let stored = self.store.put_chunk(name, data).map_err(|e| match e {
             Error::Store(m) => Error::Store(format!(
                 "{m} (disk '{}' offset {})",
@@ -150,20 +235,39 @@ impl ChunkSink for StoreTarget {
             self.bytes_stored.fetch_add(stored, Relaxed);
         }
         self.changes.lock().unwrap().insert(index, *name);
-        Ok(())
+        Ok(stored)
     }
 
-    fn resume(&self, done: &[(u64, Digest)]) -> Result<bool> {
+    fn resume(&self, done: &[Done]) -> Result<bool> {
         let mut changes = self.changes.lock().unwrap();
-        for (index, name) in done {
-            if *name != ZERO && !self.store.has_chunk(name)? {
-                tracing::warn!(disk = %self.disk, offset = index * self.chunk_size, "a journaled chunk is gone from the store; starting over");
+        for d in done {
+            if d.name != ZERO && !self.store.has_chunk(&d.name)? {
+                tracing::warn!(disk = %self.disk, offset = d.index * self.chunk_size, "a journaled chunk is gone from the store; starting over");
                 changes.clear();
+                self.chunks_new.store(0, Relaxed);
+                self.bytes_stored.store(0, Relaxed);
                 return Ok(false);
             }
-            changes.insert(*index, *name);
+            changes.insert(d.index, d.name);
+            // The version's totals count what earlier attempts stored too.
+            if d.stored > 0 {
+                self.chunks_new.fetch_add(1, Relaxed);
+                self.bytes_stored.fetch_add(d.stored, Relaxed);
+            }
         }
         Ok(true)
+    }
+
+    fn full_reason(&self) -> Option<String> {
+        self.full_reason.clone()
+    }
+
+    fn repairs(&self) -> Vec<u64> {
+        self.repairs.clone()
+    }
+
+    fn parent(&self) -> Option<String> {
+        self.parent.as_ref().map(|p| p.version.clone())
     }
 
     fn base(&self) -> String {
@@ -195,7 +299,10 @@ impl ChunkSink for StoreTarget {
             depth,
             source: info.source.clone(),
             cursor: info.cursor.clone(),
-            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            created: info.snapshot_time.clone(),
+            committed: Some(
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ),
             stats: VersionStats {
                 mode: if info.full { "full" } else { "incremental" }.into(),
                 chunks_changed: info.chunks_changed,

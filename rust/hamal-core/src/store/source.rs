@@ -7,6 +7,7 @@ use super::version::Version;
 use super::{StoreOptions, StoreUri};
 use crate::checksum::Digest;
 use crate::extent::{Extent, ExtentMap};
+use crate::holder::Holder;
 use crate::io::ReadReq;
 use crate::source::{Source, SourceReader};
 use crate::{Error, Result};
@@ -31,7 +32,12 @@ impl StoreSource {
     ) -> Result<StoreSource> {
         let store = Arc::new(Store::open(uri, o, false)?);
         let purpose = format!("restore of disk {disk}");
-        let lock = match lock::acquire(&store.backend, LockKind::Shared, &purpose) {
+        let lock = match lock::acquire(
+            &store.backend,
+            LockKind::Shared,
+            Holder::me("restore", &purpose),
+            None,
+        ) {
             Ok(l) => Some(Arc::new(l)),
             Err(e) => {
                 tracing::warn!("reading without a store lock (a prune may collect meanwhile): {e}");

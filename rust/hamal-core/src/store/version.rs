@@ -34,8 +34,12 @@ pub struct Version {
     pub source: String,
     /// The change cursor this version brings the disk to (snapshot id, bitmap, changeId).
     pub cursor: Option<String>,
-    /// RFC 3339, UTC.
+    /// When the source's content was taken (the snapshot's time, else when the first attempt
+    /// of this version started), RFC 3339.
     pub created: String,
+    /// When the version was committed (absent in records written before this field existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed: Option<String>,
     pub stats: VersionStats,
     /// BLAKE3 of this record serialized with an empty checksum.
     pub checksum: String,

@@ -37,6 +37,7 @@ impl FileTarget {
                 .create_new(true)
                 .open(path)
                 .map_err(|e| err("cannot create", e))?;
+            super::lock::lock_target_file(&file, path)?;
             file.set_len(source_size)
                 .map_err(|e| err("cannot size new file", e))?;
             return Ok(FileTarget {
@@ -58,6 +59,7 @@ impl FileTarget {
             .write(true)
             .open(path)
             .map_err(|e| err("cannot open for writing", e))?;
+        super::lock::lock_target_file(&file, path)?;
         let size = if is_block {
             device_size(&file).map_err(|e| err("cannot get device size", e))?
         } else {
@@ -105,6 +107,12 @@ impl Target for FileTarget {
 
     fn is_fresh(&self) -> bool {
         self.fresh
+    }
+
+    fn abandon(&self) {
+        if self.fresh {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 
     fn zero_range(&self, offset: u64, len: u64) -> Result<()> {

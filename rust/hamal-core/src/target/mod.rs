@@ -2,6 +2,7 @@
 //! storing data, and `flush` makes everything written so far durable.
 
 mod file;
+mod lock;
 mod nbd;
 
 pub use file::FileTarget;
@@ -23,6 +24,8 @@ pub trait Target: Send + Sync {
     fn zero_range(&self, offset: u64, len: u64) -> Result<()>;
     /// Makes every completed write durable (fsync / FLUSH).
     fn flush(&self) -> Result<()>;
+    /// Undoes what opening did when the run is refused before writing (a file it created).
+    fn abandon(&self) {}
     /// A writer for one engine thread, with up to `depth` writes in flight.
     fn writer(&self, depth: u32) -> Result<Box<dyn TargetWriter>>;
     /// The chunk-store face of a target that keeps whole chunks by name instead of writing
@@ -39,21 +42,46 @@ pub trait ChunkSink: Sync {
     fn hasher(&self) -> ChunkHasher;
     /// Writer (upload) threads the engine should run for this target.
     fn writers(&self) -> u32;
-    /// Stores chunk `index` (its whole bytes) named `name`.
-    fn put(&self, index: u64, data: &[u8], name: &Digest) -> Result<()>;
+    /// Stores chunk `index` (its whole bytes) named `name`; returns the bytes it stored (0 when
+    /// the target already had that content).
+    fn put(&self, index: u64, data: &[u8], name: &Digest) -> Result<u64>;
     /// Takes back the chunks an interrupted run journaled (zero chunks have the all-zero
     /// name). Returns false when one of them is gone from the target; the run then starts over.
-    fn resume(&self, done: &[(u64, Digest)]) -> Result<bool>;
+    fn resume(&self, done: &[Done]) -> Result<bool>;
+    /// Why this incremental must be a full sync instead (its parent cannot be used).
+    fn full_reason(&self) -> Option<String> {
+        None
+    }
+    /// Chunk indexes to read again although they did not change (the parent's copy is damaged).
+    fn repairs(&self) -> Vec<u64> {
+        Vec::new()
+    }
+    /// The version the changes are applied to.
+    fn parent(&self) -> Option<String> {
+        None
+    }
     /// What the chunks build on (the parent version), for the journal's fingerprint.
     fn base(&self) -> String;
     /// Makes the run a version (the commit point) after everything is flushed; returns its id.
     fn commit(&self, info: &CommitInfo) -> Result<String>;
 }
 
+/// A chunk made durable, as the journal keeps it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Done {
+    pub index: u64,
+    /// Its content name (all zeros for a zero chunk), or a checksum where the plan has one.
+    pub name: Digest,
+    /// Bytes a chunk sink stored for it (0: the content was already there, or not a sink).
+    pub stored: u64,
+}
+
 /// What a committed version records about its sync.
 #[derive(Clone, Debug)]
 pub struct CommitInfo {
     pub source: String,
+    /// When the source's content was taken (RFC 3339).
+    pub snapshot_time: String,
     pub cursor: Option<String>,
     pub full: bool,
     pub bytes_read: u64,

@@ -6,16 +6,25 @@ use crate::io::WriteReq;
 use crate::nbd::{Connection, NbdUri};
 use crate::source::nbd::NBD_TIMEOUT;
 use crate::{Error, Result};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 pub struct NbdTarget {
     uri: NbdUri,
     control: Mutex<Connection>,
     writers: Mutex<Vec<Arc<Mutex<Connection>>>>,
+    _lock: super::lock::LockFile,
 }
 
 impl NbdTarget {
-    pub fn open(uri: &NbdUri, source_size: u64) -> Result<NbdTarget> {
+    /// Opens the export for a sync, holding its lock in `lock_dir` for the run.
+    pub fn open(
+        uri: &NbdUri,
+        source_size: u64,
+        lock_dir: &Path,
+        purpose: &str,
+    ) -> Result<NbdTarget> {
+        let lock = super::lock::lock_named(lock_dir, &uri.text, purpose)?;
         let control = connect(uri)?;
         let info = control.info().clone();
         if info.read_only() {
@@ -34,6 +43,7 @@ impl NbdTarget {
             uri: uri.clone(),
             control: Mutex::new(control),
             writers: Mutex::new(Vec::new()),
+            _lock: lock,
         })
     }
 
