@@ -16,10 +16,12 @@ pub struct DirBackend {
     text: String,
     /// Folders with new or removed entries since the last `sync`.
     dirty: Mutex<HashSet<PathBuf>>,
-    tmp_seq: AtomicU64,
 }
 
 const TMP_MARK: &str = ".tmp-";
+/// Numbers temporary files process-wide: two backends of one store in one process (two disks
+/// of a job) may write the same key at once, and must not share a temporary file.
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl DirBackend {
     pub fn open(root: &Path, text: &str, create: bool) -> Result<DirBackend> {
@@ -49,7 +51,6 @@ impl DirBackend {
             root: root.to_owned(),
             text: text.to_owned(),
             dirty: Mutex::new(HashSet::new()),
-            tmp_seq: AtomicU64::new(0),
         })
     }
 
@@ -121,7 +122,7 @@ impl Backend for DirBackend {
         let dir = path.parent().expect("keys have a folder").to_owned();
         self.ensure_dir(&dir)
             .map_err(|e| self.err("cannot create the folder of", key, e))?;
-        let seq = self.tmp_seq.fetch_add(1, Relaxed);
+        let seq = TMP_SEQ.fetch_add(1, Relaxed);
         let tmp = dir.join(format!(
             "{}{TMP_MARK}{}-{seq}",
             path.file_name().unwrap().to_string_lossy(),
@@ -215,5 +216,31 @@ impl Backend for DirBackend {
             })?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_backends_of_one_store_write_one_key_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("store");
+        let a = DirBackend::open(&root, "a", true).unwrap();
+        let b = DirBackend::open(&root, "b", true).unwrap();
+        assert!(!root.exists(), "nothing is created before the first write");
+        std::thread::scope(|s| {
+            for be in [&a, &b] {
+                s.spawn(move || {
+                    for i in 0..200u32 {
+                        be.put("hamal-store.json", i.to_le_bytes().to_vec())
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(a.get("hamal-store.json").unwrap().unwrap().len(), 4);
+        assert!(a.list_temporaries().unwrap().is_empty());
     }
 }
