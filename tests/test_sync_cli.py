@@ -145,9 +145,14 @@ def test_make_image_helper_is_sparse(tmp_path: Path) -> None:
     assert 0 < allocated(p) < 16 * MIB
 
 
-def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+def test_demo_runs_the_service_end_to_end(tmp_path: Path) -> None:
     work = tmp_path / "demo"
-    r = run_hamal("demo", "--dir", str(work), "--size", "48M", timeout=300)
+    r = run_hamal("demo", "--dir", str(work), "--size", "64M", timeout=300)
     assert r.code == 0, r.err
-    assert "demo ok" in r.out and r.out.count("identical to the source at that time") == 2, r.out
-    assert not (work / "lib" / "journal").exists() or not any((work / "lib" / "journal").iterdir())
+    # 2 VMs x 2 disks x 3 rounds, each version checked against its disk at its cycle.
+    assert "demo ok: 12 versions" in r.out and r.out.count("identical to the disk at its cycle") == 12, r.out
+    assert "round 3" in r.out and "web  kvm VM web" in r.out, "hamal status is shown"
+    assert not any((work / "lib" / "journal").iterdir())
+    assert {"hamal-period.log", "vm-web-demo-web.log", "vm-db-demo-db.log"} <= {
+        p.name for p in (work / "log").iterdir()
+    }

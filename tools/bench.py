@@ -288,7 +288,7 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")
-    groups = ["file", "nbd", "store", "rbd", "vddk"]
+    groups = ["file", "nbd", "store", "rbd", "vddk", "service"]
     ap.add_argument("--only", choices=groups, help="run only one group of cases")
     a = ap.parse_args()
     work = Path(a.work).resolve()
@@ -355,6 +355,10 @@ def main() -> int:
         from bench_vddk import vddk_benches
 
         out.update(vddk_benches(a.hamal, work, a.runs))
+    if a.only in (None, "service"):
+        from bench_service import service_benches
+
+        out.update(service_benches(a.hamal, work, min(a.runs, 3)))
     ok = all(r["ok"] for rows in out.values() for r in rows)
     (work / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\nresults in {work / 'results.json'}")

@@ -18,6 +18,7 @@ from hamal import _native, sync
 from hamal.config import load_config
 from hamal.errors import HamalError, PlanError, SyncCancelled
 from hamal.progress import wait_with_progress
+from hamal.service.state import StateError
 from hamal.units import human, parse_size
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -157,9 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
         "path", nargs="?", help="file to check (default: --config, $HAMAL_CONF, /etc/hamal/hamal.conf)"
     )
 
-    d = sub.add_parser("demo", help="sync a generated sparse image, change it, sync the change, verify")
+    st = sub.add_parser("status", help="the service's tasks and disks: state, versions, lag, errors")
+    st.add_argument("--json", action="store_true")
+    sub.add_parser("health", help="exit 0 only when the service is healthy (the container's health check)")
+    t = sub.add_parser("task", help="the service's tasks: list, show, pause, resume, resync, run-now")
+    t.add_argument("action", choices=["list", "show", "pause", "resume", "resync", "run-now"])
+    t.add_argument("task_id", nargs="?", help="the task (all but list)")
+    t.add_argument("--json", action="store_true")
+
+    d = sub.add_parser(
+        "demo", help="run the service on two generated qcow2 VMs, write between cycles, restore every version"
+    )
     d.add_argument("--dir", default="hamal-demo", help="working directory (default ./hamal-demo)")
-    d.add_argument("--size", type=_size, default=512 << 20, help="image size (default 512M)")
+    d.add_argument("--size", type=_size, default=256 << 20, help="size of each disk (default 256M)")
     return p
 
 
@@ -383,6 +394,52 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from hamal.service import status
+
+    report = status.status(load_config(args.config).as_dict())
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return EXIT_OK
+    print(status.render(report))
+    return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    from hamal.service import status
+
+    problems = status.health(load_config(args.config).as_dict())
+    for p in problems:
+        print(f"unhealthy: {p}", file=sys.stderr)
+    if not problems:
+        print("healthy")
+    return EXIT_ERROR if problems else EXIT_OK
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    from hamal.service import status
+
+    conf = load_config(args.config).as_dict()
+    if args.action == "list":
+        report = status.status(conf)
+        if args.json:
+            print(json.dumps([{k: t[k] for k in ("id", "vm", "platform", "state")} for t in report["tasks"]]))
+        for t in [] if args.json else report["tasks"]:
+            print(f"{t['id']:<24} {t['platform']:<8} {t['vm']:<24} {t['state']}")
+        return EXIT_OK
+    if not args.task_id:
+        raise PlanError(f"hamal task {args.action} needs a task id")
+    if args.action == "show":
+        report = status.status(conf)
+        found = [t for t in report["tasks"] if t["id"] == args.task_id]
+        if not found:
+            raise PlanError(f"no task {args.task_id!r} (see hamal task list)")
+        print(json.dumps(found[0], indent=2))
+        return EXIT_OK
+    print(status.task_action(conf, args.action, args.task_id))
+    return EXIT_OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hamal.demo import run_demo
 
@@ -398,6 +455,9 @@ COMMANDS = {
     "map": cmd_map,
     "kvm": cmd_kvm,
     "config": cmd_config_check,
+    "status": cmd_status,
+    "health": cmd_health,
+    "task": cmd_task,
     "demo": cmd_demo,
 }
 
@@ -416,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hamal: interrupted (finished chunks are journaled; rerun to resume)", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (HamalError, OSError) as e:
+    except (HamalError, OSError, StateError) as e:
         print(f"hamal: error: {e}", file=sys.stderr)
         return EXIT_ERROR
 

@@ -1,8 +1,10 @@
-"""``hamal demo``: the main job on an embedded default, with local files only.
+"""``hamal demo``: the product on an embedded default, with local files only.
 
-Makes a sparse image with scattered random extents, syncs it in full to a raw file and to a
-chunk store (``dir:``), changes some ranges (one of them to zeros), syncs only those with a
-changed list, verifies the file, and restores both store versions and checks them.
+Makes two qcow2 "VMs" with two disks each (qemu-img), writes their task files, and runs the
+service ``hamal-period`` in standalone mode into a ``dir:`` chunk store: a first round of
+cycles (full), guest-style writes (qemu-io), a second and a third round (incremental). Then it
+prints ``hamal status`` and restores every version of every disk, checking each is
+byte-identical to its disk at the time of its cycle.
 """
 
 from __future__ import annotations
@@ -12,116 +14,134 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 
 from hamal import _native, sync
-from hamal.config import load_config
-from hamal.progress import wait_with_progress
+from hamal.errors import PlanError
+from hamal.service import status
 from hamal.units import human
 
 MIB = 1 << 20
+VMS = ("web", "db")
+DISKS = ("vda", "vdb")
 
 
-def make_sparse_image(path: str, size: int, seed: int = 42) -> int:
-    """Writes random data into about half of the 1 MiB blocks of a sparse file; returns bytes written."""
-    rng = random.Random(seed)
-    written = 0
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for block in range(size // MIB):
-            if rng.random() < 0.5:
-                f.seek(block * MIB)
-                f.write(rng.randbytes(MIB))
-                written += MIB
-    return written
+def _run(*cmd: str) -> str:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise PlanError(f"{cmd[0]} not found: the demo needs qemu-utils (tools/demo installs it)") from None
+    if p.returncode != 0:
+        raise PlanError(f"{' '.join(cmd)}: {p.stderr.strip()}")
+    return p.stdout
 
 
-def change_image(path: str, size: int, seed: int = 7) -> list[tuple[int, int]]:
-    """Rewrites a few scattered ranges (the last one with zeros); returns them as [offset, length]."""
-    rng = random.Random(seed)
-    changed = []
-    with open(path, "r+b") as f:
-        for i in range(8):
-            offset = rng.randrange(0, size - MIB) // 4096 * 4096
-            length = rng.choice([4096, 65536, MIB])
-            f.seek(offset)
-            f.write(bytes(length) if i == 7 else rng.randbytes(length))
-            changed.append((offset, length))
-    merged: list[tuple[int, int]] = []
-    for off, ln in sorted(changed):  # a platform never reports overlaps; merge ours
-        if merged and off <= merged[-1][0] + merged[-1][1]:
-            start = merged[-1][0]
-            merged[-1] = (start, max(merged[-1][0] + merged[-1][1], off + ln) - start)
-        else:
-            merged.append((off, ln))
-    return merged
+def _write(image: str, rng: random.Random, size: int, count: int) -> int:
+    """Writes ``count`` patterned ranges at random places; returns the bytes written."""
+    cmds, total = [], 0
+    for _ in range(count):
+        length = rng.choice([64 << 10, MIB, 2 * MIB])
+        offset = rng.randrange(0, size - length) // 65536 * 65536
+        cmds += ["-c", f"write -P {rng.randrange(1, 255)} {offset} {length}"]
+        total += length
+    _run("qemu-io", "-f", "qcow2", *cmds, image)
+    return total
 
 
-def run_demo(workdir: str, size: int) -> int:
-    os.makedirs(workdir, exist_ok=True)
-    src, dst = os.path.join(workdir, "source.raw"), os.path.join(workdir, "target.raw")
-    changed_path = os.path.join(workdir, "changed.json")
-    for p in (src, dst, dst + ".hamal-journal"):
-        if os.path.exists(p):
-            os.remove(p)
-    store = "dir:" + os.path.abspath(os.path.join(workdir, "store"))
-    shutil.rmtree(store[4:], ignore_errors=True)
-    conf_path = os.path.join(workdir, "hamal.conf")
-    if not os.path.exists(conf_path):  # the demo's own config: defaults, state under workdir
-        lib = os.path.abspath(os.path.join(workdir, "lib"))
-        text = _native.load_config("/nonexistent/hamal.conf").render()
-        with open(conf_path, "w") as f:
-            f.write(text.replace("hamal_lib_dir = /var/lib/hamal/", f"hamal_lib_dir = {lib}/"))
-    cfg = load_config(conf_path)
-    show = sys.stderr.isatty()
-
-    data = make_sparse_image(src, size)
-    original = _sha256(src)
-    print(f"1. made {src}: {human(size)} sparse image with {human(data)} of random data")
-    plan = [sync.disk(src, dst, disk_id="demo-file"), sync.disk(src, store, disk_id="demo")]
-    s, v1 = wait_with_progress(sync.start(plan, cfg), show)
-    print(f"2. full sync: {human(s['bytes_written'])} written in {s['seconds']:.2f} s [{s['io_backend']}]")
-    print(f"   and to the chunk store {store}: version {v1['version']}")
-    _verify(src, dst, "3.")
-
-    changed = change_image(src, size)
-    with open(changed_path, "w") as f:
-        json.dump(changed, f)
-    print(f"4. changed {len(changed)} ranges of the source, listed in {changed_path}")
-    changes = _native.load_changed_file(changed_path)
-    plan = [
-        sync.disk(src, dst, disk_id="demo-file", changed=changes),
-        sync.disk(src, store, disk_id="demo", changed=changes),
-    ]
-    s, v2 = wait_with_progress(sync.start(plan, cfg), show)
-    print(
-        f"5. incremental sync: {human(s['bytes_total'])} changed, {human(s['bytes_written'])} written, "
-        f"{human(s['bytes_zero'])} zeroed in {s['seconds']:.2f} s; store version {v2['version']}"
-    )
-    _verify(src, dst, "6.")
-    for step, version, want in (("7.", v1["version"], original), ("8.", v2["version"], _sha256(src))):
-        out = os.path.join(workdir, f"restored-{version}.raw")
-        if os.path.exists(out):
-            os.remove(out)
-        restore = [sync.disk(store, out, disk_id="demo", version=version)]
-        wait_with_progress(sync.start(restore, cfg), show)
-        if _sha256(out) != want:
-            raise SystemExit(f"{step} restore of version {version} FAILED: content differs")
-        print(f"{step} restored store version {version}: identical to the source at that time")
-    print("demo ok: the target and both store versions are byte-identical to the source")
-    return 0
-
-
-def _sha256(path: str) -> str:
+def _sha(image: str, workdir: str) -> str:
+    raw = os.path.join(workdir, "reference.raw")
+    _run("qemu-img", "convert", "-O", "raw", image, raw)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(raw, "rb") as f:
         for block in iter(lambda: f.read(4 * MIB), b""):
             h.update(block)
+    os.remove(raw)
     return h.hexdigest()
 
 
-def _verify(src: str, dst: str, step: str) -> None:
-    r = _native.verify(src, dst)
-    if r["mismatched_chunks"]:
-        raise SystemExit(f"{step} verify FAILED: chunks differ at {r['mismatch_offsets']}")
-    print(f"{step} verify: identical over {human(r['bytes_compared'])} ({r['chunks']} chunks)")
+def _setup(workdir: str, size: int) -> tuple[str, dict[str, dict[str, str]]]:
+    for d in ("store", "lib", "log", "tasks", "images"):
+        shutil.rmtree(os.path.join(workdir, d), ignore_errors=True)
+        os.makedirs(os.path.join(workdir, d))
+    conf = os.path.join(workdir, "hamal.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f"[DEFAULT]\nhamal_lib_dir = {workdir}/lib\nhamal_info_path = {workdir}/lib/hamal_info\n"
+            f"log_dir = {workdir}/log\n[period]\ninterval = 60\ntasks_dir = {workdir}/tasks\n"
+            "[metrics]\nlisten =\n"
+        )
+    rng = random.Random(42)
+    vms: dict[str, dict[str, str]] = {}
+    for vm in VMS:
+        vms[vm] = {}
+        for disk in DISKS:
+            image = os.path.join(workdir, "images", f"{vm}-{disk}.qcow2")
+            _run("qemu-img", "create", "-q", "-f", "qcow2", image, str(size))
+            _write(image, rng, size, 24)
+            vms[vm][disk] = image
+        task = {
+            "version": 1,
+            "id": vm,
+            "vm": {"platform": "kvm", "uuid": f"demo-{vm}", "name": vm},
+            "connection": {"images": vms[vm]},
+            "target": {"uri": f"dir:{workdir}/store"},
+            "retention": {"keep": 10},
+        }
+        with open(os.path.join(workdir, "tasks", f"{vm}.json"), "w") as f:
+            json.dump(task, f, indent=2)
+    return conf, vms
+
+
+def _round(conf: str, n: int, vms: dict[str, dict[str, str]], workdir: str, refs: dict) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "hamal.service.period", "--config", conf, "--once"],
+        capture_output=True,
+        text=True,
+    )
+    if p.returncode != 0:
+        raise PlanError(f"hamal-period round {n} failed; see {workdir}/log:\n{p.stderr}")
+    report = status.status(_native.load_config(conf).as_dict())
+    moved = sum(d["bytes_last_cycle"] or 0 for t in report["tasks"] for d in t["disks"])
+    print(f"   round {n}: {len(report['tasks'])} VMs, {human(moved)} moved")
+    for vm, disks in vms.items():
+        for disk, image in disks.items():
+            refs.setdefault(f"{vm}-{disk}", []).append(_sha(image, workdir))
+
+
+def run_demo(workdir: str, size: int) -> int:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    conf, vms = _setup(workdir, size)
+    print(f"1. made 2 VMs with 2 qcow2 disks of {human(size)} each, tasks in {workdir}/tasks")
+    refs: dict[str, list[str]] = {}
+    print("2. hamal-period, first cycles (full):")
+    _round(conf, 1, vms, workdir, refs)
+    rng = random.Random(7)
+    for n in (2, 3):
+        written = sum(_write(img, rng, size, 3) for img in vms["web"].values())
+        print(f"3. guest writes: {human(written)} on web's disks; db stays idle")
+        _round(conf, n, vms, workdir, refs)
+    print("4. hamal status:")
+    report = status.status(_native.load_config(conf).as_dict())
+    print("   " + status.render(report).replace("\n", "\n   "))
+    print("5. restoring every version:")
+    cfg = _native.load_config(conf)
+    store = f"dir:{workdir}/store"
+    versions, _ = _native.list_versions(store)
+    for v in versions:
+        out = os.path.join(workdir, "restored.raw")
+        if os.path.exists(out):
+            os.remove(out)
+        sync.start([sync.disk(store, out, disk_id=v["disk"], version=v["version"])], cfg).wait()
+        h = hashlib.sha256()
+        with open(out, "rb") as f:
+            for block in iter(lambda: f.read(4 * MIB), b""):
+                h.update(block)
+        os.remove(out)
+        i = [x["version"] for x in versions if x["disk"] == v["disk"]].index(v["version"])
+        if h.hexdigest() != refs[v["disk"]][i]:
+            raise SystemExit(f"   {v['disk']} version {v['version']}: restore FAILED: content differs")
+        print(f"   {v['disk']:<8} {v['version']}: identical to the disk at its cycle")
+    print(f"demo ok: {len(versions)} versions restored byte-identical; logs in {workdir}/log")
+    return 0

@@ -25,13 +25,14 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from hamal import _native, sync
-from hamal.errors import SourceError
+from hamal.errors import PlanError, SourceError
+from hamal.platforms.base import Cycle, DiskCycle, DiskInfo, VmInfo, is_ours, new_snapshot_name, now_iso
 
 log = logging.getLogger("hamal.platforms.kvm")
-PREFIX = "hamal-"
 
 
 def _run(*cmd: str) -> str:
@@ -126,6 +127,118 @@ class ImageState:
         os.replace(tmp, self.path)
 
 
+def image_size(image: str) -> int:
+    info = json.loads(_run("qemu-img", "info", "--output=json", "-f", "qcow2", image))
+    return int(info["virtual-size"])
+
+
+@dataclass
+class _Export:
+    """The cycle's handle: the exports serving each disk, stopped at commit or abort."""
+
+    exports: list[Export]
+
+    def stop(self) -> None:
+        for e in self.exports:
+            e.__exit__()
+
+
+class KvmAdapter:
+    """qcow2 images of a VM whose guest does not write during a cycle (a stopped VM, or a copy).
+
+    Task connection: ``images = {disk id = "/path/to/disk.qcow2", ...}``. The cursor of a disk
+    is the name of the persistent bitmap that has tracked writes since its last synced cycle."""
+
+    name = "kvm"
+
+    def images(self, task: Any) -> dict[str, str]:
+        images = task.connection.get("images")
+        if not isinstance(images, dict) or not images:
+            raise PlanError(f"task {task.id}: connection.images must map disk ids to qcow2 image paths")
+        for disk, path in images.items():
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise PlanError(f"task {task.id}: connection.images.{disk}: {path!r} is not an absolute path")
+        return dict(images)
+
+    def discover(self, task: Any) -> VmInfo:
+        disks = []
+        for disk, path in self.images(task).items():
+            if not os.path.isfile(path):
+                raise SourceError(f"VM {task.vm_name}: disk {disk}: image {path} does not exist")
+            disks.append(DiskInfo(id=disk, size=image_size(path), ref={"image": path}))
+        return VmInfo(name=task.vm_name, uuid=task.vm_uuid, disks=disks)
+
+    def begin(self, task: Any, vm: VmInfo, cursors: dict[str, str | None]) -> Cycle:
+        cycle = Cycle(vm=vm, disks=[], snapshot_time=now_iso(), handle=_Export([]))
+        try:
+            for d in vm.disks:
+                cycle.disks.append(self._begin_disk(d, cursors.get(d.id), cycle.handle))
+        except BaseException:
+            self.abort(cycle)
+            raise
+        return cycle
+
+    def _begin_disk(self, d: DiskInfo, cursor: str | None, handle: _Export) -> DiskCycle:
+        image = d.ref["image"]
+        present = bitmaps(image)
+        reason = None if cursor else "first cycle (or a full resync was asked for)"
+        if cursor and cursor not in present:
+            reason = f"its cursor bitmap {cursor} is gone from the image"
+        elif cursor and "in-use" in present[cursor]:
+            reason = f"its cursor bitmap {cursor} was left inconsistent by a crashed writer"
+            remove_bitmap(image, cursor)
+        if reason and cursor:
+            log.warning("disk %s (%s): full sync: %s", d.id, image, reason)
+        old = None if reason else cursor
+        new = new_snapshot_name()
+        if d.size:
+            add_bitmap(image, new)  # every write from now on is tracked for the next cycle
+        export = Export(image, old).__enter__()
+        handle.exports.append(export)
+        return DiskCycle(
+            disk=d, source=export.uri, new_cursor=new, old_cursor=old, bitmap=old, full_reason=reason
+        )
+
+    def commit(self, cycle: Cycle) -> None:
+        """Stops the exports; drops each committed disk's old bitmap, or a failed disk's new one."""
+        cycle.handle.stop()
+        for dc in cycle.disks:
+            image = dc.disk.ref["image"]
+            gone = dc.old_cursor if dc.committed else dc.new_cursor
+            if gone and gone in bitmaps(image):
+                remove_bitmap(image, gone)
+
+    def abort(self, cycle: Cycle) -> None:
+        for dc in cycle.disks:
+            dc.committed = False
+        self.commit(cycle)
+
+    def cleanup_orphans(self, task: Any, known: set[str]) -> list[str]:
+        removed = []
+        for disk, image in self.images(task).items():
+            if not os.path.isfile(image):
+                continue
+            for name in bitmaps(image):
+                if is_ours(name) and name not in known:
+                    remove_bitmap(image, name)
+                    removed.append(f"{disk}: bitmap {name}")
+        return removed
+
+
+@dataclass
+class _OneImage:
+    """The KVM adapter's view of a lone image for ``hamal kvm sync``."""
+
+    image: str
+    id: str = "image"
+    vm_name: str = "image"
+    vm_uuid: str = "-"
+    connection: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.connection = {"images": {"image": self.image}}
+
+
 def sync_image(
     image: str,
     target: str,
@@ -136,49 +249,39 @@ def sync_image(
     state_dir: str | None = None,
     journal: str | None = None,
 ) -> dict[str, Any]:
-    """One cycle for a qcow2 image (see the module doc). Returns the engine's summary."""
+    """One cycle for a qcow2 image (see the module doc), its cursor kept in ``state_dir``
+    per target. Returns the engine's summary."""
     if not os.path.isfile(image):
         raise SourceError(f"{image}: no such qcow2 image")
     state_dir = state_dir or os.path.join(cfg.as_dict()["DEFAULT"]["hamal_lib_dir"], "kvm")
     state = ImageState(state_dir, image)
     cursors = state.cursors()
-    present = bitmaps(image)
-    cursor = None if full else cursors.get(target)
-    if cursor and cursor not in present:
-        log.warning("%s: cursor bitmap %s is gone; doing a full sync", image, cursor)
-        cursor = None
-    if cursor and "in-use" in present[cursor]:
-        log.warning(
-            "%s: bitmap %s was left inconsistent by a crashed writer; doing a full sync", image, cursor
-        )
-        remove_bitmap(image, cursor)
-        cursor = None
-    in_use = set(cursors.values()) | {cursor}
-    for name in present:  # leftovers of failed cycles
-        if name.startswith(PREFIX) and name not in in_use:
-            remove_bitmap(image, name)
-    new = f"{PREFIX}{int(time.time() * 1000)}"
-    add_bitmap(image, new)
+    task = _OneImage(os.path.abspath(image))
+    adapter = KvmAdapter()
+    adapter.cleanup_orphans(task, set(cursors.values()))
+    vm = adapter.discover(task)
+    cycle = adapter.begin(task, vm, {"image": None if full else cursors.get(target)})
+    (dc,) = cycle.disks
     try:
-        with Export(image, cursor) as export:
-            # The new bitmap names the point in time read: a chunk store records it as the
-            # version's cursor, and a journal is trusted only within this cycle.
-            disk = sync.disk(
-                export.uri,
-                target,
-                disk_id=os.path.basename(image),
-                bitmap=cursor,
-                journal=journal,
-                source_id=new,
-            )
-            (summary,) = sync.start([disk], cfg, options).wait()
+        # The new bitmap names the point in time read: a chunk store records it as the
+        # version's cursor, and a journal is trusted only within this cycle.
+        disk = sync.disk(
+            dc.source,
+            target,
+            disk_id=os.path.basename(image),
+            bitmap=dc.bitmap,
+            journal=journal,
+            source_id=dc.new_cursor,
+        )
+        (summary,) = sync.start([disk], cfg, options).wait()
     except BaseException:
-        remove_bitmap(image, new)
+        adapter.abort(cycle)
         raise
-    old = cursors.get(target)
-    cursors[target] = new
+    cursors[target] = dc.new_cursor
     state.save(cursors)
-    if old and old in present and old not in cursors.values():
-        remove_bitmap(image, old)
-    summary["bitmap"] = new
+    dc.committed = True
+    if dc.old_cursor in cursors.values():
+        dc.old_cursor = None  # another target of this image still builds on it
+    adapter.commit(cycle)
+    summary["bitmap"] = dc.new_cursor
     return summary

@@ -135,6 +135,8 @@ config_schema! {
         max_logfile_size_mb: u64 = 64u64, check::range(1, 10240);
         hamal_lib_dir: String = "/var/lib/hamal/", check::absolute_path;
         hamal_info_path: String = "/var/lib/hamal/hamal_info", check::absolute_path;
+        /// Where the service writes its logs (the manual's /var/log/hamal).
+        log_dir: String = "/var/log/hamal", check::absolute_path;
     }
     /// The periodic task loop and its load limits.
     ["period"] period: PeriodSection {
@@ -144,6 +146,14 @@ config_schema! {
         openstack_release_cpu_time: u64 = 0u64, check::range(0, 10000);
         /// Milliseconds of sleep per MB read from VMware.
         vmware_release_cpu_time: u64 = 0u64, check::range(0, 10000);
+        /// Standalone task files (one per task, JSON or TOML).
+        tasks_dir: String = "/etc/hamal/tasks.d", check::absolute_path;
+        /// Retries of a failed cycle before it waits for the next interval.
+        cycle_retries: u64 = 3u64, check::range(0, 100);
+        /// Seconds between those retries.
+        cycle_retry_delay: u64 = 60u64, check::range(1, 86400);
+        /// Seconds a cycle's worker may go without reporting before it is killed.
+        worker_silence_timeout: u64 = 600u64, check::range(5, 86400);
     }
     /// The control plane (Mass) client.
     ["mass"] mass: MassSection {
@@ -208,6 +218,11 @@ config_schema! {
         request_timeout: u64 = 60u64, check::range(1, 3600);
         /// Retries of a request that failed with 5xx, a timeout or a reset.
         max_retries: u64 = 5u64, check::range(0, 100);
+    }
+    /// The service's Prometheus endpoint.
+    ["metrics"] metrics: MetricsSection {
+        /// Address and port of `/metrics`; empty turns it off.
+        listen: String = "127.0.0.1:9787", check::socket_addr_or_empty;
     }
     ["fusion_compute"] fusion_compute: FusionComputeSection {
         task_timeout: u64 = 3600u64, check::range(1, 604800);

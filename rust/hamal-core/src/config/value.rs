@@ -107,6 +107,14 @@ pub mod check {
         }
     }
 
+    pub fn socket_addr_or_empty(v: &str) -> Result<(), String> {
+        if v.is_empty() || v.parse::<std::net::SocketAddr>().is_ok() {
+            Ok(())
+        } else {
+            Err("an address and port such as 127.0.0.1:9787, or empty (off)".into())
+        }
+    }
+
     pub fn absolute_path_or_empty(v: &str) -> Result<(), String> {
         if v.is_empty() {
             Ok(())

@@ -1,0 +1,134 @@
+"""The service's log files, as the operator's manual lists them, under ``[DEFAULT] log_dir``:
+
+- ``hamal-period.log``: the loop (tasks, scheduling, cycles started and ended);
+- ``hamal-period-subprocess.log``: worker management and what workers print;
+- ``vm-<name>-<uuid>.log``: each cycle of one VM (snapshot, changes, sync summary, commit,
+  errors), written by that VM's worker; Rust engine events land there too;
+- ``ip_mapping.backup``: the NIC addresses the platform reports per VM (see ``write_ip_mapping``).
+
+Rotation by size (``max_logfile_size_mb``, ``max_logfile_count`` files in all). ``debug = True``
+logs at DEBUG, else INFO; ``verbose = True`` adds the engine's per-disk detail. A filter masks
+every secret the process knows in every record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import os
+import re
+from typing import Any
+
+FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
+PERIOD_LOG = "hamal-period.log"
+SUBPROCESS_LOG = "hamal-period-subprocess.log"
+IP_MAPPING = "ip_mapping.backup"
+MASK = "********"
+
+
+class SecretFilter(logging.Filter):
+    """Replaces known secret values in a record's final message."""
+
+    secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            for s in self.secrets:
+                msg = msg.replace(s, MASK)
+            record.msg, record.args = msg, None
+        return True
+
+
+def add_secret(value: str) -> None:
+    """Masks ``value`` in every log record of this process from now on."""
+    if value and len(value) >= 4:
+        SecretFilter.secrets.add(value)
+
+
+def _handler(conf: dict[str, Any], path: str) -> logging.Handler:
+    d = conf["DEFAULT"]
+    h = logging.handlers.RotatingFileHandler(
+        path,
+        maxBytes=int(d["max_logfile_size_mb"]) << 20,
+        backupCount=max(int(d["max_logfile_count"]) - 1, 1),
+        encoding="utf-8",
+    )
+    h.setFormatter(logging.Formatter(FORMAT))
+    h.addFilter(SecretFilter())
+    return h
+
+
+def log_dir(conf: dict[str, Any]) -> str:
+    return str(conf["DEFAULT"]["log_dir"])
+
+
+def _levels(conf: dict[str, Any]) -> None:
+    d = conf["DEFAULT"]
+    logging.getLogger("hamal").setLevel(logging.DEBUG if d["debug"] else logging.INFO)
+    # The engine's per-chunk and per-disk chatter only when asked for.
+    engine = logging.DEBUG if d["debug"] else logging.INFO if d["verbose"] else logging.WARNING
+    logging.getLogger("hamal.hamal_core").setLevel(engine)
+
+
+def setup_service(conf: dict[str, Any]) -> logging.Logger:
+    """The loop's logs; returns the logger of ``hamal-period-subprocess.log``."""
+    folder = log_dir(conf)
+    os.makedirs(folder, exist_ok=True)
+    root = logging.getLogger("hamal")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(_handler(conf, os.path.join(folder, PERIOD_LOG)))
+    root.propagate = False
+    _levels(conf)
+    sub = logging.getLogger("hamal.subprocess")
+    for h in list(sub.handlers):
+        sub.removeHandler(h)
+    sub.addHandler(_handler(conf, os.path.join(folder, SUBPROCESS_LOG)))
+    sub.propagate = False
+    sub.setLevel(logging.DEBUG)
+    return sub
+
+
+def setup_worker(conf: dict[str, Any], vm_log: str) -> None:
+    """A worker logs its VM's cycle to ``vm_log``; its stderr reaches the subprocess log."""
+    folder = log_dir(conf)
+    os.makedirs(folder, exist_ok=True)
+    root = logging.getLogger("hamal")
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(_handler(conf, os.path.join(folder, vm_log)))
+    warn = logging.StreamHandler()
+    warn.setLevel(logging.ERROR)
+    warn.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    warn.addFilter(SecretFilter())
+    root.addHandler(warn)
+    root.propagate = False
+    _levels(conf)
+
+
+def write_ip_mapping(conf: dict[str, Any], vm_uuid: str, name: str, addresses: dict[str, list[str]]) -> None:
+    """Updates ``ip_mapping.backup`` (JSON: VM uuid -> name and NIC addresses) after a good
+    cycle; written atomically. VMs with no reported address are not listed, so the file is
+    empty when no platform reports any."""
+    path = os.path.join(log_dir(conf), IP_MAPPING)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        data = {}
+    data.pop(vm_uuid, None)
+    if addresses:
+        data[vm_uuid] = {"name": name, "addresses": addresses}
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        if data:
+            json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)
