@@ -1,23 +1,31 @@
 """An HTTP proxy on 127.0.0.1 that forwards to an S3 server but fails some requests on purpose:
-every ``every``-th request gets a 503 SlowDown or has its connection dropped without an answer.
+every ``every``-th request gets the next fault of ``faults`` in turn: an error status with an S3
+error body ("503", "429", "400", "403") or "reset" (the connection dropped without an answer).
 The Host header is passed through unchanged, so SigV4 signatures stay valid."""
 
 from __future__ import annotations
 
+import collections
 import http.client
 import itertools
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
-SLOW_DOWN = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>injected</Message></Error>"
+CODES = {"503": "SlowDown", "429": "SlowDown", "400": "InvalidRequest", "403": "AccessDenied"}
+
+
+def error_body(status: str) -> bytes:
+    code = CODES[status]
+    return f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, every: int = 4) -> None:
+    def __init__(self, upstream: str, every: int = 4, faults: tuple[str, ...] = ("503", "reset")) -> None:
         up = urlparse(upstream)
         counter = itertools.count(1)
-        self.faults = {"503": 0, "reset": 0}
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.requests = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,18 +42,20 @@ class FaultyProxy:
 
             def forward(self, n: int) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                proxy.requests += 1
                 if n % every == 0:
-                    if (n // every) % 2:
-                        proxy.faults["503"] += 1
-                        self.send_response(503)
-                        self.send_header("Content-Type", "application/xml")
-                        self.send_header("Content-Length", str(len(SLOW_DOWN)))
-                        self.end_headers()
-                        self.wfile.write(SLOW_DOWN)
-                    else:
-                        proxy.faults["reset"] += 1
+                    kind = faults[(n // every - 1) % len(faults)]
+                    proxy.faults[kind] += 1
+                    if kind == "reset":
                         self.close_connection = True
                         self.connection.shutdown(2)
+                        return
+                    answer = error_body(kind)
+                    self.send_response(int(kind))
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(answer)))
+                    self.end_headers()
+                    self.wfile.write(answer)
                     return
                 conn = http.client.HTTPConnection(up.hostname, up.port, timeout=30)
                 conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)

@@ -217,6 +217,26 @@ def test_injected_5xx_and_resets_are_retried(s3: S3Env, tmp_path: Path) -> None:
     assert sha256(out) == sha256(src)
 
 
+def test_retries_follow_the_status(s3: S3Env, tmp_path: Path) -> None:
+    src = tmp_path / "disk.raw"
+    make_image(src, 16 * MIB, seed=18, fill=1.0)
+    with FaultyProxy(s3.cluster.endpoint, every=3, faults=("429",)) as proxy:
+        conf = s3.conf("slow.conf")
+        text = conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint)
+        conf.write_text(text.replace("max_retries = 2", "max_retries = 10"))
+        r = run_hamal("sync", str(src), s3.store, "--disk", "d", env=s3.env(conf))
+        assert r.code == 0, r.err
+        assert proxy.faults["429"] >= 2, "429 Too Many Requests is retried"
+    for status, word in (("400", "InvalidRequest"), ("403", "AccessDenied")):
+        with FaultyProxy(s3.cluster.endpoint, every=1, faults=(status,)) as proxy:
+            conf = s3.conf(f"f{status}.conf")
+            conf.write_text(conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint))
+            r = run_hamal("sync", str(src), s3.store, "--disk", f"d{status}", env=s3.env(conf))
+            line = one_error_line(r.err)
+            assert word in line, line
+            assert proxy.requests == 1, f"a {status} answer is final, not retried ({proxy.requests} requests)"
+
+
 def test_credentials_from_the_environment(s3: S3Env, tmp_path: Path) -> None:
     src = tmp_path / "disk.raw"
     make_image(src, 4 * MIB)

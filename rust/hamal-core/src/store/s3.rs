@@ -167,7 +167,7 @@ impl S3Backend {
     }
 
     /// Runs `op` until it succeeds, fails for good, or `max_retries` retries of a transient
-    /// failure (5xx, timeout, broken connection) have been spent, backing off 0.1 s to 5 s.
+    /// failure (`transient`) have been spent, backing off with jitter (`backoff`).
     /// Every request hamal sends is safe to repeat: objects are content-addressed or whole
     /// records, and deleting twice is harmless.
     async fn retrying<T, F, Fut>(&self, op: F) -> std::result::Result<T, object_store::Error>
@@ -175,14 +175,13 @@ impl S3Backend {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, object_store::Error>>,
     {
-        let mut delay = Duration::from_millis(100);
         let mut attempt = 0;
         loop {
             match op().await {
                 Err(e) if attempt < self.max_retries && transient(&e) => {
+                    let delay = backoff(attempt as u32);
                     tracing::debug!("S3 request failed, retrying in {delay:?}: {}", tidy(&e));
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                     attempt += 1;
                 }
                 r => return r,
@@ -264,20 +263,66 @@ impl Backend for S3Backend {
     }
 }
 
-/// Worth retrying: a transport failure or a server error, not an answer about the request
-/// (missing object or bucket, denied, bad signature).
+/// Worth retrying: a transport failure (connect, reset, timeout), a server error (5xx) or
+/// "slow down" (429, S3's `SlowDown`). Any other answer is about the request itself (missing
+/// object or bucket, denied, bad signature or request) and is final.
 fn transient(e: &object_store::Error) -> bool {
-    const FINAL: [&str; 5] = [
-        "NoSuchBucket",
-        "AccessDenied",
-        "SignatureDoesNotMatch",
-        "InvalidAccessKeyId",
-        "InvalidBucketName",
-    ];
-    matches!(e, object_store::Error::Generic { .. }) && {
-        let text = e.to_string();
-        !FINAL.iter().any(|code| text.contains(code))
+    if !matches!(e, object_store::Error::Generic { .. }) {
+        return false; // NotFound, PermissionDenied, Unauthenticated, Precondition, ...
     }
+    match http_status(e) {
+        Some(code) => code == 429 || code >= 500,
+        // An error answer inside a 200 (S3 does that) or a transport error.
+        None => {
+            let text = e.to_string();
+            const RETRY_CODES: [&str; 4] = [
+                "SlowDown",
+                "InternalError",
+                "ServiceUnavailable",
+                "RequestTimeout",
+            ];
+            RETRY_CODES.iter().any(|c| text.contains(c)) || has_transport_error(e)
+        }
+    }
+}
+
+/// The HTTP status of a failed request, from the error chain (object_store does not name its
+/// request error type publicly; its text carries the status).
+fn http_status(e: &object_store::Error) -> Option<u16> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if let Some((_, rest)) = text.split_once("non-2xx status code: ") {
+            return rest.get(..3)?.parse().ok();
+        }
+        cur = err.source();
+    }
+    None
+}
+
+fn has_transport_error(e: &object_store::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<object_store::client::HttpError>()
+            .is_some()
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The wait before retry `attempt` (0-based): "full jitter" between 0 and 0.1 s x 2^attempt,
+/// capped at 5 s, so many upload threads that failed together do not retry in lockstep.
+fn backoff(attempt: u32) -> Duration {
+    let cap = Duration::from_millis(100)
+        .saturating_mul(1 << attempt.min(16))
+        .min(Duration::from_secs(5));
+    let mut r = [0u8; 4];
+    getrandom::getrandom(&mut r).expect("the OS random source");
+    cap.mul_f64(f64::from(u32::from_le_bytes(r)) / f64::from(u32::MAX))
 }
 
 /// An S3 error in one line: the server's error code and message instead of its XML body.
@@ -291,5 +336,21 @@ fn tidy(e: &object_store::Error) -> String {
         (Some(code), Some(msg)) if !msg.is_empty() => format!("{code}: {msg}"),
         (Some(code), _) => format!("the server answered {code}"),
         _ => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let waits: Vec<Duration> = (0..50).map(|_| backoff(2)).collect();
+        assert!(waits.iter().all(|w| *w <= Duration::from_millis(400)));
+        assert!(
+            waits.iter().any(|w| *w != waits[0]),
+            "threads do not retry in lockstep"
+        );
+        assert!((0..50).all(|_| backoff(30) <= Duration::from_secs(5)));
     }
 }
