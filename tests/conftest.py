@@ -69,6 +69,21 @@ def one_error_line(err: str) -> str:
     return lines[0]
 
 
+#: Set by tools/test (and so CI): every prerequisite is installed there, so a skip is a failure.
+REQUIRE_ALL = os.environ.get("HAMAL_TEST_REQUIRE_ALL") == "1"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under tools/test, where every prerequisite must be installed: {reason}"
+    return None
+
+
 @pytest.fixture
 def image(tmp_path: Path) -> Path:
     p = tmp_path / "source.raw"

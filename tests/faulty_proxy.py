@@ -8,8 +8,10 @@ from __future__ import annotations
 import collections
 import http.client
 import itertools
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlparse
 
 CODES = {"503": "SlowDown", "429": "SlowDown", "400": "InvalidRequest", "403": "AccessDenied"}
@@ -21,7 +23,14 @@ def error_body(status: str) -> bytes:
 
 
 class FaultyProxy:
-    def __init__(self, upstream: str, every: int = 4, faults: tuple[str, ...] = ("503", "reset")) -> None:
+    def __init__(
+        self,
+        upstream: str,
+        every: int = 4,
+        faults: tuple[str, ...] = ("503", "reset"),
+        tls: tuple[Path, Path] | None = None,
+    ) -> None:
+        """``every = 0`` injects nothing; ``tls = (certificate, key)`` serves HTTPS."""
         up = urlparse(upstream)
         counter = itertools.count(1)
         self.faults: collections.Counter[str] = collections.Counter()
@@ -43,7 +52,7 @@ class FaultyProxy:
             def forward(self, n: int) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests += 1
-                if n % every == 0:
+                if every and n % every == 0:
                     kind = faults[(n // every - 1) % len(faults)]
                     proxy.faults[kind] += 1
                     if kind == "reset":
@@ -78,7 +87,13 @@ class FaultyProxy:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        scheme = "http"
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> FaultyProxy:

@@ -32,7 +32,7 @@ def test_unreadable_source_directory(tmp_path: Path) -> None:
     # A directory cannot be a disk, whoever runs the test.
     r = run_hamal("sync", str(tmp_path), str(tmp_path / "t.raw"))
     assert r.code == 1
-    assert "not a regular file or block device" in one_error_line(r.err)
+    assert "is a directory, not a disk" in one_error_line(r.err)
 
 
 def test_target_smaller_than_source(image: Path, tmp_path: Path) -> None:
@@ -83,11 +83,13 @@ def test_unsupported_uri_scheme(image: Path) -> None:
 
 def test_bad_engine_options(image: Path, tmp_path: Path) -> None:
     r = run_hamal("sync", str(image), str(tmp_path / "t.raw"), "--chunk-size", "1000")
-    assert r.code == 1 and "chunk size" in one_error_line(r.err)
+    assert r.code == 2 and "--chunk-size: 1000 is out of range: use 4K to 256M" in one_error_line(r.err)
+    r = run_hamal("sync", str(image), str(tmp_path / "t.raw"), "--chunk-size", "5000")
+    assert r.code == 1 and "not a multiple of 4096" in one_error_line(r.err)
     r = run_hamal("sync", str(image), str(tmp_path / "t.raw"), "--readers", "40")
     assert r.code == 1 and "max_pre_disk_readers_count" in one_error_line(r.err)
     r = run_hamal("verify", str(image), str(image), "--chunk-size", "1000")
-    assert r.code == 1 and "chunk size" in one_error_line(r.err)
+    assert r.code == 2 and "out of range" in one_error_line(r.err)
     r = run_hamal("sync", str(image), str(tmp_path / "t.raw"), "--chunk-size", "4X")
     assert r.code == 2 and "not a size" in r.err
 

@@ -43,8 +43,8 @@ def versions(store: str, disk: str = "d0") -> list[dict]:
     return json.loads(r.out)["versions"]
 
 
-def restores_to(store: str, version: str, want: Path, out: Path) -> None:
-    r = run_hamal("restore", store, str(out), "--disk", "d0", "--version", version)
+def restores_to(store: str, version: str, want: Path, out: Path, disk: str = "d0") -> None:
+    r = run_hamal("restore", store, str(out), "--disk", disk, "--version", version)
     assert r.code == 0, r.err
     assert sha256(out) == sha256(want), f"version {version} restores identical"
     out.unlink()
@@ -161,14 +161,25 @@ def test_a_killed_prunes_lock_does_not_block_the_next_sync(tmp_path: Path) -> No
     r = run_hamal("sync", str(src), store, "--disk", "d0")
     assert r.code == 0, r.err
     assert not dead.exists(), "the dead lock is removed by the run that finds it"
-    # A live prune (here: this test process) is refused, and named as a prune.
+    # A live prune (here: this test process) is waited for, and named as a prune.
     me = {"kind": "prune", "purpose": "prune", "pid": os.getpid(), "start_ticks": start_ticks(os.getpid())}
     live = write_lock(store_dir, "exclusive-0000000000bb.json", {**me, **own_identity()})
-    r = run_hamal("sync", str(src), store, "--disk", "d0")
-    assert r.code == 1
-    line = one_error_line(r.err)
-    assert f"is busy: held by a prune (pid {os.getpid()} on host " in line, line
+    p = subprocess.Popen(
+        [sys.executable, "-m", "hamal", "-v", "sync", str(src), store, "--disk", "d0"],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    assert p.poll() is None, "the sync waits while the collection runs"
     live.unlink()
+    _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert (
+        f"waiting for a garbage collection to end: store {store} is busy: held by a prune (pid {os.getpid()}"
+        in err
+    )
 
 
 # 3. Leftovers are collected.
@@ -367,3 +378,40 @@ def test_a_resumed_store_sync_records_the_whole_versions_totals(tmp_path: Path) 
     created = datetime.fromisoformat(v["created"].replace("Z", "+00:00")).timestamp()
     committed = datetime.fromisoformat(v["committed"].replace("Z", "+00:00")).timestamp()
     assert started - 1 <= created < committed - 1, "the version's time is when its first attempt started"
+
+
+def test_syncs_and_prunes_of_other_disks_at_once_lose_nothing(tmp_path: Path) -> None:
+    """Each prune's collection must keep what a sync of another disk committed while the
+    prune was starting (a stale list of versions once deleted a new version's pages)."""
+    import threading
+
+    store = f"dir:{tmp_path / 'store'}"
+    sources = {d: tmp_path / f"{d}.raw" for d in ("a", "b")}
+    for i, src in enumerate(sources.values()):
+        make_image(src, 16 * MIB, seed=40 + i, fill=1.0)
+    failures: list[str] = []
+
+    def cycles(disk: str, src: Path) -> None:
+        for i in range(6):
+            with open(src, "r+b") as f:
+                f.seek((i % 16) * MIB)
+                f.write(os.urandom(MIB))
+            for args in (
+                ("sync", str(src), store, "--disk", disk),
+                ("prune", store, "--keep", "2", "--disk", disk),
+            ):
+                r = run_hamal(*args)
+                if r.code != 0:
+                    failures.append(r.err)
+
+    threads = [threading.Thread(target=cycles, args=item) for item in sources.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    r = run_hamal("verify", store, "--deep")
+    assert r.code == 0, r.err
+    for disk, src in sources.items():
+        (newest, *_) = reversed(versions(store, disk))
+        restores_to(store, newest["version"], src, tmp_path / f"out-{disk}.raw", disk)

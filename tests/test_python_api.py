@@ -77,6 +77,51 @@ def test_errors_form_one_tree(tmp_path: Path) -> None:
         _native.start_sync([{"source": "a"}])
 
 
+def test_unknown_plan_keys_are_refused() -> None:
+    plan = sync.disk("a", "b")
+    del plan["changed"]
+    plan["changes"] = [[0, 4096]]  # a typo must not turn an incremental into a full sync
+    with pytest.raises(hamal.PlanError, match="disk 0: unknown key 'changes'"):
+        _native.start_sync([plan])
+    with pytest.raises(TypeError):
+        _native.start_sync([sync.disk("a", "b")], chunk_sise=1 << 20)  # type: ignore[call-arg]
+
+
+def test_exceptions_live_in_hamal_and_pickle(tmp_path: Path) -> None:
+    import pickle
+
+    job = sync.start([sync.disk(str(tmp_path / "missing.raw"), str(tmp_path / "t.raw"))], defaults())
+    with pytest.raises(hamal.SourceError) as e:
+        job.wait()
+    assert type(e.value).__module__ == "hamal.errors"
+    again = pickle.loads(pickle.dumps(e.value))
+    assert type(again) is hamal.SourceError and str(again) == str(e.value)
+    assert not hasattr(_native, "SourceError"), "defined once, in hamal.errors"
+
+
+def test_the_config_object_goes_to_the_engine_as_it_is(image: Path, tmp_path: Path) -> None:
+    conf = tmp_path / "hamal.conf"
+    conf.write_text("[data_sync_v2]\npre_disk_readers_count = 3\nmax_pre_disk_readers_count = 3\n")
+    cfg = hamal.load_config(str(conf))
+    with pytest.raises(
+        hamal.PlanError, match="readers = 4 exceeds .data_sync_v2. max_pre_disk_readers_count = 3"
+    ):
+        _native.start_sync([sync.disk(str(image), str(tmp_path / "t.raw"))], cfg, readers=4)
+    (s,) = _native.start_sync([sync.disk(str(image), str(tmp_path / "t.raw"))], cfg).wait()
+    assert s["bytes_total"] > 0
+
+
+def test_a_job_is_a_context_manager_that_cancels_on_exit(tmp_path: Path) -> None:
+    src, dst = tmp_path / "s.raw", tmp_path / "d.raw"
+    make_image(src, 64 * MIB, seed=4, fill=1.0)
+    with pytest.raises(RuntimeError, match="leaving early"):
+        with sync.start(
+            [sync.disk(str(src), str(dst))], defaults(), sync.SyncOptions(bwlimit_bps=4 * MIB)
+        ) as job:
+            raise RuntimeError("leaving early")
+    assert job.finished and job.progress()["disks"][0]["state"] == "cancelled"
+
+
 def test_several_disks_one_failing(image: Path, tmp_path: Path) -> None:
     disks = [
         sync.disk(str(image), str(tmp_path / "ok.raw"), disk_id="ok"),

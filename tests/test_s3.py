@@ -168,7 +168,7 @@ def test_prune_keeps_restorable_versions_and_collects(s3: S3Env, tmp_path: Path)
         restore(s3, v, out)
         assert sha256(out) == want
     r = run_hamal("prune", s3.store, "--keep", "130", env=s3.env())
-    assert r.code == 1 and "out of range 1..=129" in one_error_line(r.err)
+    assert r.code == 2 and "130 is out of range: use 1 to 129" in one_error_line(r.err)
 
 
 def test_records_stay_local_when_upload_is_off(s3: S3Env, tmp_path: Path) -> None:
@@ -235,6 +235,37 @@ def test_retries_follow_the_status(s3: S3Env, tmp_path: Path) -> None:
             line = one_error_line(r.err)
             assert word in line, line
             assert proxy.requests == 1, f"a {status} answer is final, not retried ({proxy.requests} requests)"
+
+
+def test_tls_failures_say_why(s3: S3Env, tmp_path: Path) -> None:
+    from certs import Ca, self_signed_ca_true
+
+    src = tmp_path / "disk.raw"
+    make_image(src, 4 * MIB, seed=19, fill=1.0)
+    ca, other = Ca(tmp_path), Ca(tmp_path, "another CA")
+    good = ca.server("good")
+    cases = [
+        (good, ca.pem, None),
+        (good, other.pem, "not signed by a CA this host trusts"),
+        (
+            ca.server("wrong-name", ip=None, dns="s3.example.org"),
+            ca.pem,
+            "is for s3.example.org but the server was reached as 127.0.0.1",
+        ),
+        (ca.server("expired", expired=True), ca.pem, "has expired"),
+        (self_signed_ca_true(tmp_path), tmp_path / "self-signed.pem", "presents a CA certificate"),
+    ]
+    for i, (server, ca_file, why) in enumerate(cases):
+        with FaultyProxy(s3.cluster.endpoint, every=0, tls=server) as proxy:
+            conf = s3.conf(f"tls{i}.conf")
+            text = conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint)
+            conf.write_text(text.replace("[s3]\n", f"[s3]\nca_file = {ca_file}\n"))
+            r = run_hamal("sync", str(src), s3.store, "--disk", f"t{i}", env=s3.env(conf))
+            if why is None:
+                assert r.code == 0, r.err
+                continue
+            line = one_error_line(r.err)
+            assert why in line and f"[s3] ca_file = {ca_file}" in line and proxy.endpoint in line, line
 
 
 def test_credentials_from_the_environment(s3: S3Env, tmp_path: Path) -> None:

@@ -284,7 +284,9 @@ def test_vddk_stays_out_of_the_calling_process_and_a_crash_fails_only_that_disk(
     for k, v in vm.env(FAKE_VDDK_FAIL="abort:20000").items():
         monkeypatch.setenv(k, v)
     uri, out = vm.uri(libs["v8"]), tmp_path / "disk.raw"
-    job = _native.start_sync([hsync.disk(uri, str(out))], vddk={"max_read_blocks": 128})
+    conf = tmp_path / "hamal.conf"
+    conf.write_text("[vmware]\nmax_read_blocks = 128\n")
+    job = _native.start_sync([hsync.disk(uri, str(out))], _native.load_config(str(conf)))
     with pytest.raises(VddkError) as e:
         job.wait(60)
     msg = str(e.value)

@@ -1,24 +1,64 @@
 """Type stub of the compiled data plane (rust/hamal-py). Checked against the module by
 tests/test_python_api.py and mypy's stubtest."""
 
-from typing import Any, final
+from typing import Any, Literal, TypedDict, final, type_check_only
+
+_DiskState = Literal["pending", "running", "done", "failed", "cancelled"]
+
+@type_check_only
+class Counters(TypedDict):
+    bytes_total: int
+    bytes_done: int
+    bytes_zero: int
+    bytes_resumed: int
+    chunks_total: int
+    chunks_done: int
+    elapsed_s: float
+    rate_bps: float
+    eta_s: float | None
+
+@type_check_only
+class DiskProgress(Counters):
+    disk_id: str
+    state: _DiskState
+
+@type_check_only
+class Progress(Counters):
+    finished: bool
+    disks: list[DiskProgress]
+
+@type_check_only
+class DiskSummary(TypedDict):
+    disk_id: str
+    source: str
+    target: str
+    size: int
+    mode: Literal["full", "incremental"]
+    bytes_total: int
+    bytes_written: int
+    bytes_zero: int
+    bytes_resumed: int
+    holes_zeroed: int
+    chunks: int
+    seconds: float
+    io_backend: str
+    checksum: str | None
+    content_digest: str | None
+    version: str | None
+    parent: str | None
+    full_reason: str | None
+
+@type_check_only
+class DiskResult(TypedDict, total=False):
+    disk_id: str
+    state: _DiskState
+    summary: DiskSummary
+    error: str
+    error_kind: str
 
 __all__ = [
-    "BusyError",
-    "CephError",
     "Config",
-    "ConfigError",
-    "HamalError",
-    "InternalError",
     "Job",
-    "JournalError",
-    "MismatchError",
-    "PlanError",
-    "SourceError",
-    "StoreError",
-    "SyncCancelled",
-    "TargetError",
-    "VddkError",
     "__version__",
     "_vddk_worker_main",
     "io_uring_status",
@@ -39,30 +79,18 @@ __all__ = [
 
 __version__: str
 
-class HamalError(Exception): ...
-class ConfigError(HamalError): ...
-class PlanError(HamalError): ...
-class SourceError(HamalError): ...
-class TargetError(HamalError): ...
-class JournalError(HamalError): ...
-class StoreError(HamalError): ...
-class BusyError(HamalError): ...
-class CephError(HamalError): ...
-class VddkError(HamalError): ...
-class MismatchError(HamalError): ...
-class SyncCancelled(HamalError): ...
-class InternalError(HamalError): ...
-
 @final
 class Job:
     """A running (or finished) sync job. Create it with `start_sync`."""
 
     @property
     def finished(self) -> bool: ...
-    def progress(self) -> dict[str, Any]: ...
-    def wait(self, timeout: float | None = None) -> list[dict[str, Any]] | None: ...
+    def progress(self) -> Progress: ...
+    def wait(self, timeout: float | None = None) -> list[DiskSummary] | None: ...
     def cancel(self) -> None: ...
-    def results(self) -> list[dict[str, Any]]: ...
+    def results(self) -> list[DiskResult]: ...
+    def __enter__(self) -> Job: ...
+    def __exit__(self, ty: object, value: object, tb: object) -> bool: ...
 
 @final
 class Config:
@@ -80,53 +108,56 @@ class Config:
 
 def start_sync(
     disks: list[dict[str, Any]],
+    config: Config | None = None,
     *,
-    chunk_size: int = ...,
-    readers: int = 2,
-    writers: int = 1,
-    queue_depth: int = 4,
-    parallel_disks: int = 4,
+    chunk_size: int | None = None,
+    readers: int | None = None,
+    writers: int | None = None,
+    queue_depth: int | None = None,
+    parallel_disks: int | None = None,
     checksum: str | None = None,
-    release_cpu_ms_per_mb: int = 0,
+    platform: str | None = None,
+    release_cpu_ms_per_mb: int | None = None,
     bwlimit_bps: int | None = None,
-    io_mode: str = "auto",
-    memory_budget: int = ...,
-    fsync_period_s: float = 3.0,
-    fsync_timeout_s: int = 0,
-    store: dict[str, Any] | None = None,
-    vddk: dict[str, Any] | None = None,
-    lock_dir: str | None = None,
+    io_mode: str | None = None,
+    memory_budget: int | None = None,
+    fsync_period_s: float | None = None,
+    key_file: str | None = None,
 ) -> Job: ...
 def verify(
     source: str,
     target: str,
+    config: Config | None = None,
     *,
     changed: list[tuple[int, int]] | None = None,
     changed_origin: str = "changed list",
     chunk_size: int = ...,
     checksum: str = "blake3",
     io_mode: str = "auto",
-    vddk: dict[str, Any] | None = None,
 ) -> dict[str, Any]: ...
 def load_changed_file(path: str) -> list[tuple[int, int]]: ...
-def map_source(
-    source: str, *, bitmap: str | None = None, vddk: dict[str, Any] | None = None
-) -> dict[str, Any]: ...
+def map_source(source: str, config: Config | None = None, *, bitmap: str | None = None) -> dict[str, Any]: ...
 def load_config(path: str | None = None) -> Config: ...
 def io_uring_status() -> str | None: ...
 def list_versions(
-    store: str, *, disk: str | None = None, options: dict[str, Any] | None = None
+    store: str, config: Config | None = None, *, disk: str | None = None, key_file: str | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]: ...
 def verify_store(
     store: str,
+    config: Config | None = None,
     *,
     disk: str | None = None,
     version: str | None = None,
     deep: bool = False,
-    options: dict[str, Any] | None = None,
+    key_file: str | None = None,
 ) -> dict[str, Any]: ...
 def prune_store(
-    store: str, keep: int, *, disk: str | None = None, options: dict[str, Any] | None = None
+    store: str,
+    keep: int,
+    config: Config | None = None,
+    *,
+    disk: str | None = None,
+    key_file: str | None = None,
 ) -> dict[str, Any]: ...
 def rbd_list_snapshots(image: str) -> list[dict[str, Any]]: ...
 def rbd_image_size(image: str) -> int: ...

@@ -12,27 +12,61 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from hamal import _native, sync
 from hamal.config import load_config
-from hamal.errors import HamalError, PlanError, SyncCancelled
+from hamal.errors import ConfigError, HamalError, PlanError, SyncCancelled
 from hamal.progress import wait_with_progress
 from hamal.service.state import StateError
+from hamal.signals import Terminated, handle_sigterm
 from hamal.units import human, parse_size
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
+#: Commands whose interruption leaves a resumable journal.
+JOURNALED = {"sync", "restore", "kvm"}
 
 
-def _size(text: str) -> int:
+def _in_range(kind: Any, lo: float, hi: float, shown: tuple[str, str] | None = None) -> Any:
+    """An argparse type: ``kind(text)`` within ``lo`` to ``hi``, said in words when it is not."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                f"'{text}' is not a number" if kind is float else str(e)
+            ) from None
+        if not lo <= value <= hi:
+            a, b = shown or (f"{lo:g}", f"{hi:g}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: use {a} to {b}")
+        return value
+
+    return parse
+
+
+def _whole(text: str) -> int:
     try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return int(text)
+    except ValueError:
+        raise ValueError(f"'{text}' is not a whole number") from None
+
+
+_chunk = _in_range(parse_size, 4096, 256 << 20, ("4K", "256M"))
+_bwlimit = _in_range(parse_size, 1024, 1 << 40, ("1K", "1T"))
+_budget = _in_range(parse_size, 8 << 20, 1 << 40, ("8M", "1T"))
+_disk_size = _in_range(parse_size, 64 << 20, 1 << 40, ("64M", "1T"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, as every other error: ``hamal: error: ...`` and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"hamal: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hamal", description="Agentless block-level disk sync.")
+    p = _Parser(prog="hamal", description="Agentless block-level disk sync.")
     p.add_argument("--version", action="version", version=f"hamal {_native.__version__}")
     p.add_argument("--config", help="hamal.conf path (default: $HAMAL_CONF or /etc/hamal/hamal.conf)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
@@ -71,31 +105,56 @@ def build_parser() -> argparse.ArgumentParser:
         help="disk id: its name in a chunk store (required there), logs and summaries (default: the target)",
     )
     s.add_argument("--key-file", help="chunk store encryption key (default [store] encryption_key_file)")
-    s.add_argument("--chunk-size", type=_size, default=4 << 20, help="chunk grid (default 4M)")
+    s.add_argument("--chunk-size", type=_chunk, default=4 << 20, help="chunk grid, 4K to 256M (default 4M)")
     s.add_argument(
-        "--readers", type=int, help="reader threads (default [data_sync_v2] pre_disk_readers_count)"
+        "--readers",
+        type=_in_range(_whole, 1, 64),
+        help="reader threads, 1 to 64 (default [data_sync_v2] pre_disk_readers_count)",
     )
-    s.add_argument("--writers", type=int, default=1, help="writer threads (default 1)")
-    s.add_argument("--queue-depth", type=int, default=4, help="I/O requests in flight per thread (default 4)")
+    s.add_argument(
+        "--writers", type=_in_range(_whole, 1, 64), default=1, help="writer threads, 1 to 64 (default 1)"
+    )
+    s.add_argument(
+        "--queue-depth",
+        type=_in_range(_whole, 1, 256),
+        default=4,
+        help="I/O requests in flight per thread, 1 to 256 (default 4)",
+    )
     s.add_argument(
         "--checksum", choices=["blake3", "sha256"], help="hash every chunk; report a content digest"
     )
+    s.add_argument("--platform", choices=sync.PLATFORMS, help="take *_release_cpu_time from [period]")
     s.add_argument(
-        "--platform", choices=sorted(sync.RELEASE_CPU_KEYS), help="take *_release_cpu_time from [period]"
+        "--release-cpu-time",
+        type=_in_range(_whole, 0, 10000),
+        metavar="MS",
+        help="ms of sleep per MB read, 0 to 10000 (throttle)",
     )
-    s.add_argument("--release-cpu-time", type=int, metavar="MS", help="ms of sleep per MB read (throttle)")
-    s.add_argument("--bwlimit", type=_size, metavar="BYTES/S", help="read bandwidth cap, e.g. 100M")
+    s.add_argument(
+        "--bwlimit", type=_bwlimit, metavar="BYTES/S", help="read bandwidth cap, 1K to 1T, e.g. 100M"
+    )
     s.add_argument(
         "--io", choices=["auto", "uring", "pread"], default="auto", help="I/O back end (default auto)"
     )
     s.add_argument(
-        "--memory-budget", type=_size, default=256 << 20, help="in-flight buffer cap (default 256M)"
+        "--memory-budget",
+        type=_budget,
+        default=256 << 20,
+        help="in-flight buffer cap, 8M to 1T (default 256M)",
     )
     s.add_argument(
-        "--fsync-period", type=float, metavar="S", help="flush cadence (default fsync_period_frequency)"
+        "--fsync-period",
+        type=_in_range(float, 0.05, 3600),
+        metavar="S",
+        help="flush cadence, 0.05 to 3600 s (default fsync_period_frequency)",
     )
     s.add_argument("--journal", help="resume journal (default TARGET.hamal-journal, or under hamal_lib_dir)")
     s.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    s.add_argument(
+        "--json-lines",
+        action="store_true",
+        help="stream JSON lines on stdout: progress events, then the summary event",
+    )
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     r = sub.add_parser("restore", help="write a version from a chunk store to a disk (file, device, NBD)")
@@ -116,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prune", help="keep the newest N versions per disk, remove unreferenced chunks")
     pr.add_argument("store")
-    pr.add_argument("--keep", type=int, required=True, help="versions kept per disk (1 to 129)")
+    pr.add_argument(
+        "--keep", type=_in_range(_whole, 1, 129), required=True, help="versions kept per disk (1 to 129)"
+    )
     pr.add_argument("--disk", help="only prune this disk's versions")
     pr.add_argument("--key-file", help="encryption key of the store")
     pr.add_argument("--json", action="store_true")
@@ -132,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--deep", action="store_true", help="chunk store: re-read and re-hash every chunk")
     v.add_argument("--key-file", help="chunk store: its encryption key")
     v.add_argument("--changed", metavar="FILE.json", help="compare only these extents")
-    v.add_argument("--chunk-size", type=_size, default=4 << 20)
+    v.add_argument("--chunk-size", type=_chunk, default=4 << 20, help="4K to 256M (default 4M)")
     v.add_argument("--checksum", choices=["blake3", "sha256"], default="blake3")
     v.add_argument("--io", choices=["auto", "uring", "pread"], default="auto")
     v.add_argument("--json", action="store_true")
@@ -170,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the service on two generated qcow2 VMs, write between cycles, restore every version"
     )
     d.add_argument("--dir", default="hamal-demo", help="working directory (default ./hamal-demo)")
-    d.add_argument("--size", type=_size, default=256 << 20, help="size of each disk (default 256M)")
+    d.add_argument(
+        "--size", type=_disk_size, default=256 << 20, help="size of each disk, 64M to 1T (default 256M)"
+    )
     return p
 
 
@@ -215,9 +278,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
         )
     ]
     job = sync.start(plan, cfg, options)
-    show = not (args.json or args.no_progress) and sys.stderr.isatty()
-    (summary,) = wait_with_progress(job, show)
-    if args.json:
+    show = not (args.json or args.json_lines or args.no_progress) and sys.stderr.isatty()
+    (summary,) = wait_with_progress(job, show, sys.stdout if args.json_lines else None)
+    if args.json_lines:
+        print(json.dumps({"event": "summary", **summary}), flush=True)
+    elif args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(_describe_sync(summary))
@@ -267,9 +332,7 @@ def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
 
 def cmd_versions(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    versions, damaged = _native.list_versions(
-        args.store, disk=args.disk, options=sync.store_settings(cfg, args.key_file)
-    )
+    versions, damaged = _native.list_versions(args.store, cfg, disk=args.disk, key_file=args.key_file)
     if args.json:
         print(json.dumps({"versions": versions, "damaged": damaged}, indent=2))
     else:
@@ -287,9 +350,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    report = _native.prune_store(
-        args.store, args.keep, disk=args.disk, options=sync.store_settings(cfg, args.key_file)
-    )
+    report = _native.prune_store(args.store, args.keep, cfg, disk=args.disk, key_file=args.key_file)
     _emit(
         args,
         report,
@@ -307,10 +368,11 @@ def cmd_verify_store(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     report = _native.verify_store(
         args.source,
+        cfg,
         disk=args.disk,
         version=args.store_version,
         deep=args.deep,
-        options=sync.store_settings(cfg, args.key_file),
+        key_file=args.key_file,
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -340,12 +402,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     report = _native.verify(
         args.source,
         args.target,
+        load_config(args.config),
         changed=_changed(args.changed),
         changed_origin=args.changed or "changed list",
         chunk_size=args.chunk_size,
         checksum=args.checksum,
         io_mode=args.io,
-        vddk=sync.vddk_settings(load_config(args.config)),
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -362,7 +424,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_map(args: argparse.Namespace) -> int:
-    m = _native.map_source(args.source, bitmap=args.bitmap, vddk=sync.vddk_settings(load_config(args.config)))
+    m = _native.map_source(args.source, load_config(args.config), bitmap=args.bitmap)
     if args.json:
         print(json.dumps(m, indent=2))
         return EXIT_OK
@@ -465,17 +527,24 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    handle_sigterm()
+    resume = " (finished chunks are journaled; rerun to resume)" if args.command in JOURNALED else ""
     try:
+        if args.config is not None and not os.path.isfile(args.config):
+            raise ConfigError(f"--config {args.config}: no such file (only the default path may be missing)")
         return COMMANDS[args.command](args)
     except SyncCancelled as e:
-        print(f"hamal: {e} (finished chunks are journaled; rerun to resume)", file=sys.stderr)
+        print(f"hamal: {e}{resume}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # output piped into `head` and the like
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except KeyboardInterrupt:
-        print("hamal: interrupted (finished chunks are journaled; rerun to resume)", file=sys.stderr)
+        print(f"hamal: interrupted{resume}", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Terminated:
+        print(f"hamal: terminated{resume}", file=sys.stderr)
+        return EXIT_TERMINATED
     except (HamalError, OSError, StateError) as e:
         print(f"hamal: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -128,7 +128,7 @@ def run_demo(workdir: str, size: int) -> int:
     print("5. restoring every version:")
     cfg = _native.load_config(conf)
     store = f"dir:{workdir}/store"
-    versions, _ = _native.list_versions(store)
+    versions, _ = _native.list_versions(store, cfg)
     for v in versions:
         out = os.path.join(workdir, "restored.raw")
         if os.path.exists(out):

@@ -1,21 +1,62 @@
-"""hamal's exception tree. Every error hamal raises is a ``HamalError``; the classes are
-defined by the Rust extension so both sides raise the same types."""
+"""hamal's exception tree, defined here once: the Rust extension imports these classes and
+raises them (``rust/hamal-py/src/errors.rs`` maps each engine error to one). They pickle, so
+errors cross process boundaries (the service's workers, multiprocessing) intact."""
 
-from hamal._native import (
-    BusyError,
-    CephError,
-    ConfigError,
-    HamalError,
-    InternalError,
-    JournalError,
-    MismatchError,
-    PlanError,
-    SourceError,
-    StoreError,
-    SyncCancelled,
-    TargetError,
-    VddkError,
-)
+from __future__ import annotations
+
+
+class HamalError(Exception):
+    """Base of every error raised by hamal."""
+
+
+class ConfigError(HamalError):
+    """hamal.conf could not be read or holds a bad value."""
+
+
+class PlanError(HamalError):
+    """Invalid plan or input; nothing was touched."""
+
+
+class SourceError(HamalError):
+    """The source disk could not be opened or read."""
+
+
+class TargetError(HamalError):
+    """The target could not be opened, written or flushed."""
+
+
+class JournalError(HamalError):
+    """The resume journal could not be read or written."""
+
+
+class StoreError(HamalError):
+    """A chunk store could not be opened, read or written (credentials, bucket, I/O)."""
+
+
+class BusyError(HamalError):
+    """Another run holds the target or store (one writer per target); nothing was written."""
+
+
+class CephError(HamalError):
+    """A Ceph cluster, pool, image or snapshot could not be reached or used."""
+
+
+class VddkError(HamalError):
+    """A VMware disk could not be read through VDDK (library, connection, thumbprint, open,
+    read, worker crash)."""
+
+
+class MismatchError(HamalError):
+    """Verification found different content, or stored data failed its check."""
+
+
+class SyncCancelled(HamalError):
+    """The job was cancelled; finished chunks are kept for a resume."""
+
+
+class InternalError(HamalError):
+    """A bug in hamal; please report it."""
+
 
 __all__ = [
     "BusyError",

@@ -6,6 +6,7 @@ this module adds *how* (threads, cadence, throttles) from the config and starts 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -15,103 +16,31 @@ from typing import Any
 from hamal import _native
 from hamal.errors import PlanError
 
-# Which [period] key throttles which platform's reads.
-RELEASE_CPU_KEYS = {"vmware": "vmware_release_cpu_time", "openstack": "openstack_release_cpu_time"}
+PLATFORMS = ("vmware", "openstack")  # whose [period] *_release_cpu_time throttles reads
 
 
 @dataclass
 class SyncOptions:
-    """Engine settings; ``None`` means "from hamal.conf"."""
+    """Overrides of the engine settings; ``None`` keeps what ``hamal.conf`` says (the config
+    object itself goes to the engine, which reads its settings there)."""
 
-    chunk_size: int = 4 << 20
+    chunk_size: int | None = None
     readers: int | None = None
-    writers: int = 1
-    queue_depth: int = 4
+    writers: int | None = None
+    queue_depth: int | None = None
     parallel_disks: int | None = None
     checksum: str | None = None
+    #: "vmware" or "openstack": take that platform's ``[period] *_release_cpu_time``.
     platform: str | None = None
     release_cpu_ms_per_mb: int | None = None
     bwlimit_bps: int | None = None
-    io_mode: str = "auto"
-    memory_budget: int = 256 << 20
+    io_mode: str | None = None
+    memory_budget: int | None = None
     fsync_period_s: float | None = None
-
     key_file: str | None = None
 
-    def engine_kwargs(self, cfg: _native.Config) -> dict[str, Any]:
-        """Keyword arguments for ``start_sync``, with the config's values filled in and checked."""
-        conf = cfg.as_dict()
-        v2 = conf["data_sync_v2"]
-        readers = self.readers if self.readers is not None else v2["pre_disk_readers_count"]
-        if readers > v2["max_pre_disk_readers_count"]:
-            raise PlanError(
-                f"readers = {readers} exceeds [data_sync_v2] max_pre_disk_readers_count = "
-                f"{v2['max_pre_disk_readers_count']} in {cfg.path}"
-            )
-        parallel = self.parallel_disks if self.parallel_disks is not None else v2["parallel_sync_disks_count"]
-        if parallel > v2["max_parallel_sync_disks_count"]:
-            raise PlanError(
-                f"parallel disks = {parallel} exceeds [data_sync_v2] max_parallel_sync_disks_count = "
-                f"{v2['max_parallel_sync_disks_count']} in {cfg.path}"
-            )
-        release = self.release_cpu_ms_per_mb
-        if release is None:
-            key = RELEASE_CPU_KEYS.get(self.platform or "")
-            release = conf["period"][key] if key else 0
-        fsync = (
-            self.fsync_period_s if self.fsync_period_s is not None else float(v2["fsync_period_frequency"])
-        )
-        return {
-            "chunk_size": self.chunk_size,
-            "readers": readers,
-            "writers": self.writers,
-            "queue_depth": self.queue_depth,
-            "parallel_disks": parallel,
-            "checksum": self.checksum,
-            "release_cpu_ms_per_mb": release,
-            "bwlimit_bps": self.bwlimit_bps,
-            "io_mode": self.io_mode,
-            "memory_budget": self.memory_budget,
-            "fsync_period_s": fsync,
-            "fsync_timeout_s": v2["fsync_timeout"],
-            "store": store_settings(cfg, self.key_file),
-            "vddk": vddk_settings(cfg),
-            "lock_dir": os.path.join(conf["DEFAULT"]["hamal_lib_dir"], "locks"),
-        }
-
-
-def vddk_settings(cfg: _native.Config) -> dict[str, Any]:
-    """Where VDDK is and how it reads, from ``[vmware]`` (a ``vddk://`` URI's own ``libdir=`` and
-    ``transports=`` win)."""
-    vm = cfg.as_dict()["vmware"]
-    return {
-        "libdir": vm["vddk_libdir"],
-        "transports": vm["transport_modes"],
-        "max_read_blocks": vm["max_read_blocks"],
-    }
-
-
-def store_settings(cfg: _native.Config, key_file: str | None = None) -> dict[str, Any]:
-    """Chunk-store options from ``[store]``, ``[s3]`` and ``[sync]`` (``key_file`` overrides
-    ``[store] encryption_key_file``). Empty S3 keys are filled from the ``AWS_*`` environment."""
-    conf = cfg.as_dict()
-    st, s3, sy = conf["store"], conf["s3"], conf["sync"]
-    return {
-        "compression_level": st["compression_level"],
-        "key_file": key_file or st["encryption_key_file"] or None,
-        "upload_threads": st["upload_threads"],
-        "local_metadata": os.path.join(conf["DEFAULT"]["hamal_lib_dir"], "snapshot_metadata"),
-        "save_local": sy["save_local_snapshot_metadata"],
-        "upload_metadata": sy["upload_metadata_to_oss"],
-        "s3_endpoint": s3["endpoint"],
-        "s3_region": s3["region"],
-        "s3_access_key_id": s3["access_key_id"],
-        "s3_secret_access_key": s3["secret_access_key"],
-        "s3_virtual_hosted": s3["addressing_style"] == "virtual",
-        "s3_ca_file": s3["ca_file"],
-        "s3_timeout_s": s3["request_timeout"],
-        "s3_max_retries": s3["max_retries"],
-    }
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 def disk(
@@ -188,4 +117,4 @@ def start(
         if d.get("journal") is None and is_remote(d["target"]):
             key = f"{d['target']}#{d['disk_id']}" if is_store(d["target"]) else d["disk_id"]
             d["journal"] = journal_path(cfg, key)
-    return _native.start_sync(disks, **(options or SyncOptions()).engine_kwargs(cfg))
+    return _native.start_sync(disks, cfg, **(options or SyncOptions()).overrides())

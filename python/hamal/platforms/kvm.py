@@ -31,6 +31,7 @@ from typing import Any
 from hamal import _native, sync
 from hamal.errors import PlanError, SourceError
 from hamal.platforms.base import Cycle, DiskCycle, DiskInfo, VmInfo, is_ours, new_snapshot_name, now_iso
+from hamal.progress import wait_with_progress
 
 log = logging.getLogger("hamal.platforms.kvm")
 
@@ -273,7 +274,7 @@ def sync_image(
             journal=journal,
             source_id=dc.new_cursor,
         )
-        (summary,) = sync.start([disk], cfg, options).wait()
+        (summary,) = wait_with_progress(sync.start([disk], cfg, options), False)
     except BaseException:
         adapter.abort(cycle)
         raise

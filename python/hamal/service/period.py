@@ -37,7 +37,7 @@ from typing import Any
 
 from hamal import _native
 from hamal.config import load_config
-from hamal.errors import HamalError
+from hamal.errors import ConfigError, HamalError
 from hamal.service import logs
 from hamal.service.state import State, StateError, db_path
 from hamal.service.tasks import Task, TaskError, load_dir, parse_task
@@ -370,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
     try:
+        if args.config is not None and not os.path.isfile(args.config):
+            raise ConfigError(f"--config {args.config}: no such file")
         return Service(args.config, once=args.once).run()
     except (HamalError, StateError, OSError) as e:
         print(f"hamal-period: error: {e}", file=sys.stderr)

@@ -261,10 +261,7 @@ def prune(cfg: _native.Config, task: Task, disks: list[str]) -> None:
     for d in disks:
         try:
             report = _native.prune_store(
-                task.target_uri,
-                task.keep or 1,
-                disk=task.store_disk_id(d),
-                options=sync.store_settings(cfg, task.key_file),
+                task.target_uri, task.keep or 1, cfg, disk=task.store_disk_id(d), key_file=task.key_file
             )
         except HamalError as e:
             log.warning("disk %s: pruning old versions failed: %s", d, e)

@@ -15,6 +15,7 @@ pub mod nbd;
 pub mod source;
 pub mod store;
 pub mod target;
+pub mod tls_failure;
 pub mod uri;
 pub mod vddk;
 

@@ -90,6 +90,7 @@ fn full_then_incremental_is_identical_and_sparse() {
             &DiskUri::File(dst.clone()),
             None,
             &tuning,
+            &std::sync::atomic::AtomicBool::new(false),
         )
         .unwrap();
         assert_eq!(rep.mismatched_chunks, 0);

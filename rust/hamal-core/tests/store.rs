@@ -11,6 +11,9 @@ use std::sync::Arc;
 
 type R<T> = Result<T, Arc<Error>>;
 
+/// A cancel flag that is never raised.
+static NEVER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn fill(path: &Path, size: u64, blocks: &[(u64, u8)]) {
     let f = File::options()
         .create(true)
@@ -200,10 +203,12 @@ fn versions_restore_identical_and_dedup() {
     let out = env.path("after-prune.raw");
     env.restore(&v3, &out, &o).unwrap();
     assert!(same(&out, &src));
-    assert!(store::verify_store(&env.uri(), &o, None, None, true)
-        .unwrap()
-        .problems
-        .is_empty());
+    assert!(
+        store::verify_store(&env.uri(), &o, None, None, true, &NEVER)
+            .unwrap()
+            .problems
+            .is_empty()
+    );
 }
 
 #[test]
@@ -222,14 +227,14 @@ fn damaged_and_missing_chunks_are_reported_with_their_offset() {
     std::fs::write(&chunks[0], bytes).unwrap();
     std::fs::remove_file(&chunks[1]).unwrap();
 
-    let shallow = store::verify_store(&env.uri(), &o, None, None, false).unwrap();
+    let shallow = store::verify_store(&env.uri(), &o, None, None, false, &NEVER).unwrap();
     assert_eq!(shallow.problems.len(), 1, "{:?}", shallow.problems);
     assert!(
         shallow.problems[0].contains("is missing"),
         "{:?}",
         shallow.problems
     );
-    let deep = store::verify_store(&env.uri(), &o, None, None, true).unwrap();
+    let deep = store::verify_store(&env.uri(), &o, None, None, true, &NEVER).unwrap();
     assert_eq!(deep.problems.len(), 3, "{:?}", deep.problems);
     assert!(deep.problems.iter().any(|p| p.contains("damaged")));
     for p in &deep.problems {
@@ -249,7 +254,7 @@ fn damaged_and_missing_chunks_are_reported_with_their_offset() {
 
     // A full sync of the same data uploads both chunks again: every version restores.
     env.sync(&src, None, &o).unwrap();
-    let again = store::verify_store(&env.uri(), &o, None, None, true).unwrap();
+    let again = store::verify_store(&env.uri(), &o, None, None, true, &NEVER).unwrap();
     assert!(again.problems.is_empty(), "{:?}", again.problems);
     let out = env.path("healed.raw");
     env.restore(&v, &out, &o).unwrap();
@@ -274,7 +279,7 @@ fn an_incremental_rereads_chunks_its_parent_has_in_quarantine() {
     bytes[20] ^= 0xff;
     std::fs::write(&chunks[0], bytes).unwrap();
     assert_eq!(
-        store::verify_store(&env.uri(), &o, None, None, true)
+        store::verify_store(&env.uri(), &o, None, None, true, &NEVER)
             .unwrap()
             .quarantined,
         1

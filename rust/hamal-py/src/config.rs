@@ -12,6 +12,13 @@ pub struct Config {
     loaded: config::Loaded,
 }
 
+impl Config {
+    /// The parsed configuration, for the engine (used as it is, never through dicts).
+    pub fn core(&self) -> &config::Config {
+        &self.loaded.config
+    }
+}
+
 #[pymethods]
 impl Config {
     /// The file that was read (or looked for).

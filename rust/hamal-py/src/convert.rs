@@ -60,10 +60,42 @@ where
     }
 }
 
+/// Refuses keys of `d` that are not in `known` (a typo must not silently change the plan).
+pub fn check_keys(d: &Bound<'_, PyDict>, known: &[&str], what: &str) -> PyResult<()> {
+    for key in d.keys() {
+        let key: String = key
+            .extract()
+            .map_err(|_| PlanError::new_err(format!("{what}: keys must be strings")))?;
+        if !known.contains(&key.as_str()) {
+            return Err(PlanError::new_err(format!(
+                "{what}: unknown key '{key}' (known: {})",
+                known.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
+const DISK_KEYS: &[&str] = &[
+    "disk_id",
+    "source",
+    "target",
+    "changed",
+    "changed_origin",
+    "journal",
+    "bitmap",
+    "source_id",
+    "version",
+    "parent",
+    "full_on_mismatch",
+    "snapshot_time",
+];
+
 /// Reads one disk of a plan from a dict with keys `disk_id`, `source`, `target`, and optional
 /// `changed` (list of `[offset, length]`), `changed_origin`, `journal`, `bitmap`, `source_id`,
 /// `version`, `parent`, `full_on_mismatch`, `snapshot_time`.
 pub fn disk_plan(d: &Bound<'_, PyDict>, i: usize) -> PyResult<DiskPlan> {
+    check_keys(d, DISK_KEYS, &format!("disk {i}"))?;
     let need = |key: &str| -> PyResult<String> {
         item::<String>(d, key, i)?
             .ok_or_else(|| PlanError::new_err(format!("disk {i}: missing key '{key}'")))
@@ -118,28 +150,4 @@ pub fn seconds(name: &str, s: f64) -> PyResult<Duration> {
             "{name} {s} must be a positive number of seconds"
         )))
     }
-}
-
-/// VDDK settings from a dict with `libdir`, `transports`, `max_read_blocks` (missing or empty
-/// keys keep their defaults).
-pub fn vddk_options(d: Option<&Bound<'_, PyDict>>) -> PyResult<hamal_core::vddk::VddkOptions> {
-    let mut o = hamal_core::vddk::VddkOptions::default();
-    let Some(d) = d else { return Ok(o) };
-    let bad = |k: &str, e: PyErr| PlanError::new_err(format!("vddk option '{k}': {e}"));
-    if let Some(v) = d.get_item("libdir")?.filter(|v| !v.is_none()) {
-        let s: String = v.extract().map_err(|e| bad("libdir", e))?;
-        if !s.is_empty() {
-            o.libdir = s.into();
-        }
-    }
-    if let Some(v) = d.get_item("transports")?.filter(|v| !v.is_none()) {
-        let s: String = v.extract().map_err(|e| bad("transports", e))?;
-        if !s.is_empty() {
-            o.transports = s;
-        }
-    }
-    if let Some(v) = d.get_item("max_read_blocks")?.filter(|v| !v.is_none()) {
-        o.max_read_blocks = v.extract().map_err(|e| bad("max_read_blocks", e))?;
-    }
-    Ok(o)
 }

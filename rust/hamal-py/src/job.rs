@@ -1,7 +1,7 @@
 //! `Job`: the handle Python keeps on a running sync. All waiting happens with the GIL released.
 
 use crate::convert;
-use crate::errors::{self, kind};
+use crate::errors::{self, kind, PlanError};
 use hamal_core::engine::{self, JobPlan, Tuning};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -62,6 +62,26 @@ impl Job {
         self.inner.cancel();
     }
 
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    /// Leaving a `with` block cancels a job that still runs and waits until it has stopped
+    /// (its disks flushed and journaled); exceptions pass through.
+    fn __exit__(
+        &self,
+        py: Python<'_>,
+        _ty: Option<Bound<'_, PyAny>>,
+        _value: Option<Bound<'_, PyAny>>,
+        _tb: Option<Bound<'_, PyAny>>,
+    ) -> bool {
+        if !self.inner.is_finished() {
+            self.inner.cancel();
+            py.detach(|| self.inner.wait(None));
+        }
+        false
+    }
+
     /// One dict per disk: `disk_id`, `state`, and `summary` or `error` with `error_kind`.
     fn results<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
@@ -84,77 +104,100 @@ impl Job {
     }
 }
 
-/// Starts a sync job over `disks` (a list of dicts, see `hamal.sync`). The plan is checked
-/// before this returns; disk-level errors are raised by `Job.wait()`.
+/// Starts a sync job over `disks` (a list of dicts, see `hamal.sync`). Settings come from
+/// `config` (a loaded `hamal.conf`, used as it is; defaults without one) and the keyword
+/// overrides. The plan is checked before this returns; disk-level errors are raised by
+/// `Job.wait()`.
 #[pyfunction]
-#[pyo3(signature = (disks, *, chunk_size=4*1024*1024, readers=2, writers=1, queue_depth=4, parallel_disks=4,
-    checksum=None, release_cpu_ms_per_mb=0, bwlimit_bps=None, io_mode="auto", memory_budget=256*1024*1024,
-    fsync_period_s=3.0, fsync_timeout_s=0, store=None, vddk=None, lock_dir=None))]
+#[pyo3(signature = (disks, config=None, *, chunk_size=None, readers=None, writers=None, queue_depth=None,
+    parallel_disks=None, checksum=None, platform=None, release_cpu_ms_per_mb=None, bwlimit_bps=None,
+    io_mode=None, memory_budget=None, fsync_period_s=None, key_file=None))]
 pub fn start_sync(
     disks: Vec<Bound<'_, PyDict>>,
-    chunk_size: u64,
-    readers: u32,
-    writers: u32,
-    queue_depth: u32,
-    parallel_disks: u32,
+    config: Option<PyRef<'_, crate::config::Config>>,
+    chunk_size: Option<u64>,
+    readers: Option<u32>,
+    writers: Option<u32>,
+    queue_depth: Option<u32>,
+    parallel_disks: Option<u32>,
     checksum: Option<&str>,
-    release_cpu_ms_per_mb: u32,
+    platform: Option<&str>,
+    release_cpu_ms_per_mb: Option<u32>,
     bwlimit_bps: Option<u64>,
-    io_mode: &str,
-    memory_budget: u64,
-    fsync_period_s: f64,
-    fsync_timeout_s: u64,
-    store: Option<Bound<'_, PyDict>>,
-    vddk: Option<Bound<'_, PyDict>>,
-    lock_dir: Option<String>,
+    io_mode: Option<&str>,
+    memory_budget: Option<u64>,
+    fsync_period_s: Option<f64>,
+    key_file: Option<String>,
 ) -> PyResult<Job> {
-    let tuning = Tuning {
-        chunk_size,
-        readers,
-        writers,
-        queue_depth,
-        parallel_disks,
-        checksum: convert::checksum(checksum)?,
-        release_cpu_ms_per_mb,
-        bwlimit_bps,
-        io_mode: convert::io_mode(io_mode)?,
-        memory_budget,
-        fsync_period: convert::seconds("fsync period", fsync_period_s)?,
-        fsync_warn_after: (fsync_timeout_s > 0).then(|| Duration::from_secs(fsync_timeout_s)),
-        store: crate::store::options(store.as_ref())?,
-        vddk: convert::vddk_options(vddk.as_ref())?,
-        lock_dir: lock_dir.map_or_else(|| Tuning::default().lock_dir, Into::into),
+    let conf = config.as_ref().map(|c| c.core());
+    let mut t = conf.map_or_else(Tuning::default, Tuning::from_config);
+    macro_rules! set {
+        ($($field:ident = $v:expr;)*) => { $( if let Some(v) = $v { t.$field = v; } )* };
+    }
+    set! {
+        chunk_size = chunk_size;
+        readers = readers;
+        writers = writers;
+        queue_depth = queue_depth;
+        parallel_disks = parallel_disks;
+        bwlimit_bps = bwlimit_bps.map(Some);
+        memory_budget = memory_budget;
+    }
+    t.checksum = convert::checksum(checksum)?;
+    if let Some(m) = io_mode {
+        t.io_mode = convert::io_mode(m)?;
+    }
+    if let Some(s) = fsync_period_s {
+        t.fsync_period = convert::seconds("fsync period", s)?;
+    }
+    if let Some(k) = key_file.filter(|k| !k.is_empty()) {
+        t.store.key_file = Some(k.into());
+    }
+    t.release_cpu_ms_per_mb = match (release_cpu_ms_per_mb, platform, conf) {
+        (Some(ms), _, _) => ms,
+        (None, Some("vmware"), Some(c)) => c.period.vmware_release_cpu_time as u32,
+        (None, Some("openstack"), Some(c)) => c.period.openstack_release_cpu_time as u32,
+        (None, Some("vmware" | "openstack") | None, _) => 0,
+        (None, Some(p), _) => {
+            return Err(PlanError::new_err(format!(
+                "unknown platform '{p}': use vmware or openstack"
+            )))
+        }
     };
+    if let Some(c) = conf {
+        t.check_limits(c).map_err(|e| errors::to_py(&e))?;
+    }
     let disks = disks
         .iter()
         .enumerate()
         .map(|(i, d)| convert::disk_plan(d, i))
         .collect::<PyResult<Vec<_>>>()?;
-    let inner = engine::Job::start(JobPlan { disks, tuning }).map_err(|e| errors::to_py(&e))?;
+    let inner = engine::Job::start(JobPlan { disks, tuning: t }).map_err(|e| errors::to_py(&e))?;
     Ok(Job { inner })
 }
 
 /// Compares source and target chunk by chunk; returns a report dict (see `VerifyReport`).
 #[pyfunction]
-#[pyo3(signature = (source, target, *, changed=None, changed_origin="changed list", chunk_size=4*1024*1024,
-    checksum="blake3", io_mode="auto", vddk=None))]
+#[pyo3(signature = (source, target, config=None, *, changed=None, changed_origin="changed list",
+    chunk_size=4*1024*1024, checksum="blake3", io_mode="auto"))]
 pub fn verify(
     py: Python<'_>,
     source: &str,
     target: &str,
+    config: Option<PyRef<'_, crate::config::Config>>,
     changed: Option<Vec<(i128, i128)>>,
     changed_origin: &str,
     chunk_size: u64,
     checksum: &str,
     io_mode: &str,
-    vddk: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Py<PyAny>> {
     let tuning = Tuning {
         chunk_size,
         checksum: convert::checksum(Some(checksum))?,
         io_mode: convert::io_mode(io_mode)?,
-        vddk: convert::vddk_options(vddk.as_ref())?,
-        ..Tuning::default()
+        ..config
+            .as_ref()
+            .map_or_else(Tuning::default, |c| Tuning::from_config(c.core()))
     };
     let to_py_err = |e: hamal_core::Error| errors::to_py(&e);
     let (s, t) = (
@@ -165,9 +208,9 @@ pub fn verify(
         pairs,
         origin: changed_origin.to_owned(),
     });
-    let report = py
-        .detach(|| engine::verify(&s, &t, changed.as_ref(), &tuning))
-        .map_err(to_py_err)?;
+    let report = crate::interrupt::run(py, move |cancel| {
+        engine::verify(&s, &t, changed.as_ref(), &tuning, cancel)
+    })?;
     convert::to_py(py, &report)
 }
 
@@ -182,20 +225,20 @@ pub fn load_changed_file(path: &str) -> PyResult<Vec<(i128, i128)>> {
 
 /// Size, allocated extents and (with `bitmap`) dirty extents of a source.
 #[pyfunction]
-#[pyo3(signature = (source, *, bitmap=None, vddk=None))]
+#[pyo3(signature = (source, config=None, *, bitmap=None))]
 pub fn map_source(
     py: Python<'_>,
     source: &str,
+    config: Option<PyRef<'_, crate::config::Config>>,
     bitmap: Option<&str>,
-    vddk: Option<Bound<'_, PyDict>>,
 ) -> PyResult<Py<PyAny>> {
-    let tuning = Tuning {
-        vddk: convert::vddk_options(vddk.as_ref())?,
-        ..Tuning::default()
-    };
+    let tuning = config
+        .as_ref()
+        .map_or_else(Tuning::default, |c| Tuning::from_config(c.core()));
     let uri = hamal_core::uri::DiskUri::parse(source).map_err(|e| errors::to_py(&e))?;
-    let map = py
-        .detach(|| engine::map_source(&uri, bitmap, &tuning))
-        .map_err(|e| errors::to_py(&e))?;
+    let bitmap = bitmap.map(str::to_owned);
+    let map = crate::interrupt::run(py, move |_| {
+        engine::map_source(&uri, bitmap.as_deref(), &tuning)
+    })?;
     convert::to_py(py, &map)
 }

@@ -60,8 +60,36 @@ pub fn load(path: &Path) -> Result<Loaded> {
     })
 }
 
+/// A key set twice in one section (the INI reader would keep one silently): an error naming
+/// both lines.
+fn check_duplicates(text: &str, origin: &str) -> Result<()> {
+    let mut seen = std::collections::HashMap::new();
+    let mut section = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_owned();
+            continue;
+        }
+        let Some(key) = line.split(['=', ':']).next().map(str::trim) else {
+            continue;
+        };
+        if let Some(first) = seen.insert((section.clone(), key.to_owned()), i + 1) {
+            return Err(Error::Config(format!(
+                "{origin}: [{section}] {key} is set twice, on lines {first} and {}; keep one",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Parses config text; `origin` names the file in messages.
 pub fn parse(text: &str, origin: &str) -> Result<(Config, Vec<String>)> {
+    check_duplicates(text, origin)?;
     let ini = ini::Ini::load_from_str_opt(
         text,
         ini::ParseOption {

@@ -100,7 +100,7 @@ fn bad_values_name_file_section_key_value_and_expectation() {
         (
             "period",
             "interval = 0",
-            "[period] interval = '0': expected a whole number in 1..=86400",
+            "[period] interval = '0': expected a whole number from 1 to 86400",
         ),
         (
             "period",
@@ -130,7 +130,7 @@ fn bad_values_name_file_section_key_value_and_expectation() {
         (
             "store",
             "compression_level = 30",
-            "expected a whole number in 0..=19",
+            "expected a whole number from 0 to 19",
         ),
         (
             "DEFAULT",
@@ -178,4 +178,19 @@ fn missing_file_means_defaults() {
     let l = load(std::path::Path::new("/nonexistent/hamal.conf")).unwrap();
     assert!(!l.found);
     assert_eq!(l.config, Config::default());
+}
+
+#[test]
+fn a_key_set_twice_names_both_lines() {
+    let text = "[period]\ninterval = 5\n\n[s3]\nregion = a\n[period]\ninterval = 6\n";
+    let e = parse(text, "x.conf").unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "x.conf: [period] interval is set twice, on lines 2 and 7; keep one"
+    );
+    assert!(
+        parse("[s3]\nfoo = 1\nfoo = 2\n", "y").is_err(),
+        "unknown keys too"
+    );
+    assert!(parse("[period]\ninterval = 5\n[vmware]\ndisk_flag_size = 5\n[openstack_ceph]\ndisk_flag_size = 5\n", "z").is_ok());
 }

@@ -76,7 +76,7 @@ pub mod check {
             if (lo..=hi).contains(v) {
                 Ok(())
             } else {
-                Err(format!("a whole number in {lo}..={hi}"))
+                Err(format!("a whole number from {lo} to {hi}"))
             }
         }
     }

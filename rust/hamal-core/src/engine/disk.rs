@@ -467,7 +467,9 @@ impl DiskRun<'_> {
                 return Ok(());
             }
             let bytes: u64 = batch.iter().map(|c| c.len()).sum();
-            self.pacer.pace(bytes);
+            if !self.pacer.pace(bytes, &stop) {
+                return Ok(());
+            }
             let mut bufs = Vec::with_capacity(batch.len());
             for _ in &batch {
                 match pool.get(abort) {
@@ -485,7 +487,7 @@ impl DiskRun<'_> {
                 let len = work.len() as usize;
                 let zero = is_zero(&buf[..len]);
                 let digest = hasher.map_or([0; 32], |h| h.digest(&buf[..len]));
-                release_cpu(t.release_cpu_ms_per_mb, len as u64);
+                release_cpu(t.release_cpu_ms_per_mb, len as u64, &stop);
                 if tx
                     .send(Filled {
                         work,

@@ -127,7 +127,7 @@ pub struct JobPlan {
 fn check_range(name: &str, v: u64, lo: u64, hi: u64) -> Result<()> {
     if v < lo || v > hi {
         return Err(Error::Plan(format!(
-            "{name} = {v} is out of range {lo}..={hi}"
+            "{name} = {v} is out of range: use {lo} to {hi}"
         )));
     }
     Ok(())
@@ -255,5 +255,54 @@ fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
     match (a.canonicalize(), b.canonicalize()) {
         (Ok(x), Ok(y)) => x == y,
         _ => a == b,
+    }
+}
+
+impl Tuning {
+    /// The engine settings `hamal.conf` holds, before a caller's overrides: readers, disks at
+    /// once, flush cadence, stores, VDDK, the lock folder.
+    pub fn from_config(c: &crate::config::Config) -> Tuning {
+        let d = &c.data_sync_v2;
+        let lib = std::path::Path::new(&c.default.hamal_lib_dir);
+        Tuning {
+            readers: d.pre_disk_readers_count as u32,
+            parallel_disks: d.parallel_sync_disks_count as u32,
+            fsync_period: Duration::from_secs(d.fsync_period_frequency),
+            fsync_warn_after: (d.fsync_timeout > 0).then(|| Duration::from_secs(d.fsync_timeout)),
+            store: StoreOptions::from_config(c),
+            vddk: VddkOptions {
+                libdir: c.vmware.vddk_libdir.clone().into(),
+                transports: c.vmware.transport_modes.clone(),
+                max_read_blocks: c.vmware.max_read_blocks as u32,
+            },
+            lock_dir: lib.join("locks"),
+            ..Tuning::default()
+        }
+    }
+
+    /// Checks a caller's readers and disks-at-once against the config's maxima.
+    pub fn check_limits(&self, c: &crate::config::Config) -> Result<()> {
+        let d = &c.data_sync_v2;
+        for (name, v, key, max) in [
+            (
+                "readers",
+                self.readers,
+                "max_pre_disk_readers_count",
+                d.max_pre_disk_readers_count,
+            ),
+            (
+                "parallel disks",
+                self.parallel_disks,
+                "max_parallel_sync_disks_count",
+                d.max_parallel_sync_disks_count,
+            ),
+        ] {
+            if u64::from(v) > max {
+                return Err(Error::Plan(format!(
+                    "{name} = {v} exceeds [data_sync_v2] {key} = {max}"
+                )));
+            }
+        }
+        Ok(())
     }
 }

@@ -6,17 +6,26 @@ use std::time::{Duration, Instant};
 
 const MB: f64 = 1024.0 * 1024.0;
 
-/// Sleeps `ms_per_mb` milliseconds for every MB of `bytes` (fractions included).
-pub fn release_cpu(ms_per_mb: u32, bytes: u64) {
-    if ms_per_mb > 0 && bytes > 0 {
-        std::thread::sleep(Duration::from_secs_f64(
-            ms_per_mb as f64 / 1000.0 * bytes as f64 / MB,
-        ));
+/// Sleeps `ms_per_mb` milliseconds for every MB of `bytes` (fractions included), in slices
+/// that end early once `stop` says so.
+pub fn release_cpu(ms_per_mb: u32, bytes: u64, stop: &dyn Fn() -> bool) {
+    if ms_per_mb == 0 || bytes == 0 {
+        return;
+    }
+    let end =
+        Instant::now() + Duration::from_secs_f64(ms_per_mb as f64 / 1000.0 * bytes as f64 / MB);
+    while !stop() {
+        let wait = end.saturating_duration_since(Instant::now());
+        if wait.is_zero() {
+            return;
+        }
+        std::thread::sleep(wait.min(Duration::from_millis(50)));
     }
 }
 
 /// A pacer shared by every reader of a job: each transfer reserves its slot on a timeline
-/// running at the cap, and waits until its slot starts.
+/// running at the cap and waits until its slot *ends* before it reads, so the bytes read by any
+/// moment never exceed the cap times the time elapsed (no free burst at the start).
 pub struct Pacer {
     bytes_per_sec: Option<u64>,
     next_free: Mutex<Option<Instant>>,
@@ -30,21 +39,29 @@ impl Pacer {
         }
     }
 
-    pub fn pace(&self, bytes: u64) {
+    /// Waits until `bytes` may be read; returns false (at once, at most 50 ms later) when
+    /// `stop` says the job is cancelled or failed.
+    pub fn pace(&self, bytes: u64, stop: &dyn Fn() -> bool) -> bool {
         let Some(rate) = self.bytes_per_sec else {
-            return;
+            return true;
         };
         let cost = Duration::from_secs_f64(bytes as f64 / rate as f64);
-        let start = {
+        let end = {
             let mut next = self.next_free.lock().unwrap();
             let now = Instant::now();
-            let start = next.map_or(now, |n| n.max(now));
-            *next = Some(start + cost);
-            start
+            let end = next.map_or(now, |n| n.max(now)) + cost;
+            *next = Some(end);
+            end
         };
-        let wait = start.saturating_duration_since(Instant::now());
-        if !wait.is_zero() {
-            std::thread::sleep(wait);
+        loop {
+            if stop() {
+                return false;
+            }
+            let wait = end.saturating_duration_since(Instant::now());
+            if wait.is_zero() {
+                return true;
+            }
+            std::thread::sleep(wait.min(Duration::from_millis(50)));
         }
     }
 }
@@ -54,20 +71,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pacer_holds_the_rate() {
+    fn pacer_holds_the_rate_from_the_start() {
         let p = Pacer::new(Some(10 * 1024 * 1024));
         let t = Instant::now();
-        for _ in 0..6 {
-            p.pace(1024 * 1024); // 6 MiB at 10 MiB/s: the sixth starts after 0.5 s
+        for _ in 0..5 {
+            assert!(p.pace(1024 * 1024, &|| false)); // 5 MiB at 10 MiB/s: not before 0.5 s
         }
         let e = t.elapsed().as_secs_f64();
-        assert!(e >= 0.45, "paced too fast: {e}");
+        assert!(e >= 0.49, "paced too fast: {e}");
+    }
+
+    #[test]
+    fn a_paced_wait_ends_when_stopped() {
+        let p = Pacer::new(Some(1024)); // 1 KiB/s: a 4 MiB read would wait over an hour
+        let t = Instant::now();
+        let stop = || t.elapsed() > Duration::from_millis(100);
+        assert!(!p.pace(4 << 20, &stop));
+        assert!(t.elapsed() < Duration::from_millis(300));
     }
 
     #[test]
     fn release_cpu_sleeps_in_proportion() {
         let t = Instant::now();
-        release_cpu(100, 2 * 1024 * 1024);
+        release_cpu(100, 2 * 1024 * 1024, &|| false);
         assert!(t.elapsed() >= Duration::from_millis(195));
     }
 }

@@ -9,6 +9,7 @@ use crate::extent::ExtentMap;
 use crate::uri::DiskUri;
 use crate::{Error, Result};
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct VerifyReport {
@@ -25,11 +26,13 @@ pub struct VerifyReport {
     pub mismatch_offsets: Vec<u64>,
 }
 
+/// `cancel` stops the comparison at the next chunk (`Error::Cancelled`).
 pub fn verify(
     source: &DiskUri,
     target: &DiskUri,
     changed: Option<&ChangedList>,
     tuning: &Tuning,
+    cancel: &AtomicBool,
 ) -> Result<VerifyReport> {
     check_chunk_size(tuning.chunk_size)?;
     let kind = tuning.checksum.unwrap_or(ChecksumKind::Blake3);
@@ -70,6 +73,9 @@ pub fn verify(
         vec![0u8; tuning.chunk_size as usize],
     );
     for chunk in extents.chunks(tuning.chunk_size) {
+        if cancel.load(Relaxed) {
+            return Err(Error::Cancelled);
+        }
         let len = chunk.len() as usize;
         for (reader, buf) in [(&mut rs, &mut a), (&mut rt, &mut b)] {
             reader.read_batch(&mut read_requests(&chunk, buf))?;

@@ -328,13 +328,20 @@ impl Connection {
         let plain = std::mem::replace(self.io.get_mut(), Stream::Detached);
         let mut stream = rustls::StreamOwned::new(tls, plain);
         while stream.conn.is_handshaking() {
-            stream
-                .conn
-                .complete_io(&mut stream.sock)
-                .map_err(|e| NbdFail {
+            stream.conn.complete_io(&mut stream.sock).map_err(|e| {
+                let ca = uri
+                    .tls_certificates
+                    .as_ref()
+                    .map(|d| d.join("ca-cert.pem").display().to_string())
+                    .unwrap_or_default();
+                let context = format!("trusted CA {ca}");
+                let why = crate::tls_failure::explain(&e, &context)
+                    .unwrap_or_else(|| format!("TLS handshake failed: {e}"));
+                NbdFail {
                     offset: None,
-                    error: io::Error::new(e.kind(), format!("TLS handshake failed: {e}")),
-                })?;
+                    error: io::Error::new(e.kind(), why),
+                }
+            })?;
         }
         *self.io.get_mut() = Stream::Tls(Box::new(stream));
         Ok(())

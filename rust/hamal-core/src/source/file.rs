@@ -24,6 +24,14 @@ pub struct FileSource {
 impl FileSource {
     pub fn open(path: &Path, io_mode: IoMode) -> Result<FileSource> {
         let err = |what, e| Error::source_io(path, what, None, e);
+        // Look before opening: opening a FIFO would wait for a writer forever.
+        let kind = std::fs::metadata(path).map_err(|e| err("cannot open", e))?;
+        if let Some(what) = not_a_disk(kind.file_type()) {
+            return Err(Error::Plan(format!(
+                "source {} is {what}, not a disk: give a regular file or a block device",
+                path.display()
+            )));
+        }
         let file = File::open(path).map_err(|e| err("cannot open", e))?;
         let meta = file.metadata().map_err(|e| err("cannot stat", e))?;
         let is_block = meta.file_type().is_block_device();
@@ -58,6 +66,23 @@ impl FileSource {
             identity,
             io_mode,
         })
+    }
+}
+
+/// What a file that cannot be a disk is ("a FIFO"), or `None` for a regular file or block device.
+pub(crate) fn not_a_disk(ft: std::fs::FileType) -> Option<&'static str> {
+    if ft.is_file() || ft.is_block_device() {
+        None
+    } else if ft.is_dir() {
+        Some("a directory")
+    } else if ft.is_fifo() {
+        Some("a FIFO (named pipe)")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else if ft.is_char_device() {
+        Some("a character device")
+    } else {
+        Some("not a regular file or block device")
     }
 }
 

@@ -90,16 +90,45 @@ pub fn survey(backend: &Arc<dyn Backend>) -> Result<Vec<FoundLock>> {
     Ok(out)
 }
 
+/// How long a sync or restore waits for a running garbage collection before it gives up.
+const WAIT_FOR_COLLECTION: Duration = Duration::from_secs(300);
+
 /// Takes a lock of `kind` for `holder`; `disk` names the disk a sync writes. Fails with the
-/// holder named when a conflicting live lock exists: any other for an exclusive lock, an
-/// exclusive one for a shared lock, and a sync of the same disk. Locks of processes that are
-/// gone from this host are removed on the way.
+/// holder named when a conflicting live lock exists: any other for an exclusive lock, and a
+/// sync of the same disk for a shared one. A shared lock waits (up to 5 minutes) for a garbage
+/// collection to end. Locks of processes that are gone from this host are removed on the way.
 pub fn acquire(
     backend: &Arc<dyn Backend>,
     kind: LockKind,
     holder: Holder,
     disk: Option<&str>,
 ) -> Result<Lock> {
+    let started = Instant::now();
+    loop {
+        match try_acquire(backend, kind, holder.clone(), disk)? {
+            Ok(lock) => return Ok(lock),
+            Err((only_collection, message)) => {
+                if !(kind == LockKind::Shared && only_collection)
+                    || started.elapsed() >= WAIT_FOR_COLLECTION
+                {
+                    return Err(Error::Busy(message));
+                }
+                if started.elapsed() < Duration::from_secs(1) {
+                    tracing::info!("waiting for a garbage collection to end: {message}");
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// One attempt: the lock, or whether only a garbage collection stood in the way and why.
+fn try_acquire(
+    backend: &Arc<dyn Backend>,
+    kind: LockKind,
+    holder: Holder,
+    disk: Option<&str>,
+) -> Result<std::result::Result<Lock, (bool, String)>> {
     let mut nonce = [0u8; 6];
     getrandom::getrandom(&mut nonce).expect("the OS random source");
     let key = format!("locks/{}-{}.json", kind.name(), super::codec::hex(&nonce));
@@ -133,27 +162,27 @@ pub fn acquire(
             LockKind::Shared => other.exclusive() || same_disk,
         };
         if conflict {
-            conflicts.push((same_disk, other.body.holder.describe()));
+            conflicts.push((same_disk, other.exclusive(), other.body.holder.describe()));
         }
     }
     if conflicts.is_empty() {
-        return Ok(lock);
+        return Ok(Ok(lock));
     }
     drop(lock);
     let store = backend.describe();
-    let holders: Vec<String> = conflicts.iter().map(|(_, h)| h.clone()).collect();
-    Err(Error::Busy(
-        match (disk, conflicts.iter().any(|(d, _)| *d)) {
-            (Some(d), true) => format!(
-                "store {store}: disk '{d}' is being written by {}; one sync per disk at a time",
-                holders.join(", ")
-            ),
-            _ => format!(
-                "store {store} is busy: held by {}; try again when it ends",
-                holders.join(", ")
-            ),
-        },
-    ))
+    let holders: Vec<String> = conflicts.iter().map(|(_, _, h)| h.clone()).collect();
+    let only_collection = conflicts.iter().all(|(_, exclusive, _)| *exclusive);
+    let message = match (disk, conflicts.iter().any(|(d, _, _)| *d)) {
+        (Some(d), true) => format!(
+            "store {store}: disk '{d}' is being written by {}; one sync per disk at a time",
+            holders.join(", ")
+        ),
+        _ => format!(
+            "store {store} is busy: held by {}; try again when it ends",
+            holders.join(", ")
+        ),
+    };
+    Ok(Err((only_collection, message)))
 }
 
 impl Lock {

@@ -11,6 +11,7 @@ use crate::holder::Holder;
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 /// Versions of one disk or of all, oldest first, and the records that failed their check.
 pub fn list_versions(
@@ -43,12 +44,14 @@ const MAX_PROBLEMS: usize = 1000;
 
 /// Checks version records, index pages and chunks. Shallow: every referenced chunk exists.
 /// Deep: every chunk is read, decrypted, decompressed and re-hashed.
+/// `cancel` stops it between batches of chunks (`Error::Cancelled`).
 pub fn verify_store(
     uri: &StoreUri,
     o: &StoreOptions,
     disk: Option<&str>,
     version: Option<&str>,
     deep: bool,
+    cancel: &AtomicBool,
 ) -> Result<StoreVerifyReport> {
     let store = Store::open(uri, o, false)?;
     let records = store.records(disk)?;
@@ -104,6 +107,9 @@ pub fn verify_store(
     let mut damaged: HashMap<Digest, String> = HashMap::new();
     let mut last_note = std::time::Instant::now();
     for (done, batch) in uses.chunks(8).enumerate() {
+        if cancel.load(Relaxed) {
+            return Err(Error::Cancelled);
+        }
         if last_note.elapsed().as_secs() >= 10 {
             tracing::info!("verify: {} of {} chunks checked", done * 8, uses.len());
             last_note = std::time::Instant::now();
@@ -260,15 +266,26 @@ pub fn prune(
     keep: usize,
     disk: Option<&str>,
 ) -> Result<PruneReport> {
+    prune_then(uri, o, keep, disk, &mut || {})
+}
+
+/// `prune`, running `before_collection` just before the collection takes its lock (where a
+/// sync of another disk may commit; the tests put one there).
+fn prune_then(
+    uri: &StoreUri,
+    o: &StoreOptions,
+    keep: usize,
+    disk: Option<&str>,
+    before_collection: &mut dyn FnMut(),
+) -> Result<PruneReport> {
     if !(1..=129).contains(&keep) {
         return Err(Error::Plan(format!(
-            "--keep {keep} is out of range 1..=129"
+            "--keep {keep} is out of range: use 1 to 129"
         )));
     }
     let store = Store::open(uri, o, false)?;
     let records = store.records(None)?;
     let mut report = PruneReport::default();
-    let mut kept = Vec::new();
     for (d, list) in records.good {
         let cut = if disk.is_none_or(|want| want == d) {
             list.len().saturating_sub(keep)
@@ -281,9 +298,8 @@ pub fn prune(
                 .removed_versions
                 .push(format!("{}/{}", v.disk, v.version));
         }
-        kept.extend(list.into_iter().skip(cut));
+        report.kept_versions += list.len() - cut;
     }
-    report.kept_versions = kept.len();
     for l in leftovers(&store)? {
         store.backend.delete(&l.key)?;
         if l.temporary {
@@ -292,12 +308,7 @@ pub fn prune(
             report.removed_locks += 1;
         }
     }
-    if let Some((key, problem)) = records.damaged.first() {
-        report.gc_skipped = Some(format!(
-            "damaged version record {key} ({problem}): its chunks cannot be told apart"
-        ));
-        return Ok(report);
-    }
+    before_collection();
     let _lock = match lock::acquire(
         &store.backend,
         LockKind::Exclusive,
@@ -310,6 +321,16 @@ pub fn prune(
             return Ok(report);
         }
     };
+    // What to keep is read under the lock: a sync that committed after the listing above (and
+    // released its lock before this one was taken) must not lose its chunks.
+    let records = store.records(None)?;
+    if let Some((key, problem)) = records.damaged.first() {
+        report.gc_skipped = Some(format!(
+            "damaged version record {key} ({problem}): its chunks cannot be told apart"
+        ));
+        return Ok(report);
+    }
+    let kept: Vec<Version> = records.good.into_values().flatten().collect();
     let (mut pages, mut chunks) = (HashSet::new(), HashSet::new());
     for v in &kept {
         let root = v.root_digest().expect("checked when parsed");
@@ -357,4 +378,60 @@ pub fn prune(
     }
     store.backend.sync()?;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{DiskPlan, Job, JobPlan, Tuning, MIB};
+    use crate::uri::DiskUri;
+    use std::path::Path;
+
+    fn sync(store: &str, src: &Path, disk: &str, o: &StoreOptions) -> String {
+        let plan = JobPlan {
+            disks: vec![DiskPlan {
+                disk_id: disk.into(),
+                source: DiskUri::File(src.into()),
+                target: DiskUri::parse(store).unwrap(),
+                changed: None,
+                journal: Some(src.with_extension("journal")),
+                bitmap: None,
+                source_id: None,
+                version: None,
+                parent: None,
+                full_on_mismatch: false,
+                snapshot_time: None,
+            }],
+            tuning: Tuning {
+                chunk_size: MIB,
+                store: o.clone(),
+                ..Default::default()
+            },
+        };
+        let summary = Job::run(plan).unwrap().pop().unwrap().unwrap();
+        summary.version.unwrap()
+    }
+
+    #[test]
+    fn a_version_committed_while_a_prune_starts_keeps_its_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let store = format!("dir:{}", d.path().join("store").display());
+        let uri = StoreUri::parse(&store).unwrap().unwrap();
+        let o = StoreOptions::default();
+        let (a, b) = (d.path().join("a.raw"), d.path().join("b.raw"));
+        std::fs::write(&a, vec![7u8; 2 * MIB as usize]).unwrap();
+        let data: Vec<u8> = (0..2 * MIB as u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&b, data).unwrap();
+        sync(&store, &a, "a", &o);
+        // Disk b commits its first version after the prune of disk a listed the versions.
+        let report = prune_then(&uri, &o, 1, Some("a"), &mut || {
+            sync(&store, &b, "b", &o);
+        })
+        .unwrap();
+        assert!(report.gc_skipped.is_none());
+        let never = AtomicBool::new(false);
+        let check = verify_store(&uri, &o, None, None, true, &never).unwrap();
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+        assert_eq!(check.versions, 2);
+    }
 }

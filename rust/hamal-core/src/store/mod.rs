@@ -110,6 +110,34 @@ pub struct StoreOptions {
     pub upload_metadata: bool,
 }
 
+impl StoreOptions {
+    /// `[store]`, `[s3]` and `[sync]` of `hamal.conf`; version records' local copies under
+    /// `hamal_lib_dir/snapshot_metadata`. Empty S3 settings are left to the `AWS_*` environment.
+    pub fn from_config(c: &crate::config::Config) -> StoreOptions {
+        let text = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
+        StoreOptions {
+            compression_level: c.store.compression_level as i32,
+            key_file: text(&c.store.encryption_key_file).map(Into::into),
+            s3: S3Options {
+                endpoint: text(&c.s3.endpoint),
+                region: text(&c.s3.region),
+                access_key_id: text(&c.s3.access_key_id),
+                secret_access_key: text(&c.s3.secret_access_key.0),
+                virtual_hosted: c.s3.addressing_style == "virtual",
+                ca_file: text(&c.s3.ca_file).map(Into::into),
+                timeout: std::time::Duration::from_secs(c.s3.request_timeout),
+                max_retries: c.s3.max_retries as usize,
+            },
+            upload_threads: c.store.upload_threads as u32,
+            local_metadata: Some(
+                std::path::Path::new(&c.default.hamal_lib_dir).join("snapshot_metadata"),
+            ),
+            save_local: c.sync.save_local_snapshot_metadata,
+            upload_metadata: c.sync.upload_metadata_to_oss,
+        }
+    }
+}
+
 impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {

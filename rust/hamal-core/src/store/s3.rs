@@ -52,6 +52,8 @@ fn env(name: &str) -> Option<String> {
 
 pub struct S3Backend {
     store: AmazonS3,
+    /// Where the trusted CA is set, for TLS failure messages.
+    ca_hint: String,
     max_retries: usize,
     prefix: String,
     text: String,
@@ -112,8 +114,8 @@ impl S3Backend {
             .with_virtual_hosted_style_request(o.virtual_hosted)
             .with_client_options(client)
             .with_retry(retry);
-        if let Some(ep) = endpoint {
-            b = b.with_endpoint(ep);
+        if let Some(ep) = &endpoint {
+            b = b.with_endpoint(ep.clone());
         }
         let store = b.build().map_err(|e| bad(e.to_string()))?;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -124,6 +126,15 @@ impl S3Backend {
             .map_err(|e| bad(format!("cannot start the S3 client runtime: {e}")))?;
         let me = S3Backend {
             store,
+            ca_hint: format!(
+                "server {}, trusted CA from [s3] ca_file = {}",
+                endpoint.as_deref().unwrap_or("AWS"),
+                o.ca_file
+                    .as_ref()
+                    .map_or("(not set: the system's CAs only)".into(), |f| f
+                        .display()
+                        .to_string())
+            ),
             max_retries: o.max_retries,
             prefix: prefix.trim_matches('/').to_owned(),
             text: text.to_owned(),
@@ -163,6 +174,9 @@ impl S3Backend {
     }
 
     fn err(&self, what: &str, key: &str, e: object_store::Error) -> Error {
+        if let Some(why) = crate::tls_failure::explain(&e, &self.ca_hint) {
+            return Error::Store(format!("store {}: {what} {key}: {why}", self.text));
+        }
         Error::Store(format!("store {}: {what} {key}: {}", self.text, tidy(&e)))
     }
 

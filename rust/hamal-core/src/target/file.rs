@@ -48,11 +48,11 @@ impl FileTarget {
             });
         };
         let is_block = meta.file_type().is_block_device();
-        if !is_block && !meta.is_file() {
-            return Err(err(
-                "not a regular file or block device",
-                io::Error::from(io::ErrorKind::InvalidInput),
-            ));
+        if let Some(what) = crate::source::file::not_a_disk(meta.file_type()) {
+            return Err(Error::Plan(format!(
+                "target {} is {what}, not a disk: give a regular file, a block device or a new file name",
+                path.display()
+            )));
         }
         let file = OpenOptions::new()
             .read(true)
