@@ -324,3 +324,24 @@ def test_state_schema_is_versioned(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(StateError, match="newer release"):
         State(str(tmp_path / "hamal.db"))
+
+
+def test_retention_prunes_every_cycle_and_collects_hourly(env: ServiceEnv) -> None:
+    img = env.qcow2("vm", 64 * MIB, "write -P 0x11 0 4M", "write -P 0x12 4M 4M")
+    env.kvm_task("vm", {"vda": img}, retention={"keep": 1})
+    chunks = lambda: len([p for p in (env.root / "store" / "chunks").rglob("*") if p.is_file()])  # noqa: E731
+    env.once()
+    assert chunks() == 2
+    qemu_io(img, "write -P 0x22 0 4M")  # the first chunk's old content becomes unreferenced
+    env.once()
+    assert len(versions(env, env.store, "vm-vda")) == 1, "old versions go every cycle"
+    assert chunks() == 3, "the collection ran within the hour, so the old chunk waits"
+    db = sqlite3.connect(env.lib / "hamal.db")
+    db.execute("UPDATE meta SET v = '0' WHERE k LIKE 'collected:%'")
+    db.commit()
+    db.close()
+    qemu_io(img, "write -P 0x33 0 4M")
+    env.once()
+    assert chunks() == 2, "an hour on, the collection removes what no version uses"
+    (disk,) = env.task_status("vm")["disks"]
+    assert restore_sha(env, env.store, "vm-vda", disk["version"]) == image_sha(img)

@@ -255,13 +255,20 @@ class State:
     def problems(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM problems ORDER BY origin").fetchall()
 
-    def tick(self) -> None:
+    def set_meta(self, key: str, value: str) -> None:
         with self.tx() as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('tick', ?)", (str(time.time()),))
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
+        return str(row[0]) if row else None
+
+    def tick(self) -> None:
+        self.set_meta("tick", str(time.time()))
 
     def last_tick(self) -> float | None:
-        row = self.db.execute("SELECT v FROM meta WHERE k = 'tick'").fetchone()
-        return float(row[0]) if row else None
+        v = self.meta("tick")
+        return float(v) if v else None
 
 
 def db_path(lib_dir: str) -> str:

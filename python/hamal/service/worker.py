@@ -155,7 +155,7 @@ def run_cycle(
     for d, e in errors.items():
         log.error("disk %s failed: %s (its cursor stays; the next cycle covers it)", d, e)
     if good and task.keep:
-        prune(cfg, task, good)
+        prune(cfg, state, task, good)
     if good and not errors:
         logs.write_ip_mapping(conf, task.vm_uuid, task.vm_name, vm.addresses)
     moved = sum(r["summary"]["bytes_written"] for r in results.values() if "summary" in r)
@@ -257,17 +257,35 @@ def sync_disks(
     return out
 
 
-def prune(cfg: _native.Config, task: Task, disks: list[str]) -> None:
-    for d in disks:
+#: Unreferenced chunks are collected at most this often per store (a collection lists the
+#: whole store); old version records go at every good cycle.
+COLLECT_EVERY_S = 3600
+
+
+def prune(cfg: _native.Config, state: State, task: Task, disks: list[str]) -> None:
+    key = f"collected:{task.target_uri}"
+    due = time.time() - float(state.meta(key) or 0) >= COLLECT_EVERY_S
+    for i, d in enumerate(disks):
+        collect = due and i == len(disks) - 1  # once, after the last disk's records went
         try:
             report = _native.prune_store(
-                task.target_uri, task.keep or 1, cfg, disk=task.store_disk_id(d), key_file=task.key_file
+                task.target_uri,
+                task.keep or 1,
+                cfg,
+                disk=task.store_disk_id(d),
+                key_file=task.key_file,
+                collect=collect,
             )
         except HamalError as e:
             log.warning("disk %s: pruning old versions failed: %s", d, e)
             continue
         if report["removed_versions"]:
             log.info("disk %s: pruned %s", d, ", ".join(report["removed_versions"]))
+        if collect and report["gc_skipped"] is None:
+            state.set_meta(key, str(time.time()))
+            log.info(
+                "collected %d chunks and %d index pages", report["removed_chunks"], report["removed_pages"]
+            )
 
 
 def main() -> int:

@@ -193,7 +193,7 @@ fn versions_restore_identical_and_dedup() {
     assert_eq!(versions[1].stats.chunks_changed, 3);
 
     // Prune to the newest one; the older restore is gone, the kept one is identical.
-    let r = store::prune(&env.uri(), &o, 1, None).unwrap();
+    let r = store::prune(&env.uri(), &o, 1, None, true).unwrap();
     assert_eq!(r.removed_versions.len(), 2);
     assert!(r.gc_skipped.is_none(), "{:?}", r.gc_skipped);
     assert!(
@@ -259,7 +259,7 @@ fn damaged_and_missing_chunks_are_reported_with_their_offset() {
     let out = env.path("healed.raw");
     env.restore(&v, &out, &o).unwrap();
     assert!(same(&out, &src));
-    let pruned = store::prune(&env.uri(), &o, 5, None).unwrap();
+    let pruned = store::prune(&env.uri(), &o, 5, None, true).unwrap();
     assert_eq!(
         pruned.removed_quarantined, 1,
         "the healed chunk's damaged copy goes"
@@ -370,7 +370,7 @@ fn garbage_collection_waits_for_readers() {
     fill(&src, 4 * MIB, &[(1, 9)]);
     env.sync(&src, None, &o).unwrap();
     let reading = store::StoreSource::open(&env.uri(), &o, "vm1-disk0", None).unwrap();
-    let r = store::prune(&env.uri(), &o, 1, None).unwrap();
+    let r = store::prune(&env.uri(), &o, 1, None, true).unwrap();
     let why = r
         .gc_skipped
         .expect("collection skipped while a restore reads");
@@ -379,7 +379,7 @@ fn garbage_collection_waits_for_readers() {
         "{why}"
     );
     drop(reading);
-    assert!(store::prune(&env.uri(), &o, 1, None)
+    assert!(store::prune(&env.uri(), &o, 1, None, true)
         .unwrap()
         .gc_skipped
         .is_none());

@@ -68,9 +68,9 @@ pub fn verify_store(
     convert::to_py(py, &report)
 }
 
-/// Keeps the newest `keep` versions per disk and removes unreferenced objects.
+/// Keeps the newest `keep` versions per disk and (with `collect`) removes unreferenced objects.
 #[pyfunction]
-#[pyo3(signature = (store, keep, config=None, *, disk=None, key_file=None))]
+#[pyo3(signature = (store, keep, config=None, *, disk=None, key_file=None, collect=true))]
 pub fn prune_store(
     py: Python<'_>,
     store: &str,
@@ -78,9 +78,12 @@ pub fn prune_store(
     config: Option<PyRef<'_, Config>>,
     disk: Option<&str>,
     key_file: Option<String>,
+    collect: bool,
 ) -> PyResult<Py<PyAny>> {
     let (uri, o) = (store_uri(store)?, options(config.as_deref(), key_file));
     let disk = disk.map(str::to_owned);
-    let report = interrupt::run(py, move |_| store::prune(&uri, &o, keep, disk.as_deref()))?;
+    let report = interrupt::run(py, move |_| {
+        store::prune(&uri, &o, keep, disk.as_deref(), collect)
+    })?;
     convert::to_py(py, &report)
 }

@@ -257,16 +257,17 @@ pub struct PruneReport {
     pub removed_quarantined: u64,
 }
 
-/// Keeps the newest `keep` versions of each disk (or of `disk`), then removes chunks and pages
-/// no remaining version references. Collection runs under the exclusive lock and is skipped
-/// while a sync runs; removing version records is always safe.
+/// Keeps the newest `keep` versions of each disk (or of `disk`), then (with `collect`) removes
+/// chunks and pages no remaining version references. Collection runs under the exclusive lock
+/// and is skipped while a sync runs; removing version records is always safe.
 pub fn prune(
     uri: &StoreUri,
     o: &StoreOptions,
     keep: usize,
     disk: Option<&str>,
+    collect: bool,
 ) -> Result<PruneReport> {
-    prune_then(uri, o, keep, disk, &mut || {})
+    prune_then(uri, o, keep, disk, &mut || {}, collect)
 }
 
 /// `prune`, running `before_collection` just before the collection takes its lock (where a
@@ -277,6 +278,7 @@ fn prune_then(
     keep: usize,
     disk: Option<&str>,
     before_collection: &mut dyn FnMut(),
+    collect: bool,
 ) -> Result<PruneReport> {
     if !(1..=129).contains(&keep) {
         return Err(Error::Plan(format!(
@@ -307,6 +309,10 @@ fn prune_then(
         } else {
             report.removed_locks += 1;
         }
+    }
+    if !collect {
+        report.gc_skipped = Some("collection was not asked for".into());
+        return Ok(report);
     }
     before_collection();
     let _lock = match lock::acquire(
@@ -424,9 +430,16 @@ mod tests {
         std::fs::write(&b, data).unwrap();
         sync(&store, &a, "a", &o);
         // Disk b commits its first version after the prune of disk a listed the versions.
-        let report = prune_then(&uri, &o, 1, Some("a"), &mut || {
-            sync(&store, &b, "b", &o);
-        })
+        let report = prune_then(
+            &uri,
+            &o,
+            1,
+            Some("a"),
+            &mut || {
+                sync(&store, &b, "b", &o);
+            },
+            true,
+        )
         .unwrap();
         assert!(report.gc_skipped.is_none());
         let never = AtomicBool::new(false);
