@@ -44,6 +44,10 @@ class Server:
             self.proc.kill()
             self.proc.wait()
 
+    def stderr(self) -> str:
+        """What the server printed (after ``stop``)."""
+        return self.proc.stderr.read().decode() if self.proc and self.proc.stderr else ""
+
 
 def qemu_nbd(
     image: Path,
@@ -54,9 +58,12 @@ def qemu_nbd(
     bitmap: str | None = None,
     export: str | None = None,
     extra: list[str] | None = None,
+    shared: int | None = 8,
 ) -> Server:
+    """``shared=None`` keeps qemu-nbd's default: one client at a time, no multi-conn."""
     need("qemu-nbd", "qemu-utils")
-    cmd = ["qemu-nbd", "-f", fmt, "-t", "-e", "8", "-k", str(sock)]
+    cmd = ["qemu-nbd", "-f", fmt, "-t", "-k", str(sock)]
+    cmd += ["-e", str(shared)] if shared else []
     cmd += ["-r"] if read_only else []
     cmd += ["-B", bitmap] if bitmap else []
     cmd += ["-x", export] if export else []

@@ -124,3 +124,38 @@ def test_cli_kvm_sync(image: Path, tmp_path: Path) -> None:
         text=True,
     )
     assert r.returncode == 1 and "no such qcow2 image" in r.stderr
+
+
+def test_a_bitmap_left_in_use_by_a_crashed_writer_means_a_full_sync_that_succeeds(
+    image: Path, tmp_path: Path
+) -> None:
+    target, state = tmp_path / "target.raw", tmp_path / "state"
+    first = run_cycle(image, target, state)
+    # A writer killed while the image is open leaves the cursor bitmap marked in use.
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x99 40M 1M", "-c", "sigraise 9", str(image)],
+        capture_output=True,
+    )
+    assert "in-use" in kvm.bitmaps(str(image))[first["bitmap"]]
+    second = run_cycle(image, target, state)
+    assert second["mode"] == "full"
+    assert list(kvm.bitmaps(str(image))) == [second["bitmap"]], "the stale bitmap is gone, once"
+    assert sha256(as_raw(image, tmp_path / "f.raw")) == sha256(target)
+    conf = tmp_path / "hamal.conf"
+    conf.write_text(f"[DEFAULT]\nhamal_lib_dir = {tmp_path}/lib\n")
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x9a 41M 1M", "-c", "sigraise 9", str(image)],
+        capture_output=True,
+    )
+    r = run_hamal("--config", str(conf), "kvm", "sync", str(image), str(tmp_path / "cli.raw"), "--full")
+    assert r.code == 0, r.err
+
+
+def test_an_empty_qcow2_syncs_as_the_empty_disk_it_is(tmp_path: Path) -> None:
+    img = tmp_path / "empty.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "0"], check=True)
+    target, state = tmp_path / "t.raw", tmp_path / "state"
+    s = run_cycle(img, target, state)
+    assert s["size"] == 0 and target.stat().st_size == 0
+    again = run_cycle(img, target, state)
+    assert again["bytes_total"] == 0

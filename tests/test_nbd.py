@@ -121,6 +121,7 @@ def test_server_killed_mid_sync_fails_cleanly_then_rerun_completes(tmp_path, ser
     server.start()
     r = run_hamal("sync", server.uri, str(out))
     assert r.code == 0, r.err
+    assert "not resuming" in r.err and "cannot tell which snapshot it serves" in r.err, r.err
     assert sha256(src) == sha256(out)
 
 

@@ -178,9 +178,13 @@ def incremental_bench(hamal: str, work: Path, runs: int) -> list[dict]:
 class NbdExport:
     """qemu-nbd serving `image` read-only on a unix socket in `work` while in the `with`."""
 
-    def __init__(self, image: Path, work: Path, fmt: str = "raw", bitmap: str | None = None) -> None:
+    def __init__(
+        self, image: Path, work: Path, fmt: str = "raw", bitmap: str | None = None, shared: int | None = 8
+    ) -> None:
+        """``shared=None``: qemu-nbd's default, one client at a time and no multi-conn."""
         self.sock = work / "bench-nbd.sock"
-        self.cmd = ["qemu-nbd", "-r", "-f", fmt, "-t", "-e", "8", "-k", str(self.sock)]
+        self.cmd = ["qemu-nbd", "-r", "-f", fmt, "-t", "-k", str(self.sock)]
+        self.cmd += ["-e", str(shared)] if shared else []
         self.cmd += (["-B", bitmap] if bitmap else []) + [str(image)]
         self.uri = f"nbd+unix:///?socket={self.sock}"
 
@@ -202,13 +206,21 @@ def nbd_full_bench(hamal: str, work: Path, runs: int) -> list[dict]:
     warm(src)
     expect = digest(src)
     size = src.stat().st_size
-    with NbdExport(src, work) as e:
-        cases = [
-            ("hamal sync (nbd)", [hamal, "sync", e.uri, str(dst), "--no-progress"]),
-            ("nbdcopy", ["sh", "-c", f"truncate -s {size} {dst} && nbdcopy '{e.uri}' {dst}"]),
-            ("qemu-img convert (nbd)", ["qemu-img", "convert", "-f", "raw", "-O", "raw", e.uri, str(dst)]),
-        ]
-        results = run_cases(cases, dst, runs, expect)
+    results = []
+    for shared, label in ((8, "-e 8"), (None, "default, one client")):
+        with NbdExport(src, work, shared=shared) as e:
+            cases = [
+                (f"hamal sync (qemu-nbd {label})", [hamal, "sync", e.uri, str(dst), "--no-progress"]),
+                (f"nbdcopy ({label})", ["sh", "-c", f"truncate -s {size} {dst} && nbdcopy '{e.uri}' {dst}"]),
+            ]
+            if shared:
+                cases.append(
+                    (
+                        "qemu-img convert (nbd)",
+                        ["qemu-img", "convert", "-f", "raw", "-O", "raw", e.uri, str(dst)],
+                    )
+                )
+            results += run_cases(cases, dst, runs, expect)
     dst.unlink(missing_ok=True)
     return results
 

@@ -12,6 +12,10 @@ apt_need() {
     local cmd=$1; shift
     command -v "$cmd" >/dev/null 2>&1 && return 0
     say "installing $* (for $cmd)"
+    apt_install "$@"
+}
+
+apt_install() {
     local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
     export DEBIAN_FRONTEND=noninteractive
     [ -n "${HAMAL_APT_UPDATED:-}" ] || { $sudo apt-get update -qq; HAMAL_APT_UPDATED=1; }
@@ -36,4 +40,21 @@ install_wheel() {
     rm -rf "$HAMAL_ROOT/dist"
     (cd "$HAMAL_ROOT" && "$VENV/bin/maturin" build --release -q -o "$HAMAL_ROOT/dist")
     "$PY" -m pip install -q --force-reinstall "$HAMAL_ROOT"/dist/hamal-*.whl
+}
+
+# QEMU's system emulator for the QMP tests, unpacked under .cache/: installing Debian's package
+# would replace the newer qemu-utils this machine has. Its libraries come from apt as usual.
+need_qemu_system() {
+    local dir="$HAMAL_ROOT/.cache/qemu-system"
+    export HAMAL_QEMU_SYSTEM="$dir"
+    [ -x "$dir/usr/bin/qemu-system-x86_64" ] && return 0
+    say "unpacking qemu-system-x86 into $dir"
+    apt_install libbrlapi0.8 libcacard0 libcapstone4 libepoxy0 \
+        libfdt1 liborc-0.4-0 libgstreamer-plugins-base1.0-0 libopus0 libslirp0 libsndio7.0 \
+        libspice-server1 libusb-1.0-0 libusbredirparser1 libvdeplug2
+    local tmp; tmp=$(mktemp -d)
+    (cd "$tmp" && apt-get download -qq qemu-system-x86 qemu-system-common 2>/dev/null)
+    mkdir -p "$dir"
+    for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$dir"; done
+    rm -rf "$tmp"
 }

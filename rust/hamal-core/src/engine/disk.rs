@@ -274,8 +274,14 @@ impl DiskRun<'_> {
             data
         };
         let zeros = zeros.subtract(&data);
+        let journal_path = plan.journal_path()?;
+        if plan.source_id.is_none() && source.identity().is_none() && journal_path.exists() {
+            // Not damage: nothing says the export still serves the same snapshot.
+            tracing::warn!(journal = %journal_path.display(), "not resuming: {} cannot tell which snapshot it serves; give the snapshot's name as the source id (--source-id) to resume from a journal", source.describe());
+            let _ = std::fs::remove_file(&journal_path);
+        }
         let mut journal = Journal::open(
-            &plan.journal_path()?,
+            &journal_path,
             &fingerprint(plan, source, target, t, hasher, &data),
             size.div_ceil(t.chunk_size),
             sink.is_some(),

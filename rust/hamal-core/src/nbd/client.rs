@@ -33,6 +33,14 @@ impl ExportInfo {
     pub fn can_write_zeroes(&self) -> bool {
         self.flags & TFLAG_SEND_WRITE_ZEROES != 0
     }
+    /// The server serves several connections to this export consistently (and takes them).
+    pub fn can_multi_conn(&self) -> bool {
+        self.flags & TFLAG_CAN_MULTI_CONN != 0
+    }
+    /// Whether `context` was negotiated (block status needs structured replies).
+    pub fn has_context(&self, context: &str) -> bool {
+        self.contexts.iter().any(|(_, n)| n == context)
+    }
 }
 
 /// One extent of a block-status answer.
@@ -182,8 +190,37 @@ impl Connection {
             },
             next_cookie: 1,
         };
-        c.handshake(uri, contexts)?;
+        if let Err(e) = c.handshake(uri, contexts) {
+            c.abort();
+            return Err(e);
+        }
         Ok(c)
+    }
+
+    /// Ends a negotiation that failed with `NBD_OPT_ABORT`, as the protocol asks (best effort:
+    /// the connection is dropped right after).
+    fn abort(&mut self) {
+        if !matches!(self.io.get_ref(), Stream::Detached) {
+            let _ = self.send_option(OPT_ABORT, &[]);
+        }
+    }
+
+    /// Sets the socket timeouts (a short one while probing whether a server takes a second
+    /// connection, the usual one after).
+    pub fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+        fn set(s: &Stream, t: Duration) -> io::Result<()> {
+            match s {
+                Stream::Tcp(s) => s
+                    .set_read_timeout(Some(t))
+                    .and(s.set_write_timeout(Some(t))),
+                Stream::Unix(s) => s
+                    .set_read_timeout(Some(t))
+                    .and(s.set_write_timeout(Some(t))),
+                Stream::Tls(s) => set(&s.sock, t),
+                Stream::Detached => Ok(()),
+            }
+        }
+        set(self.io.get_ref(), timeout)
     }
 
     pub fn info(&self) -> &ExportInfo {
@@ -244,12 +281,9 @@ impl Connection {
             _ => return Err(option_error("structured replies", kind, &data)),
         };
 
-        if !contexts.is_empty() {
-            if !self.info.structured {
-                return Err(protocol(
-                    "server lacks structured replies, needed for block status",
-                ));
-            }
+        // Without structured replies there is no block status: the caller reads everything
+        // (and refuses what needs a bitmap).
+        if !contexts.is_empty() && self.info.structured {
             let mut d = Vec::new();
             d.extend_from_slice(&(export.len() as u32).to_be_bytes());
             d.extend_from_slice(export.as_bytes());

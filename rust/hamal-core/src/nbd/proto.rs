@@ -14,6 +14,7 @@ pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1;
 pub const FLAG_C_NO_ZEROES: u32 = 2;
 
 // Options.
+pub const OPT_ABORT: u32 = 2;
 pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_GO: u32 = 7;
 pub const OPT_STRUCTURED_REPLY: u32 = 8;
@@ -38,6 +39,7 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // Commands.
 pub const CMD_READ: u16 = 0;

@@ -1,24 +1,38 @@
 //! An NBD export as a source. Allocation comes from `base:allocation` (zero extents are not
-//! read); with a bitmap, the changed extents come from `qemu:dirty-bitmap:NAME`.
+//! read); with a bitmap, the changed extents come from `qemu:dirty-bitmap:NAME`. A server
+//! without structured replies has no block status: everything is read (zero chunks are still
+//! found and not written as data), and a bitmap is refused.
+//!
+//! The first reader shares the connection the source opened. More readers get connections of
+//! their own when the server advertises multi-conn; otherwise they start on the shared
+//! connection (each batch pipelined on it) while a connection of their own is tried in the
+//! background, and switch to it if the server takes it within [`EXTRA_TIMEOUT`] (a default
+//! `qemu-nbd` serves one client and leaves the next waiting). Nobody waits for the probe.
 
 use super::{Source, SourceReader};
 use crate::extent::{Extent, ExtentMap};
 use crate::io::ReadReq;
 use crate::nbd::{Connection, NbdUri, STATE_ZERO};
 use crate::{Error, Result};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const ALLOCATION: &str = "base:allocation";
 const DIRTY: u32 = 1;
 /// A server that answers nothing for this long fails the sync instead of hanging it.
 pub const NBD_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a further connection may take to be served before readers share the first one.
+pub const EXTRA_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct NbdSource {
     uri: NbdUri,
     bitmap: Option<String>,
-    control: Mutex<Connection>,
+    control: Arc<Mutex<Connection>>,
     size: u64,
+    /// The first reader has taken the shared connection.
+    shared_taken: AtomicBool,
 }
 
 fn bitmap_context(name: &str) -> String {
@@ -32,12 +46,19 @@ impl NbdSource {
         let control = Connection::connect(uri, &contexts, NBD_TIMEOUT).map_err(|e| {
             Error::source_io(&uri.text, "cannot open NBD export", e.offset, e.error)
         })?;
+        if bitmap.is_some() && !control.info().structured {
+            return Err(Error::Plan(format!(
+                "{}: the server lacks structured replies, which --bitmap needs (block status); a full copy works without it",
+                uri.text
+            )));
+        }
         let size = control.info().size;
         Ok(NbdSource {
             uri: uri.clone(),
             bitmap: bitmap.map(str::to_owned),
-            control: Mutex::new(control),
+            control: Arc::new(Mutex::new(control)),
             size,
+            shared_taken: AtomicBool::new(false),
         })
     }
 
@@ -74,6 +95,9 @@ impl Source for NbdSource {
     }
 
     fn allocated(&self) -> Result<ExtentMap> {
+        if !self.control.lock().unwrap().info().has_context(ALLOCATION) {
+            return Ok(ExtentMap::whole(self.size)); // no block status: read it all
+        }
         self.map(ALLOCATION, |f| f & STATE_ZERO == 0)
     }
 
@@ -92,26 +116,54 @@ impl Source for NbdSource {
 
     fn reader(&self, depth: u32) -> Result<Box<dyn SourceReader>> {
         let _ = depth; // every request of a batch is in flight at once
-        let conn = Connection::connect(&self.uri, &[], NBD_TIMEOUT).map_err(|e| {
-            Error::source_io(&self.uri.text, "cannot open NBD export", e.offset, e.error)
-        })?;
-        Ok(Box::new(NbdReader {
-            conn,
-            uri: self.uri.text.clone(),
-        }))
+        let uri = self.uri.text.clone();
+        if !self.shared_taken.swap(true, Relaxed) {
+            return Ok(Box::new(NbdReader::Shared(self.control.clone(), uri, None)));
+        }
+        if self.control.lock().unwrap().info().can_multi_conn() {
+            let conn = Connection::connect(&self.uri, &[], NBD_TIMEOUT)
+                .map_err(|e| Error::source_io(&uri, "cannot open NBD export", e.offset, e.error))?;
+            return Ok(Box::new(NbdReader::Own(conn, uri)));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let target = self.uri.clone();
+        std::thread::spawn(move || {
+            let probe = Connection::connect(&target, &[], EXTRA_TIMEOUT)
+                .and_then(|c| c.set_timeout(NBD_TIMEOUT).map(|()| c).map_err(Into::into));
+            match probe {
+                Ok(c) => drop(tx.send(c)),
+                Err(e) => {
+                    tracing::debug!(export = %target.text, "readers share one connection: {}", e.error)
+                }
+            }
+        });
+        Ok(Box::new(NbdReader::Shared(
+            self.control.clone(),
+            uri,
+            Some(rx),
+        )))
     }
 }
 
-struct NbdReader {
-    conn: Connection,
-    uri: String,
+/// A reader with a connection of its own, or one sharing the source's connection (and maybe
+/// waiting for its own).
+enum NbdReader {
+    Own(Connection, String),
+    Shared(Arc<Mutex<Connection>>, String, Option<Receiver<Connection>>),
 }
 
 impl SourceReader for NbdReader {
     fn read_batch(&mut self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
-        self.conn
-            .read_batch(reqs)
-            .map_err(|e| Error::source_io(&self.uri, "NBD read failed", e.offset, e.error))
+        if let NbdReader::Shared(_, uri, Some(rx)) = self {
+            if let Ok(conn) = rx.try_recv() {
+                *self = NbdReader::Own(conn, std::mem::take(uri));
+            }
+        }
+        let (r, uri) = match self {
+            NbdReader::Own(c, uri) => (c.read_batch(reqs), uri),
+            NbdReader::Shared(c, uri, _) => (c.lock().unwrap().read_batch(reqs), uri),
+        };
+        r.map_err(|e| Error::source_io(uri.as_str(), "NBD read failed", e.offset, e.error))
     }
 
     fn backend(&self) -> &'static str {

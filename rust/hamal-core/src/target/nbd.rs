@@ -1,5 +1,7 @@
 //! An NBD export as a target: WRITE for data, WRITE_ZEROES for zero chunks, FLUSH on every
-//! connection at each flush (so it is correct whether or not the server offers multi-conn).
+//! connection at each flush. Writers get connections of their own only where the server
+//! advertises multi-conn (it then takes them, and keeps them consistent); otherwise every
+//! writer shares the target's one connection, each batch pipelined on it.
 
 use super::{Target, TargetWriter};
 use crate::io::WriteReq;
@@ -11,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 pub struct NbdTarget {
     uri: NbdUri,
-    control: Mutex<Connection>,
+    control: Arc<Mutex<Connection>>,
     writers: Mutex<Vec<Arc<Mutex<Connection>>>>,
     _lock: super::lock::LockFile,
 }
@@ -41,7 +43,7 @@ impl NbdTarget {
         }
         Ok(NbdTarget {
             uri: uri.clone(),
-            control: Mutex::new(control),
+            control: Arc::new(Mutex::new(control)),
             writers: Mutex::new(Vec::new()),
             _lock: lock,
         })
@@ -94,6 +96,12 @@ impl Target for NbdTarget {
     }
 
     fn writer(&self, _depth: u32) -> Result<Box<dyn TargetWriter>> {
+        if !self.control.lock().unwrap().info().can_multi_conn() {
+            return Ok(Box::new(NbdWriter {
+                conn: Arc::clone(&self.control),
+                uri: self.uri.text.clone(),
+            }));
+        }
         let conn = Arc::new(Mutex::new(connect(&self.uri)?));
         self.writers.lock().unwrap().push(Arc::clone(&conn));
         Ok(Box::new(NbdWriter {
