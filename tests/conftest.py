@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,14 @@ def run_hamal(
         timeout=timeout,
     )
     return Result(p.returncode, p.stdout, p.stderr)
+
+
+def wait_until(check, what: str, timeout: float = 30) -> None:
+    """Polls ``check`` until it holds; fails naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.05)
 
 
 def one_error_line(err: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -16,6 +17,17 @@ import pytest
 def need(tool: str, package: str) -> None:
     if shutil.which(tool) is None:
         pytest.fail(f"{tool} is not installed (apt-get install {package}); tools/test installs it")
+
+
+def listening(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
 
 
 class Server:
@@ -32,7 +44,7 @@ class Server:
             self.sock.unlink()
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
-        while not self.sock.exists():
+        while not listening(self.sock):  # the file appears at bind(), a moment before listen()
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.cmd[0]} exited: {self.proc.stderr.read().decode()}")  # type: ignore[union-attr]
             assert time.monotonic() < deadline, f"{self.cmd[0]} did not start"

@@ -17,13 +17,6 @@ from conftest import MIB, run_hamal, sha256
 from nbd_servers import qemu_io
 
 
-def wait_until(check, what: str, timeout: float = 60) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 @dataclass
 class ServiceEnv:
     root: Path

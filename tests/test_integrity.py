@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import MIB, make_image, one_error_line, run_hamal, sha256
+from conftest import MIB, make_image, one_error_line, run_hamal, sha256, wait_until
 from nbd_servers import qemu_nbd
 
 ENV = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
@@ -22,13 +22,6 @@ def start_sync(*args: str) -> subprocess.Popen[str]:
     """A sync that runs long enough for a second run to meet it (16 MiB/s)."""
     cmd = [sys.executable, "-m", "hamal", "sync", *args, "--bwlimit", "16M", "--fsync-period", "0.2"]
     return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_until(check, what: str, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def finish(p: subprocess.Popen[str]) -> str:

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from ceph_cluster import ACCESS_KEY, SECRET_KEY
-from conftest import MIB
+from conftest import MIB, wait_until
 from hamal.platforms.base import DiskInfo, selectable
 from nbd_servers import qemu_io
-from service_env import ServiceEnv, alive, bitmaps, image_sha, restore_sha, wait_until
+from service_env import ServiceEnv, alive, bitmaps, image_sha, restore_sha
 from test_rbd import Rbd, rbd_env  # noqa: F401 - the module's RBD fixture
 
 

@@ -7,10 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from conftest import MIB, make_image, one_error_line, run_hamal, sha256
+from conftest import MIB, make_image, one_error_line, run_hamal, sha256, wait_until
 
 
 def start_slow_sync(src: Path, store: str, journal: Path) -> subprocess.Popen[str]:
@@ -18,13 +17,6 @@ def start_slow_sync(src: Path, store: str, journal: Path) -> subprocess.Popen[st
     args += ["--journal", str(journal), "--fsync-period", "0.2"]
     env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_until(check, what: str, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def versions(store: str) -> list[dict]:

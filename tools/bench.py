@@ -191,7 +191,10 @@ class NbdExport:
     def __enter__(self) -> NbdExport:
         self.sock.unlink(missing_ok=True)
         self.proc = subprocess.Popen(self.cmd)
-        while not self.sock.exists():
+        while (
+            not self.sock.exists()
+            or subprocess.run(["nbdinfo", "--size", self.uri], capture_output=True).returncode
+        ):
             time.sleep(0.02)
         return self
 

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -80,7 +81,8 @@ class Export:
             cmd += ["-B", self.bitmap]
         self.proc = subprocess.Popen([*cmd, self.image], stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
+        # The socket file appears at bind(), a moment before listen(): wait until it answers.
+        while not self._listening():
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode().strip() if self.proc.stderr else ""
                 raise SourceError(f"qemu-nbd could not export {self.image}: {err}")
@@ -89,6 +91,16 @@ class Export:
                 raise SourceError(f"qemu-nbd did not start serving {self.image} within 10 s")
             time.sleep(0.02)
         return self
+
+    def _listening(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(self.sock)
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
 
     def __exit__(self, *exc: object) -> None:
         if self.proc and self.proc.poll() is None:

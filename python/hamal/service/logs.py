@@ -72,39 +72,36 @@ def _levels(conf: dict[str, Any]) -> None:
     logging.getLogger("hamal.hamal_core").setLevel(engine)
 
 
-def setup_service(conf: dict[str, Any]) -> logging.Logger:
-    """The loop's logs; returns the logger of ``hamal-period-subprocess.log``."""
+def _to_file(conf: dict[str, Any], name: str, file: str) -> logging.Logger:
+    """Logger ``name`` writes to ``file`` in the log folder, and only there."""
     folder = log_dir(conf)
     os.makedirs(folder, exist_ok=True)
-    root = logging.getLogger("hamal")
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(_handler(conf, os.path.join(folder, PERIOD_LOG)))
-    root.propagate = False
+    logger = logging.getLogger(name)
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+        h.close()
+    logger.addHandler(_handler(conf, os.path.join(folder, file)))
+    logger.propagate = False
+    return logger
+
+
+def setup_service(conf: dict[str, Any]) -> logging.Logger:
+    """The loop's logs; returns the logger of ``hamal-period-subprocess.log``."""
+    _to_file(conf, "hamal", PERIOD_LOG)
     _levels(conf)
-    sub = logging.getLogger("hamal.subprocess")
-    for h in list(sub.handlers):
-        sub.removeHandler(h)
-    sub.addHandler(_handler(conf, os.path.join(folder, SUBPROCESS_LOG)))
-    sub.propagate = False
+    sub = _to_file(conf, "hamal.subprocess", SUBPROCESS_LOG)
     sub.setLevel(logging.DEBUG)
     return sub
 
 
 def setup_worker(conf: dict[str, Any], vm_log: str) -> None:
     """A worker logs its VM's cycle to ``vm_log``; its stderr reaches the subprocess log."""
-    folder = log_dir(conf)
-    os.makedirs(folder, exist_ok=True)
-    root = logging.getLogger("hamal")
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    root.addHandler(_handler(conf, os.path.join(folder, vm_log)))
+    root = _to_file(conf, "hamal", vm_log)
     warn = logging.StreamHandler()
     warn.setLevel(logging.ERROR)
     warn.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     warn.addFilter(SecretFilter())
     root.addHandler(warn)
-    root.propagate = False
     _levels(conf)
 
 
