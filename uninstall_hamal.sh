@@ -6,7 +6,11 @@ set -euo pipefail
 prefix=${HAMAL_PREFIX:-/opt/hamal}
 purge=no
 [ "${1:-}" = "--purge" ] && purge=yes
-rm -rf "$prefix/hamal-venv" "$prefix/hamal-venv.prev" "$prefix/hamal-venv.new" \
+if [ -f "$prefix/docker-compose-hamal.yaml" ] && command -v docker-compose >/dev/null 2>&1; then
+    docker-compose -f "$prefix/docker-compose-hamal.yaml" down --rmi all >/dev/null 2>&1 || true
+fi
+rm -rf "$prefix/hamal-venv" "$prefix/hamal-venv.prev" "$prefix/hamal-venv.switching" \
+       "$prefix/hamal-venv.legacy" "$prefix/releases" \
        "$prefix/update_sync_proxy.sh" "$prefix/docker-compose-hamal.yaml"
 if [ "$purge" = yes ]; then
     rm -rf "${HAMAL_ETC:-/etc/hamal}" "${HAMAL_LIB_DIR:-/var/lib/hamal}" "${HAMAL_LOG_DIR:-/var/log/hamal}"

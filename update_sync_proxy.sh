@@ -1,52 +1,160 @@
 #!/usr/bin/env bash
-# Installs or upgrades hamal in /opt/hamal: a venv at /opt/hamal/hamal-venv with the wheel, the
-# layout files, this script and uninstall_hamal.sh. Keeps /etc/hamal/hamal.conf (installs the
-# reference one only when missing) and rolls back to the previous venv if the new one fails its
-# check.
+# Installs or upgrades hamal in /opt/hamal, never leaving the host without a working release.
 #
-# Usage: update_sync_proxy.sh [WHEEL]      (default: the newest dist/hamal-*.whl beside this script)
-# Paths can be moved for tests: HAMAL_PREFIX, HAMAL_ETC, HAMAL_LOG_DIR, HAMAL_LIB_DIR.
+# Each release is a venv of its own under /opt/hamal/releases/<version>-<time>, built in place
+# and marked complete only once it is checked (imports, `hamal config check` of the live
+# hamal.conf, the state database migrated on a copy). /opt/hamal/hamal-venv is a symlink to the
+# current release, switched with one rename; hamal-venv.prev names the one before. The state
+# database is backed up before the switch. When a docker-compose file is installed and Docker is
+# here, the service is restarted and must report healthy in time, else the previous release and
+# the database backup come back and the service is restarted on them.
+#
+# Killed at any step, the host keeps its working release; the next run removes what was left
+# half-built and goes on.
+#
+# Usage: update_sync_proxy.sh [WHEEL]     install or upgrade (default: the newest dist/hamal-*.whl
+#                                         beside this script; a wheelhouse/ beside it is used
+#                                         offline for the dependencies)
+#        update_sync_proxy.sh --rollback  return to the previous release
+# Paths can be moved for tests: HAMAL_PREFIX, HAMAL_ETC, HAMAL_LOG_DIR, HAMAL_LIB_DIR;
+# HAMAL_HEALTH_TIMEOUT (seconds, default 120).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 prefix=${HAMAL_PREFIX:-/opt/hamal}
 etc=${HAMAL_ETC:-/etc/hamal}
-venv=$prefix/hamal-venv
-wheel=${1:-$(ls -t "$here"/dist/hamal-*.whl 2>/dev/null | head -n1 || true)}
-layout=$here/hamal-venv-layout
-[ -d "$layout" ] || layout=$venv/.layout  # running the installed copy: reuse the saved layout
+lib=${HAMAL_LIB_DIR:-/var/lib/hamal}
+releases=$prefix/releases
+current=$prefix/hamal-venv
+compose=$prefix/docker-compose-hamal.yaml
 
 die() { echo "update_sync_proxy.sh: $*" >&2; exit 1; }
+say() { echo "update_sync_proxy.sh: $*"; }
+# A test hook: stop dead (as a SIGKILL would) at the named step.
+step() { [ "${HAMAL_UPDATE_KILL_AT:-}" != "$1" ] || kill -9 $$; }
+
+# Points `link` at `target` (a release folder name) with one rename, so it is never missing.
+switch() {
+    local link=$1 target=$2
+    ln -sfn "releases/$target" "$link.switching"
+    mv -T "$link.switching" "$link"
+}
+
+# The release a link points at (empty when it does not exist).
+release_of() {
+    local target
+    target=$(readlink "$1" 2>/dev/null) || return 0
+    echo "${target#releases/}"
+}
+
+repair() {
+    mkdir -p "$releases"
+    rm -f "$current.switching" "$current.prev.switching"
+    for r in "$releases"/*/; do
+        r=${r%/}
+        [ -d "$r" ] && [ ! -f "$r/.complete" ] && { say "removing the half-built release $(basename "$r")"; rm -rf "$r"; }
+    done
+    if [ -d "$current" ] && [ ! -L "$current" ]; then
+        # A venv from before releases existed: its scripts name this path, so it stays a plain
+        # folder until the first switch replaces it.
+        return 0
+    fi
+    if [ ! -e "$current" ]; then
+        local newest; newest=$(ls -t "$releases" 2>/dev/null | head -n1 || true)
+        [ -n "$newest" ] && { say "hamal-venv was missing: pointing it at $newest"; switch "$current" "$newest"; }
+    fi
+    return 0
+}
+
+healthy() {
+    [ -f "$compose" ] && command -v docker-compose >/dev/null 2>&1 || return 0  # no service here
+    docker-compose -f "$compose" restart >/dev/null
+    local deadline=$((SECONDS + ${HAMAL_HEALTH_TIMEOUT:-120}))
+    while [ $SECONDS -lt $deadline ]; do
+        docker-compose -f "$compose" ps | grep -q "(healthy)" && return 0
+        sleep 2
+    done
+    return 1
+}
+
+rollback() {
+    local prev; prev=$(release_of "$current.prev")
+    [ -n "$prev" ] && [ -f "$releases/$prev/.complete" ] || die "no previous release to return to"
+    local now; now=$(release_of "$current")
+    switch "$current" "$prev"
+    [ -n "$now" ] && switch "$current.prev" "$now"
+    healthy || die "returned to $prev, but the service is not healthy: see docker-compose logs"
+    say "returned to $(cat "$current/version")"
+}
+
+repair
+if [ "${1:-}" = "--rollback" ]; then
+    rollback
+    exit 0
+fi
+
+wheel=${1:-$(ls -t "$here"/dist/hamal-*.whl 2>/dev/null | head -n1 || true)}
+layout=$here/hamal-venv-layout
+[ -d "$layout" ] || layout=$current/.layout   # running the installed copy: reuse the saved layout
 [ -n "$wheel" ] && [ -f "$wheel" ] || die "no wheel given and none found in $here/dist (build one with 'maturin build')"
 [ -d "$layout" ] || die "layout files not found in $here/hamal-venv-layout"
 python3 -c 'import venv' 2>/dev/null || die "python3 with the venv module is required"
-# Work from a copy of the layout: it may live inside the venv that is about to be replaced.
-staged_layout=$(mktemp -d)
-trap 'rm -rf "$staged_layout"' EXIT
-cp -r "$layout/." "$staged_layout/"
-layout=$staged_layout
+mkdir -p "$etc" "${HAMAL_LOG_DIR:-/var/log/hamal}" "$lib"
 
-mkdir -p "$prefix" "$etc" "${HAMAL_LOG_DIR:-/var/log/hamal}" "${HAMAL_LIB_DIR:-/var/lib/hamal}"
-# A venv's scripts name its own path, so the new one is built in place; the old one waits aside
-# and comes back if anything below fails.
-rm -rf "$venv.prev"
-[ -d "$venv" ] && mv "$venv" "$venv.prev"
-restore() {
-    rm -rf "$venv"
-    [ -d "$venv.prev" ] && mv "$venv.prev" "$venv"
-    echo "update_sync_proxy.sh: failed; the previous installation is kept" >&2
-}
-trap restore ERR
-echo "installing $(basename "$wheel") into $venv"
-python3 -m venv "$venv"
-"$venv/bin/pip" install -q "$wheel"
-cp -r "$layout/project_etc" "$layout/tools" "$layout/hamal3-changelog.txt" "$venv/"
-rm -rf "$venv/.layout" && cp -r "$layout" "$venv/.layout"
-"$venv/bin/python" -c 'import hamal; print(hamal.__version__)' > "$venv/version"
+# 1. Build and check the new release beside the current one.
+name=$(basename "$wheel" | cut -d- -f2)-$(date +%Y%m%d%H%M%S)-$$
+new=$releases/$name
+say "building release $name"
+python3 -m venv "$new"
+step venv
+pip_from=()
+[ -d "$here/wheelhouse" ] && pip_from=(--no-index --find-links "$here/wheelhouse")
+"$new/bin/pip" install -q "${pip_from[@]}" "$wheel"
+step pip
+cp -r "$layout/project_etc" "$layout/tools" "$layout/hamal3-changelog.txt" "$new/"
+cp -r "$layout" "$new/.layout"
+"$new/bin/python" -c 'import hamal; print(hamal.__version__)' > "$new/version"
 [ -f "$etc/hamal.conf" ] || cp "$layout/project_etc/hamal.conf" "$etc/hamal.conf"
-"$venv/bin/hamal" config check "$etc/hamal.conf" >/dev/null   # the new version must accept the config
-trap - ERR
+fail() { rm -rf "$new"; die "$1; the current release is kept"; }
+"$new/bin/hamal" config check "$etc/hamal.conf" >/dev/null || fail "the new release refuses $etc/hamal.conf"
+db=$lib/hamal.db
+if [ -f "$db" ]; then
+    trial=$(mktemp -d)
+    cp "$db" "$trial/hamal.db"
+    "$new/bin/python" -c 'import sys; from hamal.service.state import State; State(sys.argv[1]).close()' \
+        "$trial/hamal.db" || { rm -rf "$trial"; fail "the new release cannot migrate the state database"; }
+    rm -rf "$trial"
+fi
+touch "$new/.complete"
+step checked
+
+# 2. Back up the state, switch, restart and wait for health; undo it all if unhealthy.
+[ -f "$db" ] && cp "$db" "$db.before-$name"
+step backup
+old=$(release_of "$current")
+if [ -d "$current" ] && [ ! -L "$current" ]; then
+    mv "$current" "$prefix/hamal-venv.legacy"   # a pre-release install, kept aside
+    old=""
+fi
+switch "$current" "$name"
+[ -n "$old" ] && switch "$current.prev" "$old"
+step switched
+if ! healthy; then
+    if [ -n "$old" ]; then
+        switch "$current" "$old"
+        [ -f "$db.before-$name" ] && cp "$db.before-$name" "$db"
+        healthy || true
+        die "release $name did not become healthy in time: returned to $old and its database"
+    fi
+    die "release $name did not become healthy in time, and there is no previous release"
+fi
 for f in update_sync_proxy.sh uninstall_hamal.sh; do
     [ "$here/$f" -ef "$prefix/$f" ] || cp "$here/$f" "$prefix/$f"
 done
-rm -rf "$venv.prev"
-echo "hamal $(cat "$venv/version") installed in $venv"
+# Keep the current and the previous release.
+keep_prev=$(release_of "$current.prev")
+for r in "$releases"/*; do
+    b=$(basename "$r")
+    [ "$b" = "$name" ] || [ "$b" = "$keep_prev" ] || rm -rf "$r"
+done
+rm -rf "$prefix/hamal-venv.legacy"
+say "hamal $(cat "$current/version") installed in $current -> releases/$name"

@@ -65,11 +65,66 @@ def test_install_upgrade_rollback_uninstall(tmp_path: Path) -> None:
     marker = venv / "marker"
     marker.write_text("previous")
     r = run(str(prefix / "update_sync_proxy.sh"), wheel(), env=env)
-    assert r.returncode != 0 and "previous installation is kept" in r.stderr
+    assert r.returncode != 0 and "the current release is kept" in r.stderr
     assert marker.read_text() == "previous"
     assert (venv / "bin" / "hamal").exists()
+    assert len(os.listdir(prefix / "releases")) == 2, "the refused build is gone"
 
     r = run(str(prefix / "uninstall_hamal.sh"), env=env)
     assert r.returncode == 0, r.stderr
     assert not prefix.exists()
     assert (etc / "hamal.conf").exists(), "config is kept without --purge"
+
+
+def releases(prefix: Path) -> list[str]:
+    return sorted(os.listdir(prefix / "releases"))
+
+
+def works(prefix: Path) -> str:
+    """The installed release's version, after checking that its command runs."""
+    r = subprocess.run([prefix / "hamal-venv" / "bin" / "hamal", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return os.readlink(prefix / "hamal-venv")
+
+
+@pytest.mark.parametrize("step", ["venv", "pip", "checked", "backup", "switched"])
+def test_an_update_killed_at_any_step_leaves_a_working_release(tmp_path: Path, step: str) -> None:
+    prefix = tmp_path / "opt" / "hamal"
+    lib = tmp_path / "lib"
+    env = {"HAMAL_PREFIX": str(prefix), "HAMAL_ETC": str(tmp_path / "etc"), "HAMAL_LIB_DIR": str(lib),
+           "HAMAL_LOG_DIR": str(tmp_path / "log")}  # fmt: skip
+    assert run(str(ROOT / "update_sync_proxy.sh"), wheel(), env=env).returncode == 0
+    before = works(prefix)
+    lib.mkdir(exist_ok=True)
+    from hamal.service.state import State
+
+    State(str(lib / "hamal.db")).close()
+    r = run(str(prefix / "update_sync_proxy.sh"), wheel(), env={**env, "HAMAL_UPDATE_KILL_AT": step})
+    assert r.returncode == -9 or r.returncode == 137, (r.returncode, r.stderr)
+    now = works(prefix)
+    assert now == before or step == "switched", "the old release serves until the switch"
+    r = run(str(prefix / "update_sync_proxy.sh"), wheel(), env=env)
+    assert r.returncode == 0, r.stderr
+    works(prefix)
+    assert all((prefix / "releases" / x / ".complete").exists() for x in releases(prefix)), (
+        "no half-built release"
+    )
+    assert len(releases(prefix)) == 2, "the current and the previous release are kept"
+
+
+def test_rollback_returns_to_the_previous_release(tmp_path: Path) -> None:
+    prefix = tmp_path / "opt" / "hamal"
+    env = {"HAMAL_PREFIX": str(prefix), "HAMAL_ETC": str(tmp_path / "etc"),
+           "HAMAL_LIB_DIR": str(tmp_path / "lib"), "HAMAL_LOG_DIR": str(tmp_path / "log")}  # fmt: skip
+    r = run(str(ROOT / "update_sync_proxy.sh"), "--rollback", env=env)
+    assert r.returncode == 1 and "no previous release" in r.stderr
+    assert run(str(ROOT / "update_sync_proxy.sh"), wheel(), env=env).returncode == 0
+    first = works(prefix)
+    assert run(str(prefix / "update_sync_proxy.sh"), wheel(), env=env).returncode == 0
+    second = works(prefix)
+    assert second != first and os.readlink(prefix / "hamal-venv.prev") == first
+    r = run(str(prefix / "update_sync_proxy.sh"), "--rollback", env=env)
+    assert r.returncode == 0, r.stderr
+    assert works(prefix) == first and os.readlink(prefix / "hamal-venv.prev") == second
+    r = run(str(prefix / "uninstall_hamal.sh"), "--purge", env=env)
+    assert r.returncode == 0 and not prefix.exists() and not (tmp_path / "etc").exists()
