@@ -11,7 +11,7 @@ if [ -f "$prefix/docker-compose-hamal.yaml" ] && command -v docker-compose >/dev
 fi
 rm -rf "$prefix/hamal-venv" "$prefix/hamal-venv.prev" "$prefix/hamal-venv.switching" \
        "$prefix/hamal-venv.legacy" "$prefix/releases" \
-       "$prefix/update_sync_proxy.sh" "$prefix/docker-compose-hamal.yaml"
+       "$prefix/update_sync_proxy.sh" "$prefix/docker-compose-hamal.yaml" "$prefix/.env"
 if [ "$purge" = yes ]; then
     rm -rf "${HAMAL_ETC:-/etc/hamal}" "${HAMAL_LIB_DIR:-/var/lib/hamal}" "${HAMAL_LOG_DIR:-/var/log/hamal}"
 fi

@@ -12,17 +12,24 @@
 # Killed at any step, the host keeps its working release; the next run removes what was left
 # half-built and goes on.
 #
+# With an image (HAMAL_IMAGE, or the tag in image-tag beside this script), releases are built
+# with the image's Python inside a container, so the venv is true inside the service container,
+# and docker-compose-hamal.yaml is installed from the layout with the image and paths filled in.
+#
 # Usage: update_sync_proxy.sh [WHEEL]     install or upgrade (default: the newest dist/hamal-*.whl
 #                                         beside this script; a wheelhouse/ beside it is used
 #                                         offline for the dependencies)
 #        update_sync_proxy.sh --rollback  return to the previous release
 # Paths can be moved for tests: HAMAL_PREFIX, HAMAL_ETC, HAMAL_LOG_DIR, HAMAL_LIB_DIR;
-# HAMAL_HEALTH_TIMEOUT (seconds, default 120).
+# HAMAL_HEALTH_TIMEOUT (seconds, default 120), HAMAL_COMPOSE_PROJECT (default hamal).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 prefix=${HAMAL_PREFIX:-/opt/hamal}
 etc=${HAMAL_ETC:-/etc/hamal}
 lib=${HAMAL_LIB_DIR:-/var/lib/hamal}
+log=${HAMAL_LOG_DIR:-/var/log/hamal}
+image=${HAMAL_IMAGE:-}
+[ -n "$image" ] || [ ! -f "$here/image-tag" ] || image=$(cat "$here/image-tag")
 releases=$prefix/releases
 current=$prefix/hamal-venv
 compose=$prefix/docker-compose-hamal.yaml
@@ -65,9 +72,19 @@ repair() {
     return 0
 }
 
+# Runs a command with the Python the service will run: inside the image when there is one.
+run() {
+    if [ -n "$image" ]; then
+        docker run --rm --network host -v "$prefix:$prefix" -v "$etc:$etc" -v "$lib:$lib" \
+            -v "$wheel_dir:$wheel_dir:ro" -e HAMAL_CONF="$etc/hamal.conf" "$image" "$@"
+    else
+        "$@"
+    fi
+}
+
 healthy() {
     [ -f "$compose" ] && command -v docker-compose >/dev/null 2>&1 || return 0  # no service here
-    docker-compose -f "$compose" restart >/dev/null
+    docker-compose -f "$compose" up -d --force-recreate >/dev/null 2>&1
     local deadline=$((SECONDS + ${HAMAL_HEALTH_TIMEOUT:-120}))
     while [ $SECONDS -lt $deadline ]; do
         docker-compose -f "$compose" ps | grep -q "(healthy)" && return 0
@@ -97,35 +114,43 @@ layout=$here/hamal-venv-layout
 [ -d "$layout" ] || layout=$current/.layout   # running the installed copy: reuse the saved layout
 [ -n "$wheel" ] && [ -f "$wheel" ] || die "no wheel given and none found in $here/dist (build one with 'maturin build')"
 [ -d "$layout" ] || die "layout files not found in $here/hamal-venv-layout"
-python3 -c 'import venv' 2>/dev/null || die "python3 with the venv module is required"
-mkdir -p "$etc" "${HAMAL_LOG_DIR:-/var/log/hamal}" "$lib"
+wheel=$(cd "$(dirname "$wheel")" && pwd)/$(basename "$wheel")
+wheel_dir=$(dirname "$wheel")
+if [ -n "$image" ]; then
+    docker image inspect "$image" >/dev/null 2>&1 || die "image $image not found (load it with docker load, or build it with tools/build-image)"
+else
+    python3 -c 'import venv' 2>/dev/null || die "python3 with the venv module is required"
+fi
+mkdir -p "$etc" "$log" "$lib"
 
 # 1. Build and check the new release beside the current one.
 name=$(basename "$wheel" | cut -d- -f2)-$(date +%Y%m%d%H%M%S)-$$
 new=$releases/$name
 say "building release $name"
-python3 -m venv "$new"
+run python3 -m venv "$new"
 step venv
 pip_from=()
-[ -d "$here/wheelhouse" ] && pip_from=(--no-index --find-links "$here/wheelhouse")
-"$new/bin/pip" install -q "${pip_from[@]}" "$wheel"
+[ -d "$wheel_dir/wheelhouse" ] && pip_from=(--no-index --find-links "$wheel_dir/wheelhouse")
+run "$new/bin/pip" install -q "${pip_from[@]}" "$wheel"
 step pip
 cp -r "$layout/project_etc" "$layout/tools" "$layout/hamal3-changelog.txt" "$new/"
 cp -r "$layout" "$new/.layout"
-"$new/bin/python" -c 'import hamal; print(hamal.__version__)' > "$new/version"
+run "$new/bin/python" -c 'import hamal; print(hamal.__version__)' > "$new/version"
 [ -f "$etc/hamal.conf" ] || cp "$layout/project_etc/hamal.conf" "$etc/hamal.conf"
 fail() { rm -rf "$new"; die "$1; the current release is kept"; }
-"$new/bin/hamal" config check "$etc/hamal.conf" >/dev/null || fail "the new release refuses $etc/hamal.conf"
+run "$new/bin/hamal" config check "$etc/hamal.conf" >/dev/null || fail "the new release refuses $etc/hamal.conf"
 db=$lib/hamal.db
 if [ -f "$db" ]; then
-    trial=$(mktemp -d)
-    cp "$db" "$trial/hamal.db"
-    "$new/bin/python" -c 'import sys; from hamal.service.state import State; State(sys.argv[1]).close()' \
+    trial=$lib/.migration-trial-$name
+    mkdir -p "$trial" && cp "$db" "$trial/hamal.db"
+    run "$new/bin/python" -c 'import sys; from hamal.service.state import State; State(sys.argv[1]).close()' \
         "$trial/hamal.db" || { rm -rf "$trial"; fail "the new release cannot migrate the state database"; }
     rm -rf "$trial"
 fi
 touch "$new/.complete"
 step checked
+# A test hook: a release that passes its checks but never becomes healthy.
+[ -z "${HAMAL_UPDATE_BREAK_SERVICE:-}" ] || rm -f "$new/bin/hamal-period"
 
 # 2. Back up the state, switch, restart and wait for health; undo it all if unhealthy.
 [ -f "$db" ] && cp "$db" "$db.before-$name"
@@ -138,6 +163,12 @@ fi
 switch "$current" "$name"
 [ -n "$old" ] && switch "$current.prev" "$old"
 step switched
+if [ -n "$image" ]; then
+    sed -e "s|@IMAGE@|$image|g" -e "s|@PREFIX@|$prefix|g" -e "s|@ETC@|$etc|g" -e "s|@LOG@|$log|g" \
+        -e "s|@LIB@|$lib|g" "$layout/docker-compose-hamal.yaml" > "$compose.new"
+    mv "$compose.new" "$compose"
+    echo "COMPOSE_PROJECT_NAME=${HAMAL_COMPOSE_PROJECT:-hamal}" > "$prefix/.env"
+fi
 if ! healthy; then
     if [ -n "$old" ]; then
         switch "$current" "$old"

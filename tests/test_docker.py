@@ -1,0 +1,131 @@
+"""The container an operator runs, on this machine's Docker: the base image built from Debian
+without a registry, a release installed with update_sync_proxy.sh from a bundle (wheel and
+wheelhouse), docker-compose up, healthy, a standalone task synced inside the container,
+restart, upgrade, an upgrade that never becomes healthy (automatic return), uninstall."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import sha256
+from nbd_servers import qemu_io
+from test_install import ROOT, wheel
+
+
+def sh(*cmd: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(cmd), capture_output=True, text=True, env={**os.environ, **(env or {})})
+    assert not check or r.returncode == 0, f"{' '.join(cmd)}: {r.stderr}{r.stdout}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    if shutil.which("docker") is None or sh("docker", "info", check=False).returncode:
+        pytest.skip("no Docker daemon here (the project's machines have one)")
+    return sh(str(ROOT / "tools" / "build-image")).stdout.strip().splitlines()[-1]
+
+
+def test_install_run_upgrade_and_return_in_a_container(tmp_path: Path, image: str) -> None:
+    root = Path(f"/tmp/hamal-docker-{os.getpid()}")  # short paths, mounted as they are
+    shutil.rmtree(root, ignore_errors=True)
+    prefix, etc, lib, log, bundle = (root / d for d in ("opt", "etc", "lib", "log", "bundle"))
+    for d in (etc, lib / "tasks", lib / "img", bundle):
+        d.mkdir(parents=True)
+    shutil.copy(wheel(), bundle)
+    pip = Path(os.environ.get("VIRTUAL_ENV", sys_prefix())) / "bin" / "pip"
+    sh(str(pip), "download", "-q", "-d", str(bundle / "wheelhouse"), *map(str, bundle.glob("hamal-*.whl")))
+    (etc / "hamal.conf").write_text(
+        f"[DEFAULT]\nhamal_lib_dir = {lib}\nhamal_info_path = {lib}/hamal_info\nlog_dir = {log}\n"
+        f"[period]\ninterval = 3\ntasks_dir = {lib}/tasks\n[metrics]\nlisten =\n"
+    )
+    img = lib / "img" / "vm.qcow2"
+    sh("qemu-img", "create", "-q", "-f", "qcow2", str(img), "64M")
+    qemu_io(img, "write -P 0x11 0 6M")
+    task = {"version": 1, "vm": {"platform": "kvm", "uuid": "u1", "name": "vm"},
+            "connection": {"images": {"vda": str(img)}}, "target": {"uri": f"dir:{lib}/store"}}  # fmt: skip
+    (lib / "tasks" / "vm.json").write_text(json.dumps(task))
+    env = {
+        "HAMAL_PREFIX": str(prefix),
+        "HAMAL_ETC": str(etc),
+        "HAMAL_LIB_DIR": str(lib),
+        "HAMAL_LOG_DIR": str(log),
+        "HAMAL_IMAGE": image,
+        "HAMAL_COMPOSE_PROJECT": f"hamaltest{os.getpid()}",
+        "HAMAL_HEALTH_TIMEOUT": "90",
+    }
+    compose = ["docker-compose", "-f", str(prefix / "docker-compose-hamal.yaml")]
+    update = str(ROOT / "update_sync_proxy.sh")
+    try:
+        t0 = time.monotonic()
+        sh(update, str(bundle / wheel().split("/")[-1]), env=env)
+        install_s = time.monotonic() - t0
+        assert "Up (healthy)" in sh(*compose, "ps").stdout
+        hamal = [*compose, "exec", "-T", "hamal", f"{prefix}/hamal-venv/bin/hamal"]
+
+        def committed() -> list[dict]:
+            r = sh(*hamal, "status", "--json", check=False)
+            if r.returncode:
+                return []
+            (t,) = json.loads(r.stdout)["tasks"] or [{"disks": []}]
+            return [d for d in t["disks"] if d["version"]]
+
+        wait(lambda: committed(), "a cycle inside the container")
+        (disk,) = committed()
+        out = lib / "restored.raw"
+        sh(*hamal, "restore", f"dir:{lib}/store", str(out), "--disk", "vm-vda", "--version", disk["version"])
+        ref = lib / "ref.raw"
+        sh("qemu-img", "convert", "-U", "-O", "raw", str(img), str(ref))
+        assert sha256(out) == sha256(ref)
+        assert {"hamal-period.log", "hamal-period-subprocess.log", "vm-vm-u1.log"} <= set(os.listdir(log))
+
+        def versions() -> list[dict]:
+            return json.loads(sh(*hamal, "versions", f"dir:{lib}/store", "--json").stdout)["versions"]
+
+        before = len(versions())
+        sh(*compose, "restart")
+        wait(lambda: "Up (healthy)" in sh(*compose, "ps").stdout, "healthy after a restart")
+        wait(lambda: len(versions()) > before, "a cycle after the restart")
+        assert versions()[-1]["stats"]["mode"] == "incremental", "the cursor survived the restart"
+
+        first = os.readlink(prefix / "hamal-venv")
+        t0 = time.monotonic()
+        sh(update, str(bundle / wheel().split("/")[-1]), env=env)
+        upgrade_s = time.monotonic() - t0
+        second = os.readlink(prefix / "hamal-venv")
+        assert second != first and "Up (healthy)" in sh(*compose, "ps").stdout
+        qemu_io(img, "write -P 0x22 1M 64k")
+        wait(lambda: committed() and committed()[0]["version"] != disk["version"], "an incremental cycle")
+        assert committed()[0]["cursor"] != disk["cursor"]
+
+        broken = {**env, "HAMAL_UPDATE_BREAK_SERVICE": "1", "HAMAL_HEALTH_TIMEOUT": "20"}
+        r = sh(update, str(bundle / wheel().split("/")[-1]), env=broken, check=False)
+        assert r.returncode == 1 and f"returned to {second.split('/')[-1]}" in r.stderr, r.stderr
+        assert os.readlink(prefix / "hamal-venv") == second
+        wait(lambda: "Up (healthy)" in sh(*compose, "ps").stdout, "healthy on the previous release")
+        print(f"install to healthy {install_s:.1f} s, upgrade {upgrade_s:.1f} s")
+        sh(str(prefix / "uninstall_hamal.sh"), env=env)
+        assert not prefix.exists() and (etc / "hamal.conf").exists() and (lib / "hamal.db").exists()
+        assert "hamal" not in sh("docker", "ps", "-a", "--format", "{{.Names}}").stdout
+    finally:
+        if (prefix / "docker-compose-hamal.yaml").exists():
+            subprocess.run([*compose, "down"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def sys_prefix() -> str:
+    import sys
+
+    return sys.prefix
+
+
+def wait(check, what: str, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(1)
