@@ -16,9 +16,10 @@
 # with the image's Python inside a container, so the venv is true inside the service container,
 # and docker-compose-hamal.yaml is installed from the layout with the image and paths filled in.
 #
-# Usage: update_sync_proxy.sh [WHEEL]     install or upgrade (default: the newest dist/hamal-*.whl
-#                                         beside this script; a wheelhouse/ beside it is used
-#                                         offline for the dependencies)
+# Usage: update_sync_proxy.sh [WHEEL]     install or upgrade (default: the hamal-*.whl of the
+#                                         bundle beside this script, else the newest in dist/;
+#                                         a wheelhouse/ beside the wheel is used offline, and
+#                                         hamal-base.tar is loaded when the image is missing)
 #        update_sync_proxy.sh --rollback  return to the previous release
 # Paths can be moved for tests: HAMAL_PREFIX, HAMAL_ETC, HAMAL_LOG_DIR, HAMAL_LIB_DIR;
 # HAMAL_HEALTH_TIMEOUT (seconds, default 120), HAMAL_COMPOSE_PROJECT (default hamal).
@@ -109,7 +110,7 @@ if [ "${1:-}" = "--rollback" ]; then
     exit 0
 fi
 
-wheel=${1:-$(ls -t "$here"/dist/hamal-*.whl 2>/dev/null | head -n1 || true)}
+wheel=${1:-$(ls -t "$here"/hamal-*.whl "$here"/dist/hamal-*.whl 2>/dev/null | head -n1 || true)}
 layout=$here/hamal-venv-layout
 [ -d "$layout" ] || layout=$current/.layout   # running the installed copy: reuse the saved layout
 [ -n "$wheel" ] && [ -f "$wheel" ] || die "no wheel given and none found in $here/dist (build one with 'maturin build')"
@@ -117,6 +118,10 @@ layout=$here/hamal-venv-layout
 wheel=$(cd "$(dirname "$wheel")" && pwd)/$(basename "$wheel")
 wheel_dir=$(dirname "$wheel")
 if [ -n "$image" ]; then
+    if ! docker image inspect "$image" >/dev/null 2>&1 && [ -f "$here/hamal-base.tar" ]; then
+        say "loading the image $image"
+        docker load -q -i "$here/hamal-base.tar" >/dev/null
+    fi
     docker image inspect "$image" >/dev/null 2>&1 || die "image $image not found (load it with docker load, or build it with tools/build-image)"
 else
     python3 -c 'import venv' 2>/dev/null || die "python3 with the venv module is required"

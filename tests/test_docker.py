@@ -1,7 +1,8 @@
 """The container an operator runs, on this machine's Docker: the base image built from Debian
-without a registry, a release installed with update_sync_proxy.sh from a bundle (wheel and
-wheelhouse), docker-compose up, healthy, a standalone task synced inside the container,
-restart, upgrade, an upgrade that never becomes healthy (automatic return), uninstall."""
+without a registry, the release bundle (tools/release) unpacked and installed with its
+update_sync_proxy.sh (image loaded from the bundle, dependencies from its wheelhouse),
+docker-compose up, healthy, a standalone task synced inside the container, restart, upgrade,
+an upgrade that never becomes healthy (automatic return), uninstall."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import sha256
 from nbd_servers import qemu_io
-from test_install import ROOT, wheel
+from test_install import ROOT
 
 
 def sh(*cmd: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -37,9 +38,12 @@ def test_install_run_upgrade_and_return_in_a_container(tmp_path: Path, image: st
     prefix, etc, lib, log, bundle = (root / d for d in ("opt", "etc", "lib", "log", "bundle"))
     for d in (etc, lib / "tasks", lib / "img", bundle):
         d.mkdir(parents=True)
-    shutil.copy(wheel(), bundle)
-    pip = Path(os.environ.get("VIRTUAL_ENV", sys_prefix())) / "bin" / "pip"
-    sh(str(pip), "download", "-q", "-d", str(bundle / "wheelhouse"), *map(str, bundle.glob("hamal-*.whl")))
+    tarball = sh(str(ROOT / "tools" / "release")).stdout.strip().splitlines()[-1]
+    sh("tar", "-C", str(bundle), "--strip-components=1", "-xzf", tarball)
+    assert {"update_sync_proxy.sh", "uninstall_hamal.sh", "hamal-venv-layout", "wheelhouse", "hamal-base.tar",
+            "image-tag"} <= set(os.listdir(bundle))  # fmt: skip
+    assert (bundle / "image-tag").read_text().strip() == image
+    sh("docker", "rmi", image)  # an air-gapped host: the image comes from the bundle
     (etc / "hamal.conf").write_text(
         f"[DEFAULT]\nhamal_lib_dir = {lib}\nhamal_info_path = {lib}/hamal_info\nlog_dir = {log}\n"
         f"[period]\ninterval = 3\ntasks_dir = {lib}/tasks\n[metrics]\nlisten =\n"
@@ -55,15 +59,14 @@ def test_install_run_upgrade_and_return_in_a_container(tmp_path: Path, image: st
         "HAMAL_ETC": str(etc),
         "HAMAL_LIB_DIR": str(lib),
         "HAMAL_LOG_DIR": str(log),
-        "HAMAL_IMAGE": image,
         "HAMAL_COMPOSE_PROJECT": f"hamaltest{os.getpid()}",
         "HAMAL_HEALTH_TIMEOUT": "90",
     }
     compose = ["docker-compose", "-f", str(prefix / "docker-compose-hamal.yaml")]
-    update = str(ROOT / "update_sync_proxy.sh")
+    update = str(bundle / "update_sync_proxy.sh")
     try:
         t0 = time.monotonic()
-        sh(update, str(bundle / wheel().split("/")[-1]), env=env)
+        sh(update, env=env)
         install_s = time.monotonic() - t0
         assert "Up (healthy)" in sh(*compose, "ps").stdout
         hamal = [*compose, "exec", "-T", "hamal", f"{prefix}/hamal-venv/bin/hamal"]
@@ -95,7 +98,7 @@ def test_install_run_upgrade_and_return_in_a_container(tmp_path: Path, image: st
 
         first = os.readlink(prefix / "hamal-venv")
         t0 = time.monotonic()
-        sh(update, str(bundle / wheel().split("/")[-1]), env=env)
+        sh(update, env=env)
         upgrade_s = time.monotonic() - t0
         second = os.readlink(prefix / "hamal-venv")
         assert second != first and "Up (healthy)" in sh(*compose, "ps").stdout
@@ -104,7 +107,7 @@ def test_install_run_upgrade_and_return_in_a_container(tmp_path: Path, image: st
         assert committed()[0]["cursor"] != disk["cursor"]
 
         broken = {**env, "HAMAL_UPDATE_BREAK_SERVICE": "1", "HAMAL_HEALTH_TIMEOUT": "20"}
-        r = sh(update, str(bundle / wheel().split("/")[-1]), env=broken, check=False)
+        r = sh(update, env=broken, check=False)
         assert r.returncode == 1 and f"returned to {second.split('/')[-1]}" in r.stderr, r.stderr
         assert os.readlink(prefix / "hamal-venv") == second
         wait(lambda: "Up (healthy)" in sh(*compose, "ps").stdout, "healthy on the previous release")
@@ -116,12 +119,6 @@ def test_install_run_upgrade_and_return_in_a_container(tmp_path: Path, image: st
         if (prefix / "docker-compose-hamal.yaml").exists():
             subprocess.run([*compose, "down"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
-
-
-def sys_prefix() -> str:
-    import sys
-
-    return sys.prefix
 
 
 def wait(check, what: str, timeout: float = 120) -> None:
