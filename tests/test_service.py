@@ -345,3 +345,18 @@ def test_retention_prunes_every_cycle_and_collects_hourly(env: ServiceEnv) -> No
     assert chunks() == 2, "an hour on, the collection removes what no version uses"
     (disk,) = env.task_status("vm")["disks"]
     assert restore_sha(env, env.store, "vm-vda", disk["version"]) == image_sha(img)
+
+
+def test_cycle_history_is_trimmed_per_task(tmp_path: Path) -> None:
+    from hamal.service.state import State
+
+    s = State(str(tmp_path / "hamal.db"))
+    for _ in range(12):
+        s.end_cycle(s.start_cycle("a", 1), "ok")
+    s.end_cycle(s.start_cycle("b", 1), "ok")
+    running = s.start_cycle("a", 1)
+    s.trim_history(keep=5)
+    kept = [r["id"] for r in s.last_cycles("a", 100)]
+    assert kept == [running, 12, 11, 10, 9], kept
+    assert len(s.last_cycles("b", 100)) == 1, "each task keeps its own history"
+    s.close()

@@ -113,6 +113,7 @@ class Service:
                 log.error("task file not used: %s", msg)
         self.task_errors = errors
         self.state.set_problems(errors, folder)
+        self.state.trim_history()
         self.state.sync_tasks({t.id: (t.origin, t.raw) for t in tasks}, "file")
         self.tasks = {}
         for row in self.state.task_rows():
@@ -131,9 +132,10 @@ class Service:
 
     def due(self, now: float) -> list[Task]:
         wall = dt.datetime.now()
+        rows = {r["id"]: r for r in self.state.task_rows()}  # one read per tick, not per task
         out = []
         for tid, task in self.tasks.items():
-            row = self.state.task_row(tid)
+            row = rows.get(tid)
             if row is None or tid in self.workers or not task.enabled or row["paused"]:
                 continue
             if self.once and tid in self.once_done:

@@ -161,9 +161,6 @@ class State:
         rows = self.db.execute("SELECT * FROM disks WHERE task_id = ?", (tid,)).fetchall()
         return {r["disk_id"]: r for r in rows}
 
-    def all_cursors(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT cursor FROM disks WHERE cursor IS NOT NULL")}
-
     def commit_disk(
         self,
         tid: str,
@@ -187,11 +184,6 @@ class State:
                 "bytes_last = excluded.bytes_last, bytes_total = disks.bytes_total + excluded.bytes_last",
                 (tid, disk, cursor, version, snapshot_time, now_iso(), size, bytes_moved, bytes_moved),
             )
-
-    def forget_task(self, tid: str) -> None:
-        with self.tx() as db:
-            db.execute("DELETE FROM disks WHERE task_id = ?", (tid,))
-            db.execute("DELETE FROM tasks WHERE id = ?", (tid,))
 
     # Cycles
 
@@ -236,12 +228,14 @@ class State:
         ).fetchall()
 
     def trim_history(self, keep: int = 1000) -> None:
+        """Keeps each task's newest ``keep`` cycles (the index makes each cut one range)."""
         with self.tx() as db:
-            db.execute(
-                "DELETE FROM cycles WHERE id IN (SELECT id FROM cycles c WHERE state != 'running' AND "
-                "(SELECT COUNT(*) FROM cycles d WHERE d.task_id = c.task_id AND d.id > c.id) >= ?)",
-                (keep,),
-            )
+            for (tid,) in db.execute("SELECT DISTINCT task_id FROM cycles").fetchall():
+                db.execute(
+                    "DELETE FROM cycles WHERE task_id = ? AND state != 'running' AND id <= "
+                    "(SELECT id FROM cycles WHERE task_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (tid, tid, keep),
+                )
 
     # Problems and the loop's heartbeat
 
