@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("task_id", nargs="?", help="the task (all but list)")
     t.add_argument("--json", action="store_true")
 
+    ms = sub.add_parser("mass", help="the control plane (Mass)")
+    msub = ms.add_subparsers(dest="mass_command", required=True)
+    msub.add_parser("check", help="connect with the configured [mass] settings; say in one line what works")
+
     d = sub.add_parser(
         "demo", help="run the service on two generated qcow2 VMs, write between cycles, restore every version"
     )
@@ -502,6 +506,14 @@ def cmd_task(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_mass(args: argparse.Namespace) -> int:
+    from hamal.control.check import check
+
+    ok, line = check(load_config(args.config).as_dict())
+    print(line, file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_ERROR
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from hamal.demo import run_demo
 
@@ -520,6 +532,7 @@ COMMANDS = {
     "status": cmd_status,
     "health": cmd_health,
     "task": cmd_task,
+    "mass": cmd_mass,
     "demo": cmd_demo,
 }
 

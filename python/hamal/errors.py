@@ -54,6 +54,25 @@ class SyncCancelled(HamalError):
     """The job was cancelled; finished chunks are kept for a resume."""
 
 
+class MassError(HamalError):
+    """The control plane (Mass) could not be reached or refused a request. ``kind`` says where
+    it failed: dns, tcp, tls, pin, timeout, http, auth, unknown_proxy, route, protocol."""
+
+    def __init__(self, kind: str, message: str, status: int | None = None, code: str | None = None):
+        super().__init__(message)
+        self.kind, self.status, self.code = kind, status, code
+
+    @property
+    def retryable(self) -> bool:
+        """Worth trying again later: the network or Mass itself failed, not the request."""
+        if self.kind in ("dns", "tcp", "tls", "timeout"):
+            return True
+        return self.kind == "http" and self.status is not None and (self.status >= 500 or self.status == 429)
+
+    def __reduce__(self):  # type: ignore[override]
+        return (MassError, (self.kind, str(self), self.status, self.code))
+
+
 class InternalError(HamalError):
     """A bug in hamal; please report it."""
 
@@ -65,6 +84,7 @@ __all__ = [
     "HamalError",
     "InternalError",
     "JournalError",
+    "MassError",
     "MismatchError",
     "PlanError",
     "SourceError",

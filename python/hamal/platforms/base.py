@@ -133,9 +133,11 @@ def new_snapshot_name() -> str:
     return f"{PREFIX}{int(time.time() * 1000)}"
 
 
-def now_iso() -> str:
-    """The current UTC time, RFC 3339 with milliseconds (the form version records use)."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def now_iso(offset_s: float = 0.0) -> str:
+    """The current UTC time (plus ``offset_s``), RFC 3339 with milliseconds (the form version
+    records use)."""
+    when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=offset_s)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def is_ours(name: str) -> bool:

@@ -15,6 +15,12 @@ SIGTERM (``docker stop``): no new cycle, running ones are cancelled at a chunk b
 journals kept, their snapshots released) and the process exits within 10 s. Started again, it
 marks cycles it did not see end as interrupted and runs them again: each worker first removes
 hamal's snapshots that no cursor references, and the journal resumes what was durable.
+
+With ``[mass] mass_endpoint`` set, a link thread (``hamal.control.link``) brings Mass's tasks
+and commands into the state database and delivers the outbox; the loop queues each cycle's
+progress (at most one per task per ``task_update_wait_time``) and result there. A task Mass
+deletes is cancelled if running, then a worker removes hamal's snapshots of it, and the task,
+its cursors and history are forgotten.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ import os
 import queue
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -37,10 +42,12 @@ from typing import Any
 
 from hamal import _native
 from hamal.config import load_config
+from hamal.control import link as mass
+from hamal.control.mass import hamal_info, utc_now
 from hamal.errors import ConfigError, HamalError
 from hamal.service import logs
 from hamal.service.state import State, StateError, db_path
-from hamal.service.tasks import Task, TaskError, load_dir, parse_task
+from hamal.service.tasks import Task, TaskError, load_dir, parse_task, secret_values
 
 log = logging.getLogger("hamal.period")
 STOP_GRACE_S = 8.0  # workers get this long to stop after SIGTERM; docker waits 10 s
@@ -55,9 +62,13 @@ class Worker:
     slots: int
     started: float
     last_seen: float
+    kind: str = "cycle"  # or "delete": removing a deleted task's snapshots
+    started_wall: str = field(default_factory=utc_now)
     events: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
     result: dict[str, Any] | None = None
     progress: dict[str, Any] = field(default_factory=dict)
+    progress_sent: float = 0.0
+    term_sent: bool = False
 
 
 @dataclass
@@ -70,15 +81,6 @@ class Schedule:
 def _read_lines(stream: Any, sink: Any) -> None:
     for line in stream:
         sink(line.rstrip("\n"))
-
-
-def host_addresses() -> list[str]:
-    """This host's addresses as its name resolves (no traffic is sent)."""
-    try:
-        _, _, addrs = socket.gethostbyname_ex(socket.gethostname())
-    except OSError:
-        return []
-    return sorted(a for a in set(addrs) if not a.startswith("127."))
 
 
 class Service:
@@ -95,6 +97,8 @@ class Service:
         self.state = State(db_path(self.conf["DEFAULT"]["hamal_lib_dir"]))
         self.once_done: set[str] = set()
         self.failures = 0
+        self.link: mass.MassLink | None = None
+        self.delete_after: dict[str, float] = {}  # a failed delete is tried again after this
 
     def load_config(self) -> None:
         self.cfg = load_config(self.config_path)
@@ -117,6 +121,9 @@ class Service:
         self.state.sync_tasks({t.id: (t.origin, t.raw) for t in tasks}, "file")
         self.tasks = {}
         for row in self.state.task_rows():
+            if row["origin"] == "mass":
+                for secret in secret_values(json.loads(row["spec"])):
+                    logs.add_secret(secret)
             try:
                 self.tasks[row["id"]] = parse_task(json.loads(row["spec"]), row["origin"], row["id"])
             except TaskError as e:  # stored specs were checked when stored; a downgrade may differ
@@ -136,7 +143,7 @@ class Service:
         out = []
         for tid, task in self.tasks.items():
             row = rows.get(tid)
-            if row is None or tid in self.workers or not task.enabled or row["paused"]:
+            if row is None or tid in self.workers or not task.enabled or row["paused"] or row["deleting"]:
                 continue
             if self.once and tid in self.once_done:
                 continue
@@ -156,15 +163,19 @@ class Service:
         n = len(images) if isinstance(images, dict) else 1
         return max(1, min(n, int(self.conf["data_sync_v2"]["parallel_sync_disks_count"])))
 
-    def start_worker(self, task: Task) -> None:
+    def start_worker(self, task: Task, kind: str = "cycle") -> None:
         row = self.state.task_row(task.id)
         sched = self.schedule.setdefault(task.id, Schedule())
-        slots = min(self.weight(task), max(self.slots_free(), 0))
-        cycle_id = self.state.start_cycle(task.id, sched.attempt)
+        if kind == "cycle":
+            slots = min(self.weight(task), max(self.slots_free(), 0))
+            cycle_id = self.state.start_cycle(task.id, sched.attempt)
+        else:
+            slots, cycle_id = 0, 0
         if row and row["run_now"]:
             self.state.set_flag(task.id, run_now=0)
         job = {
             "config": self.config_path,
+            "mode": kind,
             "task": {"id": task.id, "origin": task.origin, "spec": task.raw},
             "attempt": sched.attempt,
             "cycle_id": cycle_id,
@@ -180,7 +191,7 @@ class Service:
             start_new_session=True,  # a terminal's Ctrl-C reaches the loop, which stops workers
         )
         now = time.monotonic()
-        w = Worker(task, proc, cycle_id, sched.attempt, slots, now, now)
+        w = Worker(task, proc, cycle_id, sched.attempt, slots, now, now, kind=kind)
         assert proc.stdin and proc.stdout and proc.stderr
         proc.stdin.write(json.dumps(job) + "\n")
         proc.stdin.flush()
@@ -194,6 +205,9 @@ class Service:
             daemon=True,
         ).start()
         self.workers[task.id] = w
+        if kind == "delete":
+            self.sublog.info("started worker pid %d to remove deleted task %s", proc.pid, task.id)
+            return
         sched.next_due = time.monotonic() + self.interval(task)
         self.sublog.info(
             "started worker pid %d for task %s (cycle %d, attempt %d)",
@@ -223,6 +237,16 @@ class Service:
                     w.result = msg
                 else:
                     w.progress = msg
+            if (
+                self.link
+                and w.progress
+                and w.task.origin == "mass"
+                and w.kind == "cycle"
+                and now - w.progress_sent >= self.progress_every()
+            ):
+                mass.queue_progress(self.state, tid, w.cycle_id, w.attempt, w.progress)
+                w.progress_sent = now
+                self.link.wake.set()
             code = w.proc.poll()
             if code is None:
                 if now - w.last_seen > silence:
@@ -240,14 +264,23 @@ class Service:
             self.finish(w, code)
             del self.workers[tid]
 
+    def progress_every(self) -> float:
+        return max(float(self.conf["period"]["task_update_wait_time"]), 0.2)
+
     def finish(self, w: Worker, code: int) -> None:
         r = w.result or {
             "state": "failed",
             "error": f"the worker died ({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)}) "
             "before reporting a result",
         }
+        if w.kind == "delete":
+            self.finish_delete(w, r)
+            return
         outcome = r["state"]
         took = time.monotonic() - w.started
+        if self.link is not None and w.task.origin == "mass":
+            mass.queue_result(self.state, w.task.id, w.cycle_id, w.attempt, w.started_wall, took, r)
+            self.link.wake.set()
         self.state.end_cycle(
             w.cycle_id,
             outcome,
@@ -281,17 +314,63 @@ class Service:
         if self.once:
             self.once_done.add(w.task.id)
 
+    # Tasks deleted by Mass
+
+    def handle_deletions(self) -> None:
+        """Deleted tasks: a running cycle is cancelled, then a worker removes the snapshots."""
+        for row in self.state.task_rows():
+            tid = row["id"]
+            if not row["deleting"] or time.monotonic() < self.delete_after.get(tid, 0.0):
+                continue
+            w = self.workers.get(tid)
+            if w is not None:
+                if w.kind == "cycle" and not w.term_sent and w.proc.poll() is None:
+                    log.info("task %s deleted by Mass: cancelling its running cycle", tid)
+                    w.proc.send_signal(signal.SIGTERM)
+                    w.term_sent = True
+                continue
+            try:
+                task = parse_task(json.loads(row["spec"]), row["origin"], tid)
+            except TaskError as e:
+                log.error("deleted task %s: %s; forgotten without cleanup", tid, e)
+                self.forget(tid, row["deleting"], "rejected", str(e))
+                continue
+            self.start_worker(task, kind="delete")
+
+    def finish_delete(self, w: Worker, r: dict[str, Any]) -> None:
+        tid = w.task.id
+        row = self.state.task_row(tid)
+        if row is None or not row["deleting"]:
+            return
+        if r["state"] == "ok":
+            log.info("task %s deleted: %s", tid, r.get("detail") or "nothing of hamal's was left on the VM")
+            self.forget(tid, row["deleting"], "done", str(r.get("detail") or ""))
+        else:
+            log.error(
+                "deleting task %s failed (tried again in %.0f s): %s",
+                tid,
+                self.interval(w.task),
+                r.get("error"),
+            )
+            self.delete_after[tid] = time.monotonic() + self.interval(w.task)
+
+    def forget(self, tid: str, cid: str, outcome: str, message: str) -> None:
+        self.state.delete_task(tid)
+        self.state.record_command(cid, tid, "delete", outcome)
+        mass.queue_ack(self.state, cid, tid, "delete", outcome, message)
+        self.schedule.pop(tid, None)
+        self.tasks.pop(tid, None)
+        self.delete_after.pop(tid, None)
+        if self.link:
+            self.link.wake.set()
+
     # The loop
 
-    def write_info(self) -> None:
+    def write_info(self, info: dict[str, Any] | None = None) -> None:
+        """``hamal_info_path``: what this proxy is (also what it registers with Mass)."""
         path = self.conf["DEFAULT"]["hamal_info_path"]
-        info = {
-            "version": _native.__version__,
-            "host": socket.gethostname(),
-            "addresses": host_addresses(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "pid": os.getpid(),
-        }
+        info = dict(info or hamal_info([], utc_now()))
+        info["pid"] = os.getpid()
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
@@ -310,8 +389,16 @@ class Service:
 
         metrics.serve(self.conf, self.state.path)
         self.reload_tasks()
+        if self.conf["mass"]["mass_endpoint"]:
+            self.link = mass.MassLink(
+                self.conf, self.state.path, lambda: (len(self.workers), len(self.tasks)), self.write_info
+            )
+            self.link.start()
         log.info("hamal-period %s started (pid %d)", _native.__version__, os.getpid())
         while not self.stopping:
+            if self.link and self.link.changed.is_set():
+                self.link.changed.clear()
+                self.reload_tasks()
             if self.reload_asked:
                 self.reload_asked = False
                 log.info("SIGHUP: reloading the configuration and the tasks")
@@ -320,6 +407,7 @@ class Service:
             elif time.monotonic() - self.last_reload >= float(self.conf["period"]["interval"]):
                 self.reload_tasks()
             self.poll_workers()
+            self.handle_deletions()
             now = time.monotonic()
             for task in self.due(now):
                 if self.slots_free() <= 0:
@@ -355,6 +443,8 @@ class Service:
             self.finish(w, w.proc.returncode)
         self.workers.clear()
         self.state.tick()
+        if self.link:
+            self.link.stop()
         loop_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         worker_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         log.info(

@@ -3,8 +3,11 @@
 Tables: ``tasks`` (each task's definition, where it came from, operator flags), ``disks``
 (per task and disk: the cursor and the committed version), ``cycles`` (history: one row per
 attempt with its outcome), ``problems`` (bad task files and the like), ``meta`` (the loop's last
-tick). The schema is versioned with ``PRAGMA user_version``; ``MIGRATIONS[i]`` takes version i
-to i + 1, so an upgrade keeps the data.
+tick, the control plane's link), ``outbox`` (messages for the control plane, durable until
+delivered), ``commands`` (the control plane's commands, each carried out once). The file is
+mode 0600 (tasks from the control plane may carry credentials); SQLite gives its ``-wal`` and
+``-shm`` files the same mode. The schema is versioned with ``PRAGMA user_version``;
+``MIGRATIONS[i]`` takes version i to i + 1, so an upgrade keeps the data.
 
 The only writer of a cursor is ``commit_disk``: the new cursor and the version that holds its
 data are recorded in one transaction, called only after the target committed.
@@ -66,7 +69,29 @@ MIGRATIONS = [
     );
     CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
     """,
+    # 1 -> 2: the control plane's outbox and commands
+    """
+    CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- sent in this order
+        kind TEXT NOT NULL,            -- progress, result, rejection, ack
+        task_id TEXT,
+        route TEXT NOT NULL,           -- path under /sync-proxies/<proxy id>/
+        body TEXT NOT NULL,            -- JSON
+        created TEXT NOT NULL
+    );
+    CREATE TABLE commands (
+        id TEXT PRIMARY KEY,           -- Mass's command id: each is carried out once
+        task_id TEXT NOT NULL,
+        action TEXT NOT NULL,
+        state TEXT NOT NULL,           -- done, rejected, pending (a delete in progress)
+        at TEXT NOT NULL
+    );
+    ALTER TABLE tasks ADD COLUMN deleting TEXT;   -- the command id of a pending delete
+    """,
 ]
+#: Messages kept for the control plane while it is unreachable; past this the oldest
+#: progress goes (results, rejections and acknowledgements are never dropped).
+OUTBOX_LIMIT = 10000
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -80,15 +105,21 @@ class State:
     def __init__(self, path: str) -> None:
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        new = not os.path.exists(path)
+        # Created 0600 before SQLite opens it: the WAL and shm files inherit its mode. Never
+        # open and close an existing database here: closing any descriptor of a file drops the
+        # POSIX locks this process's other connections hold on it.
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StateError(f"state database {path}: {e.strerror}") from None
         try:
             self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self.db.execute("PRAGMA busy_timeout=30000")
-            if new:
-                os.chmod(path, 0o600)  # tasks from the control plane may carry credentials
             self.migrate()
         except sqlite3.DatabaseError as e:
             raise StateError(f"state database {path}: {e}") from None
@@ -122,23 +153,37 @@ class State:
 
     # Tasks
 
-    def sync_tasks(self, tasks: dict[str, tuple[str, dict[str, Any]]], origin_kind: str) -> None:
-        """Makes the stored tasks of one kind of origin (files, or the control plane) these
-        ``id -> (origin, spec)``; operator flags of tasks that stay are kept."""
+    def sync_tasks(self, tasks: dict[str, tuple[str, dict[str, Any]]], origin_kind: str) -> dict[str, str]:
+        """Makes the stored tasks of one kind of origin (files, or the control plane ``mass``)
+        these ``id -> (origin, spec)``; operator flags of tasks that stay are kept. A task id
+        belongs to one kind: ids held by the other kind are not taken and are returned as
+        ``id -> the origin holding it``. A task being deleted stays until its delete is done."""
         stamp = now_iso()
+        taken: dict[str, str] = {}
         with self.tx() as db:
-            rows = db.execute("SELECT id, origin FROM tasks").fetchall()
+            rows = db.execute("SELECT id, origin, deleting FROM tasks").fetchall()
             for r in rows:
                 mine = (r["origin"] == "mass") == (origin_kind == "mass")
-                if mine and r["id"] not in tasks:
+                if not mine and r["id"] in tasks:
+                    taken[r["id"]] = r["origin"]
+                elif mine and r["id"] not in tasks and not r["deleting"]:
                     db.execute("DELETE FROM tasks WHERE id = ?", (r["id"],))
             for tid, (origin, spec) in tasks.items():
+                if tid in taken:
+                    continue
                 db.execute(
                     "INSERT INTO tasks (id, origin, spec, updated) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT(id) DO UPDATE SET origin = excluded.origin, spec = excluded.spec, "
                     "updated = excluded.updated WHERE tasks.spec != excluded.spec",
                     (tid, origin, json.dumps(spec, sort_keys=True), stamp),
                 )
+        return taken
+
+    def delete_task(self, tid: str) -> None:
+        """Forgets a task: its row, cursors and history (its snapshots were removed first)."""
+        with self.tx() as db:
+            for table, col in (("tasks", "id"), ("disks", "task_id"), ("cycles", "task_id")):
+                db.execute(f"DELETE FROM {table} WHERE {col} = ?", (tid,))
 
     def task_rows(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM tasks ORDER BY id").fetchall()
@@ -147,8 +192,9 @@ class State:
         return self.db.execute("SELECT * FROM tasks WHERE id = ?", (tid,)).fetchone()
 
     def set_flag(self, tid: str, **flags: Any) -> bool:
-        """Sets ``paused``, ``run_now`` or ``resync_reason`` of a task; False when unknown."""
-        allowed = {"paused", "run_now", "resync_reason"}
+        """Sets ``paused``, ``run_now``, ``resync_reason`` or ``deleting`` of a task; False when
+        the task is unknown."""
+        allowed = {"paused", "run_now", "resync_reason", "deleting"}
         assert set(flags) <= allowed, flags
         sets = ", ".join(f"{k} = ?" for k in flags)
         with self.tx() as db:
@@ -236,6 +282,49 @@ class State:
                     "(SELECT id FROM cycles WHERE task_id = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                     (tid, tid, keep),
                 )
+            # Mass stops resending a command once acknowledged; a month covers any delay.
+            db.execute("DELETE FROM commands WHERE state != 'pending' AND at < ?", (now_iso(-30 * 86400),))
+
+    # The control plane: outbox and commands
+
+    def outbox_put(self, kind: str, task_id: str | None, route: str, body: dict[str, Any]) -> None:
+        """Queues a message. Progress is coalesced (a task's newer progress replaces the older)
+        and a result drops its task's pending progress; past ``OUTBOX_LIMIT`` rows the oldest
+        progress goes first."""
+        with self.tx() as db:
+            if kind in ("progress", "result") and task_id is not None:
+                db.execute("DELETE FROM outbox WHERE kind = 'progress' AND task_id = ?", (task_id,))
+            db.execute(
+                "INSERT INTO outbox (kind, task_id, route, body, created) VALUES (?, ?, ?, ?, ?)",
+                (kind, task_id, route, json.dumps(body), now_iso()),
+            )
+            (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+            if count > OUTBOX_LIMIT:
+                db.execute(
+                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE kind = 'progress' "
+                    "ORDER BY seq LIMIT ?)",
+                    (count - OUTBOX_LIMIT,),
+                )
+
+    def outbox_head(self, n: int = 50) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM outbox ORDER BY seq LIMIT ?", (n,)).fetchall()
+
+    def outbox_done(self, seq: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def outbox_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+
+    def command(self, cid: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM commands WHERE id = ?", (cid,)).fetchone()
+
+    def record_command(self, cid: str, task_id: str, action: str, state: str) -> None:
+        with self.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO commands VALUES (?, ?, ?, ?, ?)",
+                (cid, task_id, action, state, now_iso()),
+            )
 
     # Problems and the loop's heartbeat
 

@@ -64,7 +64,7 @@ def status(conf: dict[str, Any]) -> dict[str, Any]:
                 "target": spec["target"]["uri"],
                 "origin": row["origin"],
                 "enabled": spec.get("enabled", True),
-                "state": current,
+                "state": "deleting" if row["deleting"] else current,
                 "resync_asked": row["resync_reason"],
                 "last_cycle": dict(last) | {"detail": None} if last else None,
                 "last_error": last["error"] if last and last["state"] != "ok" else None,
@@ -73,9 +73,16 @@ def status(conf: dict[str, Any]) -> dict[str, Any]:
         )
     problems = [{"origin": p["origin"], "error": p["message"], "since": p["at"]} for p in state.problems()]
     tick = state.last_tick()
+    link = json.loads(state.meta("mass_link") or "null")
+    if link is not None or conf["mass"]["mass_endpoint"]:
+        link = (link or {"state": "not connected yet", "since": None, "error": None}) | {
+            "endpoint": conf["mass"]["mass_endpoint"],
+            "buffered_messages": state.outbox_count(),
+        }
     state.close()
     return {
         "loop_last_tick_age_seconds": round(now - tick, 1) if tick else None,
+        "control_plane": link,
         "tasks": tasks,
         "problems": problems,
     }
@@ -149,6 +156,12 @@ def render(report: dict[str, Any]) -> str:
     out = []
     tick = report["loop_last_tick_age_seconds"]
     out.append(f"service loop: last tick {_dur(tick)} ago" if tick is not None else "service loop: never ran")
+    link = report.get("control_plane")
+    if link:
+        line = f"control plane: Mass at {link['endpoint']}: {link['state']}"
+        line += f" since {link['since']}" if link["since"] else ""
+        line += f", {link['buffered_messages']} messages buffered"
+        out.append(line + (f" ({link['error']})" if link["error"] else ""))
     for t in report["tasks"]:
         out.append(f"{t['id']}  {t['platform']} VM {t['vm']} ({t['vm_uuid']}) -> {t['target']}: {t['state']}")
         for d in t["disks"]:

@@ -34,7 +34,9 @@ windows = [{ hours = "08:00-18:00", limit = "10M" }]   # tighter limits at times
 keep = 7                           # versions kept (1 to 128), pruned after a good cycle
 ```
 
-A bad file is one error naming the file and the key; the other tasks run on.
+A bad file is one error naming the file and the key; the other tasks run on. Tasks from the
+control plane (origin ``mass``) use the same schema, except that credentials may be given inline
+in ``[connection]``: they are kept only in the state database and masked in every log.
 """
 
 from __future__ import annotations
@@ -160,6 +162,23 @@ def _check_no_inline_secret(conn: dict[str, Any], where: str) -> None:
             raise TaskError(f"{where}.{k}: credentials are not written in task files; use {k}_file = PATH")
 
 
+def secret_values(spec: Any) -> list[str]:
+    """The inline credentials of a task (control-plane tasks may carry them), to be masked."""
+    out: list[str] = []
+    conn = spec.get("connection") if isinstance(spec, dict) else None
+
+    def walk(d: Any) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v)
+            elif k.lower() in INLINE_SECRETS and isinstance(v, (str, int)):
+                out.append(str(v))
+
+    if isinstance(conn, dict):
+        walk(conn)
+    return out
+
+
 def parse_task(data: Any, origin: str, default_id: str | None = None) -> Task:
     """Checks one task (a parsed file or a control-plane record) against the schema."""
 
@@ -197,7 +216,8 @@ def parse_task(data: Any, origin: str, default_id: str | None = None) -> Task:
         if not isinstance(vm.get(k), str) or not vm[k]:
             raise bad(f"vm.{k}", "missing or empty")
     conn = section("connection")
-    _check_no_inline_secret(conn, "connection")
+    if origin != "mass":
+        _check_no_inline_secret(conn, "connection")
     target = section("target", required=True)
     known(target, "target", {"uri", "key_file", "disk_ids"})
     uri = target.get("uri")

@@ -33,7 +33,7 @@ from hamal.errors import HamalError
 from hamal.platforms.base import Cycle, selectable
 from hamal.service import logs
 from hamal.service.state import State, db_path
-from hamal.service.tasks import Task, parse_task
+from hamal.service.tasks import Task, parse_task, secret_values
 
 log = logging.getLogger("hamal.cycle")
 
@@ -145,6 +145,7 @@ def run_cycle(
                     bytes_moved=s["bytes_written"] + s["bytes_zero"],
                 )
                 dc.committed = True
+                r["cursor"] = dc.new_cursor
         reporter.update(phase="commit")
         adapter.commit(cycle)
     except BaseException:
@@ -231,7 +232,18 @@ def sync_disks(
         except HamalError:
             break  # finished with a failed disk: results() has each disk's outcome
         p = engine.progress()
-        reporter.update(bytes_done=p["bytes_done"], bytes_total=p["bytes_total"])
+        disks = [
+            {
+                "disk": dc.disk.id,
+                "state": dp["state"],
+                "bytes_done": dp["bytes_done"],
+                "bytes_total": dp["bytes_total"],
+                "rate_bps": round(dp["rate_bps"], 1),
+                "eta_seconds": None if dp["eta_s"] is None else round(dp["eta_s"], 1),
+            }
+            for dc, dp in zip(cycle.disks, p["disks"])
+        ]
+        reporter.update(bytes_done=p["bytes_done"], bytes_total=p["bytes_total"], disks=disks)
     out = {}
     for dc, r in zip(cycle.disks, engine.results()):
         entry: dict[str, Any] = {"state": r["state"]}
@@ -255,6 +267,23 @@ def sync_disks(
             entry["error_kind"] = r.get("error_kind")
         out[dc.disk.id] = entry
     return out
+
+
+def retire_task(cfg: _native.Config, task: Task) -> dict[str, Any]:
+    """A task the control plane deleted: hamal's snapshots of its VM and its journals go."""
+    lib_dir = cfg.as_dict()["DEFAULT"]["hamal_lib_dir"]
+    task_lock(lib_dir, task.id)
+    state = State(db_path(lib_dir))
+    removed = platforms.adapter_for(task.platform).cleanup_orphans(task, set())
+    for what in removed:
+        log.info("task deleted: removed %s", what)
+    for disk in state.cursors(task.id):
+        journal = sync.journal_path(cfg, f"task-{task.id}-{disk}")
+        if os.path.exists(journal):
+            os.remove(journal)
+    detail = f"removed {', '.join(removed)}" if removed else "no snapshot of hamal's was left"
+    log.info("task %s deleted by the control plane: %s", task.id, detail)
+    return {"event": "result", "state": "ok", "detail": detail}
 
 
 #: Unreferenced chunks are collected at most this often per store (a collection lists the
@@ -298,10 +327,15 @@ def main() -> int:
     except (HamalError, OSError, ValueError) as e:
         print(json.dumps({"event": "result", "state": "failed", "error": str(e)}), flush=True)
         return 1
+    for secret in secret_values(job["task"]["spec"]):
+        logs.add_secret(secret)
     reporter = Reporter(float(conf["period"]["task_update_wait_time"]))
     cancel = Cancel()
     try:
-        result = run_cycle(cfg, task, job, reporter, cancel)
+        if job.get("mode") == "delete":
+            result = retire_task(cfg, task)
+        else:
+            result = run_cycle(cfg, task, job, reporter, cancel)
     except (HamalError, OSError, ValueError) as e:
         log.error("cycle failed: %s", e)
         outcome = "cancelled" if cancel.event.is_set() else "failed"
