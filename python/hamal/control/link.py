@@ -230,13 +230,15 @@ class MassLink:
             log.warning("Mass does not know this proxy (%s): registering again", e)
             self.registered = False
             return 0.05
-        reason = f"{e.kind}: {e}"
-        if reason != self.down_reason:
-            if e.kind in ("auth", "pin"):
+        # Said once per change: up -> unreachable, unreachable <-> refused; not at every try,
+        # nor when only the error's wording changes (refused, reset, timed out...).
+        how = "refused" if e.kind in ("auth", "pin") else "unreachable"
+        if how != self.down_reason:
+            if how == "refused":
                 log.error("Mass refused: %s; trying again every %.0f s", e, self.interval)
             else:
                 log.warning("Mass unreachable (%s): cached tasks keep running, results are buffered", e)
-            self.down_reason = reason
+            self.down_reason = how
             state.set_meta("mass_link", json.dumps({"state": "down", "since": utc_now(), "error": str(e)}))
         if e.kind in ("auth", "pin", "route"):
             return self.interval
