@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import sha256
+from conftest import make_image, sha256
 from nbd_servers import qemu_io
 from test_install import ROOT
 
@@ -126,3 +126,26 @@ def wait(check, what: str, timeout: float = 120) -> None:
     while not check():
         assert time.monotonic() < end, f"timed out waiting for {what}"
         time.sleep(1)
+
+
+def test_the_wheel_runs_on_bullseye_glibc_2_31_python_3_9(tmp_path: Path, image: str) -> None:
+    """Hosts like Ubuntu 20.04 (glibc 2.31, Python 3.9): the wheel installs offline and syncs."""
+    wheelhouse = os.environ.get("HAMAL_WHEELHOUSE_PY39")
+    if not wheelhouse:
+        pytest.skip("HAMAL_WHEELHOUSE_PY39 is not set (tools/test downloads it)")
+    old = sh(str(ROOT / "tools" / "build-image"), "bullseye", "python3,python3-venv", "hamal-bullseye")
+    tag = old.stdout.strip().splitlines()[-1]
+    data = tmp_path / "data"
+    data.mkdir()
+    make_image(data / "src.raw", 32 << 20)
+    script = (
+        "set -e; ldd --version | head -1; python3 --version; python3 -m venv /v; "
+        "/v/bin/pip install -q --no-index --find-links /wh hamal; "
+        "/v/bin/hamal sync /data/src.raw /data/dst.raw; cmp /data/src.raw /data/dst.raw; echo same"
+    )
+    r = sh(
+        "docker", "run", "--rm", "-v", f"{wheelhouse}:/wh:ro", "-v", f"{data}:/data", tag, "sh", "-c", script
+    )
+    assert "GLIBC 2.31" in r.stdout and "Python 3.9." in r.stdout, r.stdout
+    assert r.stdout.strip().endswith("same"), r.stdout + r.stderr
+    assert sha256(data / "dst.raw") == sha256(data / "src.raw")

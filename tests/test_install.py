@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,20 @@ def test_rollback_returns_to_the_previous_release(tmp_path: Path) -> None:
     assert works(prefix) == first and os.readlink(prefix / "hamal-venv.prev") == second
     r = run(str(prefix / "uninstall_hamal.sh"), "--purge", env=env)
     assert r.returncode == 0 and not prefix.exists() and not (tmp_path / "etc").exists()
+
+
+def test_the_wheel_is_manylinux_2_28_or_older_and_stripped(tmp_path: Path) -> None:
+    """Installs on glibc 2.28+ hosts (Ubuntu 20.04 has 2.31); the extension carries no symbol table."""
+    whl = wheel()
+    r = subprocess.run([sys.executable, "-m", "auditwheel", "show", whl], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    m = re.search(r'consistent with the following platform tag: "manylinux_2_(\d+)_x86_64"', text)
+    assert m and int(m.group(1)) <= 31, text
+    glibc = {tuple(map(int, v.split("."))) for v in re.findall(r"GLIBC_([\d.]+)", text)}
+    assert max(glibc) <= (2, 28), sorted(glibc)
+    with zipfile.ZipFile(whl) as z:
+        (so,) = [n for n in z.namelist() if n.endswith(".so")]
+        z.extract(so, tmp_path)
+    sections = subprocess.run(["readelf", "-S", str(tmp_path / so)], capture_output=True, text=True).stdout
+    assert ".text" in sections and ".symtab" not in sections

@@ -31,14 +31,22 @@ need_build_tools() {
         python3 -m venv "$VENV" 2>/dev/null || { apt_need false python3-venv; python3 -m venv "$VENV"; }
     fi
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q "maturin>=1.7,<2" "$@"
+    "$PY" -m pip install -q "maturin>=1.7,<2" "ziglang>=0.11" "$@"   # zig links the wheel for old glibc
 }
 
-# Builds the wheel (release) and installs it, as an operator would.
+# Builds the release wheel into dist/: linked by zig against glibc 2.28 (manylinux_2_28), so it
+# installs on Ubuntu 20.04 and Debian bullseye hosts as well as in the bookworm image; stripped.
+# Always built this way, so a second build (tools/release after tools/test) reuses the first.
+build_wheel() {
+    rm -rf "$HAMAL_ROOT/dist"
+    (cd "$HAMAL_ROOT" && PATH="$VENV/bin:$PATH" "$VENV/bin/maturin" build --release --zig \
+        --compatibility manylinux_2_28 --strip -q -o "$HAMAL_ROOT/dist")
+}
+
+# Builds the wheel and installs it, as an operator would.
 install_wheel() {
     say "building and installing the wheel"
-    rm -rf "$HAMAL_ROOT/dist"
-    (cd "$HAMAL_ROOT" && "$VENV/bin/maturin" build --release -q -o "$HAMAL_ROOT/dist")
+    build_wheel
     "$PY" -m pip install -q --force-reinstall "$HAMAL_ROOT"/dist/hamal-*.whl
 }
 
