@@ -300,22 +300,42 @@ def test_task_ids_belong_to_one_origin(tmp_path: Path, mass: FakeMass) -> None:
     assert not mass.results_of("shared")  # a file task's cycles are not Mass's business
 
 
-def test_outbox_coalesces_progress_and_never_drops_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from hamal.service import state as state_mod
+def test_outbox_keeps_results_in_order_and_progress_newest_only(tmp_path: Path) -> None:
+    from hamal.control.link import MassLink
+    from hamal.service.state import State
 
-    monkeypatch.setattr(state_mod, "OUTBOX_LIMIT", 5)
-    st = state_mod.State(str(tmp_path / "hamal.db"))
+    conf = {
+        "DEFAULT": {"hamal_lib_dir": str(tmp_path)},
+        "period": {"interval": 5},
+        "mass": {
+            "mass_endpoint": "https://127.0.0.1:1/x",
+            "auth_key": "k" * 8,
+            "hyper_exporter_id": "p1",
+            "public_key_path": "/nonexistent",
+            "default_request_timeout": 5,
+            "get_public_ip_timeout": 5,
+            "enable_heartbeat_msg": True,
+            "enable_get_public_ips": False,
+        },
+    }
+    st = State(str(tmp_path / "hamal.db"))
+    link = MassLink(conf, st.path, lambda: (0, 0))
+    sent: list[tuple[str, Any]] = []
+    link.client.post = lambda route, body: sent.append((route, body))  # type: ignore[method-assign]
     for i in range(3):
-        st.outbox_put("progress", "a", "tasks/a/progress", {"n": i})
-    assert [json.loads(r["body"])["n"] for r in st.outbox_head()] == [2]  # coalesced per task
-    for t in "bcdef":
-        st.outbox_put("progress", t, f"tasks/{t}/progress", {"n": t})
-    assert st.outbox_count() == 5 and "a" not in {r["task_id"] for r in st.outbox_head()}  # oldest went
-    for i in range(8):
-        st.outbox_put("result", "z", "tasks/z/results", {"n": i})
-    rows = st.outbox_head(100)
-    assert [json.loads(r["body"])["n"] for r in rows if r["kind"] == "result"] == list(range(8))
-    assert all(r["kind"] == "result" for r in rows)  # progress dropped first, results never
+        link.queue_progress("a", 1, 1, {"phase": "sync", "disks": [], "n": i})
+        link.queue_progress("b", 2, 1, {"phase": "sync", "disks": []})
+    result = {"state": "ok", "bytes": 0, "disks": {}}
+    link.queue_result(st, "b", 2, 1, "2026-01-01T00:00:00Z", 1.0, result)  # b's progress goes
+    for cycle in (3, 4):
+        link.queue_result(st, "c", cycle, 1, "2026-01-01T00:00:00Z", 1.0, result)
+    link._drain(st)
+    assert [r for r, _ in sent] == [
+        "tasks/b/results",
+        "tasks/c/results",
+        "tasks/c/results",
+        "tasks/a/progress",
+    ]
+    assert [b["cycle_id"] for r, b in sent if r.endswith("results")] == [2, 3, 4]
+    assert st.outbox_count() == 0
     assert stat.S_IMODE(os.stat(tmp_path / "hamal.db").st_mode) == 0o600

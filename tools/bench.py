@@ -303,7 +303,7 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")
-    groups = ["file", "nbd", "store", "rbd", "vddk", "service"]
+    groups = ["file", "nbd", "store", "rbd", "vddk", "service", "mass"]
     ap.add_argument("--only", choices=groups, help="run only one group of cases")
     a = ap.parse_args()
     work = Path(a.work).resolve()
@@ -374,6 +374,10 @@ def main() -> int:
         from bench_service import service_benches
 
         out.update(service_benches(a.hamal, work, min(a.runs, 3)))
+    if a.only in (None, "mass"):
+        from bench_mass import mass_benches
+
+        out.update(mass_benches(work))
     ok = all(r["ok"] for rows in out.values() for r in rows)
     (work / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\nresults in {work / 'results.json'}")

@@ -3,12 +3,15 @@ fetches the task list (ETag), carries out Mass's commands and delivers the outbo
 
 Everything it learns goes into the state database (tasks with origin ``mass``, flags, the
 commands table) and the loop picks it up from there, so a restart with Mass down runs the
-cached tasks. Everything it sends comes from the durable outbox, in order: the loop queues
-progress (coalesced per task, at most one per ``task_update_wait_time``) and results; a
-message leaves the outbox only once Mass accepted it. Failures: connection errors, timeouts,
-5xx and 429 are retried with backoff and jitter; a rejected ``auth_key`` or a pinned-key
-mismatch waits ``[period] interval`` between tries; a 4xx on one message drops that message,
-said once. Each change of connectivity is logged once.
+cached tasks. Results, task rejections and command acknowledgements go through the durable
+outbox (state database), in order, and leave it only once Mass accepted them (a message resent
+after a lost answer carries the same ``message_id``). Progress is not worth a disk write: the
+loop hands the link each task's newest progress (at most one per ``task_update_wait_time``),
+kept in memory, newer replacing older, and sent after the outbox's messages.
+
+Failures: connection errors, timeouts, 5xx and 429 are retried with backoff and jitter; a
+rejected ``auth_key`` or a pinned-key mismatch waits ``[period] interval`` between tries; a 4xx
+on one message drops that message, said once. Each change of connectivity is logged once.
 """
 
 from __future__ import annotations
@@ -56,8 +59,8 @@ def queue_ack(state: State, cid: str, tid: str, action: str, outcome: str, messa
     state.outbox_put("ack", tid, f"commands/{cid}/ack", body)
 
 
-def queue_progress(state: State, tid: str, cycle_id: int, attempt: int, msg: dict[str, Any]) -> None:
-    body = {
+def progress_body(tid: str, cycle_id: int, attempt: int, msg: dict[str, Any]) -> dict[str, Any]:
+    return {
         "message_id": message_id(),
         "task_id": tid,
         "cycle_id": cycle_id,
@@ -66,7 +69,6 @@ def queue_progress(state: State, tid: str, cycle_id: int, attempt: int, msg: dic
         "time": utc_now(),
         "disks": msg.get("disks", []),
     }
-    state.outbox_put("progress", tid, f"tasks/{tid}/progress", body)
 
 
 def queue_result(
@@ -127,7 +129,9 @@ class MassLink:
         self.failures = 0
         self.down_reason: str | None = None
         self.started = utc_now()
-        self.round_cpu_s: list[float] = []  # CPU of each heartbeat/tasks/outbox round (bench)
+        self.cpu_s = 0.0  # the thread's CPU time so far (tools/bench_mass.py)
+        self.progress_lock = threading.Lock()
+        self.progress: dict[str, dict[str, Any]] = {}  # task id -> its newest progress
         self.thread = threading.Thread(target=self._run, name="mass-link", daemon=True)
 
     def start(self) -> None:
@@ -149,6 +153,28 @@ class MassLink:
         self.wake.set()
         self.thread.join(wait_s)
 
+    # Called by the loop
+
+    def queue_progress(self, tid: str, cycle_id: int, attempt: int, msg: dict[str, Any]) -> None:
+        with self.progress_lock:
+            self.progress[tid] = progress_body(tid, cycle_id, attempt, msg)
+        self.wake.set()
+
+    def queue_result(
+        self,
+        state: State,
+        tid: str,
+        cycle_id: int,
+        attempt: int,
+        started: str,
+        seconds: float,
+        r: dict[str, Any],
+    ) -> None:
+        with self.progress_lock:
+            self.progress.pop(tid, None)  # the result says it all; no progress after it
+        queue_result(state, tid, cycle_id, attempt, started, seconds, r)
+        self.wake.set()
+
     # The thread
 
     def _run(self) -> None:
@@ -156,7 +182,6 @@ class MassLink:
         next_beat = next_tasks = 0.0
         while not self.stopping.is_set():
             wait = self.interval
-            cpu0 = time.thread_time()
             try:
                 if not self.registered:
                     self._register()
@@ -173,7 +198,6 @@ class MassLink:
                     next_tasks = now + self.interval
                 self._drain(state)
                 self._link_up(state)
-                self.round_cpu_s = (self.round_cpu_s + [time.thread_time() - cpu0])[-100:]
                 due = min(next_tasks, next_beat if self.heartbeats else next_tasks)
                 wait = max(0.05, due - time.monotonic())
             except MassError as e:
@@ -181,8 +205,10 @@ class MassLink:
             except Exception as e:  # a bug here must not stop the link for good
                 log.exception("control plane link: unexpected error")
                 wait = self._link_down(state, MassError("protocol", f"unexpected: {e}"))
+            self.cpu_s = time.thread_time()
             self.wake.wait(wait)
             self.wake.clear()
+        self.cpu_s = time.thread_time()
         self.client.close()
         state.close()
 
@@ -335,15 +361,37 @@ class MassLink:
     # The outbox
 
     def _drain(self, state: State) -> None:
+        """The outbox in order, then the newest progress of each task. Delivered messages are
+        removed in batches (one disk write each): after a crash a few may be sent again."""
         while not self.stopping.is_set():
             rows = state.outbox_head()
             if not rows:
-                return
-            for r in rows:
-                try:
-                    self.client.post(r["route"], json.loads(r["body"]))
-                except MassError as e:
-                    if e.kind != "http" or e.retryable:
-                        raise  # the link is down: keep the message and the order
-                    log.error("Mass refused a %s message (task %s), dropped: %s", r["kind"], r["task_id"], e)
-                state.outbox_done(r["seq"])
+                break
+            done: list[int] = []
+            try:
+                for r in rows:
+                    try:
+                        self.client.post(r["route"], json.loads(r["body"]))
+                    except MassError as e:
+                        if e.kind != "http" or e.retryable:
+                            raise  # the link is down: keep the message and the order
+                        log.error(
+                            "Mass refused a %s message (task %s), dropped: %s", r["kind"], r["task_id"], e
+                        )
+                    done.append(r["seq"])
+            finally:
+                state.outbox_done(done)
+        while not self.stopping.is_set():
+            with self.progress_lock:
+                if not self.progress:
+                    return
+                tid, body = next(iter(self.progress.items()))
+                del self.progress[tid]
+            try:
+                self.client.post(f"tasks/{tid}/progress", body)
+            except MassError as e:
+                if e.kind != "http" or e.retryable:
+                    with self.progress_lock:
+                        self.progress.setdefault(tid, body)  # unless a newer one came meanwhile
+                    raise
+                log.error("Mass refused a progress message of task %s: %s", tid, e)

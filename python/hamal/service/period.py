@@ -244,9 +244,8 @@ class Service:
                 and w.kind == "cycle"
                 and now - w.progress_sent >= self.progress_every()
             ):
-                mass.queue_progress(self.state, tid, w.cycle_id, w.attempt, w.progress)
+                self.link.queue_progress(tid, w.cycle_id, w.attempt, w.progress)
                 w.progress_sent = now
-                self.link.wake.set()
             code = w.proc.poll()
             if code is None:
                 if now - w.last_seen > silence:
@@ -279,8 +278,7 @@ class Service:
         outcome = r["state"]
         took = time.monotonic() - w.started
         if self.link is not None and w.task.origin == "mass":
-            mass.queue_result(self.state, w.task.id, w.cycle_id, w.attempt, w.started_wall, took, r)
-            self.link.wake.set()
+            self.link.queue_result(self.state, w.task.id, w.cycle_id, w.attempt, w.started_wall, took, r)
         self.state.end_cycle(
             w.cycle_id,
             outcome,

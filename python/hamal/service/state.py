@@ -73,7 +73,7 @@ MIGRATIONS = [
     """
     CREATE TABLE outbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,   -- sent in this order
-        kind TEXT NOT NULL,            -- progress, result, rejection, ack
+        kind TEXT NOT NULL,            -- result, rejection, ack
         task_id TEXT,
         route TEXT NOT NULL,           -- path under /sync-proxies/<proxy id>/
         body TEXT NOT NULL,            -- JSON
@@ -89,9 +89,7 @@ MIGRATIONS = [
     ALTER TABLE tasks ADD COLUMN deleting TEXT;   -- the command id of a pending delete
     """,
 ]
-#: Messages kept for the control plane while it is unreachable; past this the oldest
-#: progress goes (results, rejections and acknowledgements are never dropped).
-OUTBOX_LIMIT = 10000
+
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -288,30 +286,21 @@ class State:
     # The control plane: outbox and commands
 
     def outbox_put(self, kind: str, task_id: str | None, route: str, body: dict[str, Any]) -> None:
-        """Queues a message. Progress is coalesced (a task's newer progress replaces the older)
-        and a result drops its task's pending progress; past ``OUTBOX_LIMIT`` rows the oldest
-        progress goes first."""
+        """Queues a message for the control plane (a result, a rejection, an acknowledgement);
+        it stays until delivered, never dropped."""
         with self.tx() as db:
-            if kind in ("progress", "result") and task_id is not None:
-                db.execute("DELETE FROM outbox WHERE kind = 'progress' AND task_id = ?", (task_id,))
             db.execute(
                 "INSERT INTO outbox (kind, task_id, route, body, created) VALUES (?, ?, ?, ?, ?)",
                 (kind, task_id, route, json.dumps(body), now_iso()),
             )
-            (count,) = db.execute("SELECT COUNT(*) FROM outbox").fetchone()
-            if count > OUTBOX_LIMIT:
-                db.execute(
-                    "DELETE FROM outbox WHERE seq IN (SELECT seq FROM outbox WHERE kind = 'progress' "
-                    "ORDER BY seq LIMIT ?)",
-                    (count - OUTBOX_LIMIT,),
-                )
 
     def outbox_head(self, n: int = 50) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM outbox ORDER BY seq LIMIT ?", (n,)).fetchall()
 
-    def outbox_done(self, seq: int) -> None:
-        with self.tx() as db:
-            db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+    def outbox_done(self, seqs: list[int]) -> None:
+        if seqs:
+            with self.tx() as db:
+                db.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
 
     def outbox_count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
