@@ -20,7 +20,11 @@ def adapter_for(platform: str) -> Adapter:
         from hamal.platforms.rbd import RbdAdapter
 
         return RbdAdapter()
-    raise PlanError(f"platform {platform!r} has no adapter in this release (kvm and rbd do)")
+    if platform == "vmware":
+        from hamal.platforms.vmware import VmwareAdapter
+
+        return VmwareAdapter()
+    raise PlanError(f"platform {platform!r} has no adapter in this release (kvm, rbd and vmware do)")
 
 
 def disk_flag_rule(conf: dict[str, Any], platform: str) -> tuple[bool, int]:

@@ -58,12 +58,16 @@ fn pid_namespace() -> String {
         .unwrap_or_default()
 }
 
-/// Start time of process `pid` in clock ticks after boot, `None` when there is no such process.
+/// Start time of process `pid` in clock ticks after boot, `None` when there is no such process
+/// or it has exited (a zombie no one reaped yet: an init that does not reap, a dead parent).
 pub fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(fields.next(), Some("Z" | "X" | "x")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 impl Holder {
@@ -163,5 +167,27 @@ mod tests {
         };
         assert_eq!(elsewhere.liveness(), Liveness::Unknown);
         assert!(me.describe().starts_with("a sync of disk d (pid "));
+    }
+
+    #[test]
+    fn an_exited_process_not_yet_reaped_is_dead() {
+        let me = Holder::me("sync", "sync of disk d");
+        let mut child = std::process::Command::new("sleep").arg("0.1").spawn().unwrap();
+        let pid = child.id();
+        let holder = Holder {
+            pid,
+            start_ticks: start_ticks(pid).unwrap(),
+            ..me
+        };
+        assert_eq!(holder.liveness(), Liveness::Alive);
+        let zombie = || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            stat[stat.rfind(')').unwrap() + 1..].trim_start().starts_with('Z')
+        };
+        while !zombie() {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(holder.liveness(), Liveness::Dead, "a zombie holds nothing");
+        child.wait().unwrap();
     }
 }
