@@ -20,9 +20,8 @@ AREAS = 10_000
 
 def vmware_benches(work: Path, runs: int) -> dict[str, list[dict]]:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from vcsim import PASSWORD, USER, Disk, Vcsim
-
     from hamal.platforms.vmware import VmwareAdapter
+    from vcsim import PASSWORD, USER, Disk, Vcsim
 
     base = work / "vmware"
     if base.exists():
