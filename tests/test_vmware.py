@@ -207,3 +207,14 @@ def test_bad_input_is_one_clear_line(
     err = env.task_status("web")["last_error"]
     assert expect in err and len(err.splitlines()) == 1, err
     assert PASSWORD not in env.log_text()
+
+
+def test_a_vm_with_too_many_snapshots_is_reported_and_others_snapshots_kept(
+    tmp_path: Path, vc: Vcsim, vddk_lib: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = setup(tmp_path, vc, vddk_lib, monkeypatch)
+    theirs = [f"backup-{i}" for i in range(31)]
+    vc.take_snapshots(VM, theirs)
+    env.once(expect=1)
+    assert "holds 31 snapshots" in env.task_status("web")["last_error"]
+    assert vc.snapshots(VM) == theirs, "another tool's snapshots are never touched"

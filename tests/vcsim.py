@@ -10,6 +10,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,14 +144,34 @@ class Vcsim:
                     f.truncate(capacity)
         self.write_spec()
 
-    # The API, as an operator would look
+    # The API, as an operator (or another tool) would use it
 
-    def snapshots(self, name: str) -> list[str]:
-        from pyVim.connect import Disconnect, SmartConnect
-        from pyVmomi import vim, vmodl
+    def _connect(self) -> Any:
+        from pyVim.connect import SmartConnect
 
         ctx = ssl._create_unverified_context()
-        si = SmartConnect(host="127.0.0.1", port=self.port, user=USER, pwd=PASSWORD, sslContext=ctx)
+        return SmartConnect(host="127.0.0.1", port=self.port, user=USER, pwd=PASSWORD, sslContext=ctx)
+
+    def take_snapshots(self, name: str, names: list[str]) -> None:
+        """Snapshots of another tool."""
+        from pyVim.connect import Disconnect
+
+        si = self._connect()
+        try:
+            vm = si.RetrieveContent().searchIndex.FindByUuid(None, self.uuid(name), True, True)
+            for n in names:
+                task = vm.CreateSnapshot_Task(name=n, description="not hamal's", memory=False, quiesce=False)
+                deadline = time.monotonic() + 30
+                while task.info.state not in ("success", "error") and time.monotonic() < deadline:
+                    time.sleep(0.02)
+        finally:
+            Disconnect(si)
+
+    def snapshots(self, name: str) -> list[str]:
+        from pyVim.connect import Disconnect
+        from pyVmomi import vim, vmodl
+
+        si = self._connect()
         try:
             content = si.RetrieveContent()
             vm = content.searchIndex.FindByUuid(None, self.uuid(name), True, True)
