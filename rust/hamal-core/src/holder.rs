@@ -172,7 +172,10 @@ mod tests {
     #[test]
     fn an_exited_process_not_yet_reaped_is_dead() {
         let me = Holder::me("sync", "sync of disk d");
-        let mut child = std::process::Command::new("sleep").arg("0.1").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("0.1")
+            .spawn()
+            .unwrap();
         let pid = child.id();
         let holder = Holder {
             pid,
@@ -182,7 +185,9 @@ mod tests {
         assert_eq!(holder.liveness(), Liveness::Alive);
         let zombie = || {
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-            stat[stat.rfind(')').unwrap() + 1..].trim_start().starts_with('Z')
+            stat[stat.rfind(')').unwrap() + 1..]
+                .trim_start()
+                .starts_with('Z')
         };
         while !zombie() {
             std::thread::sleep(std::time::Duration::from_millis(10));
