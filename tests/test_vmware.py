@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from certs import Ca
 from conftest import MIB, sha256, wait_until
 from fake_vddk import build_variants
 from service_env import ServiceEnv
@@ -33,9 +34,10 @@ def vc(tmp_path: Path):
         Disk(2001, "vm1/scratch.vmdk", 64 * MIB, mode="independent_persistent"),
         Disk(2002, "vm1/flag.vmdk", 1 * MIB),
     ]
-    sim = Vcsim(
-        tmp_path / "ds", {VM: ("vmx-13", disks), OLD_VM: ("vmx-04", [Disk(2000, "vm2/d.vmdk", 64 * MIB)])}
-    )
+    ca = Ca(tmp_path)  # a vCenter with a certificate from its own CA (VMCA)
+    vms = {VM: ("vmx-13", disks), OLD_VM: ("vmx-04", [Disk(2000, "vm2/d.vmdk", 64 * MIB)])}
+    sim = Vcsim(tmp_path / "ds", vms, ips={VM: ["10.0.0.5", "fe80::5"]}, tls=ca.server("vcenter"))
+    sim.ca = ca.pem  # type: ignore[attr-defined]
     (tmp_path / "ds").mkdir()
     sim.start()
     yield sim
@@ -112,6 +114,8 @@ def test_cycles_of_a_vmware_vm(
     assert s["mode"] == "full" and 4 * MIB <= s["bytes_written"] <= 8 * MIB, s
     assert restored(env, tmp_path, first["version"]) == sha256(vc.root / SYS)
     assert vc.snapshots(VM) == [], "the cycle's snapshot is removed"
+    mapping = json.loads((env.logs / "ip_mapping.backup").read_text())
+    assert mapping[vc.uuid(VM)]["addresses"] == {"00:50:56:aa:bb:01": ["10.0.0.5", "fe80::5"]}
     # Changes in more areas than one QueryChangedDiskAreas answer holds (4 here).
     for i in range(9):
         vc.write(SYS, (5 + i * 5) * MIB + 4096 * i, os.urandom(8192))
@@ -218,3 +222,23 @@ def test_a_vm_with_too_many_snapshots_is_reported_and_others_snapshots_kept(
     env.once(expect=1)
     assert "holds 31 snapshots" in env.task_status("web")["last_error"]
     assert vc.snapshots(VM) == theirs, "another tool's snapshots are never touched"
+
+
+def test_the_server_verified_by_its_ca_instead_of_a_thumbprint(
+    tmp_path: Path, vc: Vcsim, vddk_lib: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = setup(tmp_path, vc, vddk_lib, monkeypatch, ca_file=str(vc.ca))  # type: ignore[attr-defined]
+    task = json.loads((env.root / "tasks" / "web.json").read_text())
+    del task["connection"]["thumbprint"]
+    env.task_file("web", task)
+    vc.write(SYS, 0, os.urandom(MIB), tracked=False)
+    env.once()
+    assert restored(env, tmp_path, disk_state(env)["version"]) == sha256(vc.root / SYS)
+    # A CA that did not sign the server's certificate is refused in one line.
+    (tmp_path / "other-ca").mkdir()
+    other = Ca(tmp_path / "other-ca")
+    task["connection"]["ca_file"] = str(other.pem)
+    env.task_file("web", task)
+    env.once(expect=1)
+    err = env.task_status("web")["last_error"]
+    assert "certificate verify failed" in err and len(err.splitlines()) == 1, err

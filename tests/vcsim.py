@@ -54,6 +54,8 @@ class Vcsim:
     root: Path
     vms: dict[str, tuple[str, list[Disk]]]  # name -> (hardware version, disks)
     page: int = 4
+    ips: dict[str, list[str]] = field(default_factory=dict)  # VM name -> guest addresses
+    tls: tuple[Path, Path] | None = None  # certificate and key; default the library's own
     proc: Any = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -63,7 +65,7 @@ class Vcsim:
 
     def write_spec(self) -> None:
         vms = [
-            {"name": n, "version": v, "disks": [d.__dict__ for d in disks]}
+            {"name": n, "version": v, "disks": [d.__dict__ for d in disks], "ips": self.ips.get(n, [])}
             for n, (v, disks) in self.vms.items()
         ]
         self.spec_path.write_text(json.dumps({"vms": vms}))
@@ -85,6 +87,8 @@ class Vcsim:
         }
         (self.root / "changes.json").write_text(json.dumps(log))
         args = ["-root", str(self.root), "-spec", str(self.spec_path), "-page", str(self.page)]
+        if self.tls:
+            args += ["-cert", str(self.tls[0]), "-key", str(self.tls[1])]
         with open(self.root / "vcsim.log", "w") as log:
             self.proc = subprocess.Popen(
                 [str(binary), *args, "-user", USER, "-password", PASSWORD],

@@ -55,6 +55,7 @@ type vmSpec struct {
 	Name    string     `json:"name"`
 	Version string     `json:"version"`
 	Disks   []diskSpec `json:"disks"`
+	Ips     []string   `json:"ips"` // the guest's addresses, as VMware Tools reports them
 }
 
 type spec struct {
@@ -150,6 +151,9 @@ func setDisks(vm *simulator.VirtualMachine, s vmSpec) {
 		})
 	}
 	vm.Config.Hardware.Device = devs
+	if len(s.Ips) > 0 {
+		vm.Guest.Net = []types.GuestNicInfo{{MacAddress: "00:50:56:aa:bb:01", Connected: true, IpAddress: s.Ips}}
+	}
 }
 
 // growDisks applies the spec's capacities (the tests grow a disk there) before a snapshot.
@@ -357,6 +361,8 @@ func intercept(next http.Handler) http.Handler {
 
 func main() {
 	user := flag.String("user", "administrator@vsphere.local", "login user")
+	certFile := flag.String("cert", "", "TLS certificate (PEM); default: the test library's own")
+	keyFile := flag.String("key", "", "its key (PEM)")
 	password := flag.String("password", "", "login password")
 	flag.StringVar(&root, "root", "", "folder of the disk files and changes.json")
 	flag.StringVar(&specPath, "spec", "", "VM and disk spec (JSON)")
@@ -368,6 +374,13 @@ func main() {
 	}
 	model.Service.Listen = &url.URL{Host: "127.0.0.1:0", User: url.UserPassword(*user, *password)}
 	model.Service.TLS = new(tls.Config)
+	if *certFile != "" {
+		cert, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+		if err != nil {
+			log.Fatal(err)
+		}
+		model.Service.TLS.Certificates = []tls.Certificate{cert}
+	}
 	vms := []map[string]string{}
 	for _, s := range readSpec().Vms {
 		var vm *simulator.VirtualMachine
