@@ -66,3 +66,21 @@ need_qemu_system() {
     for deb in "$tmp"/*.deb; do dpkg -x "$deb" "$dir"; done
     rm -rf "$tmp"
 }
+
+# Keystone, Cinder (api, scheduler, volume) and RabbitMQ from Debian, for the OpenStack tests,
+# which run their own instances. Their packages would start system services: a policy-rc.d that
+# refuses keeps them stopped while they install (and is removed after, if it was ours).
+need_openstack() {
+    command -v cinder-volume >/dev/null && command -v keystone-manage >/dev/null \
+        && command -v rabbitmq-server >/dev/null && return 0
+    local sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    local ours=""
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+        $sudo chmod 755 /usr/sbin/policy-rc.d
+        ours=1
+    fi
+    say "installing keystone, cinder and rabbitmq-server (for the OpenStack tests)"
+    apt_install keystone cinder-api cinder-scheduler cinder-volume rabbitmq-server
+    [ -z "$ours" ] || $sudo rm -f /usr/sbin/policy-rc.d
+}

@@ -24,7 +24,13 @@ def adapter_for(platform: str) -> Adapter:
         from hamal.platforms.vmware import VmwareAdapter
 
         return VmwareAdapter()
-    raise PlanError(f"platform {platform!r} has no adapter in this release (kvm, rbd and vmware do)")
+    if platform == "openstack":
+        from hamal.platforms.openstack import OpenStackAdapter
+
+        return OpenStackAdapter()
+    raise PlanError(
+        f"platform {platform!r} has no adapter in this release (kvm, rbd, vmware and openstack do)"
+    )
 
 
 def disk_flag_rule(conf: dict[str, Any], platform: str) -> tuple[bool, int]:

@@ -1,0 +1,227 @@
+"""The OpenStack adapter end to end through hamal-period, against real Keystone and Cinder (RBD
+driver) on the tests' Ceph, with Nova faked (tests/openstack_cloud.py, tests/fake_nova.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ceph_cluster import CephCluster
+from conftest import MIB, sha256, wait_until
+from fake_nova import FakeNova
+from openstack_cloud import ADMIN_PASSWORD, POOL, OpenStack, missing_programs
+from service_env import ServiceEnv
+from test_rbd import RBD_IO, SYSTEM_PYTHON
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OpenStack, FakeNova]]:
+    missing = missing_programs()
+    if missing:
+        pytest.skip(f"OpenStack is not installed (missing {', '.join(missing)}); tools/test installs it")
+    root = tmp_path_factory.mktemp("openstack")
+    ceph = CephCluster(root / "ceph", rgw=False, mgr=True)
+    os_ = None
+    nova = None
+    try:
+        ceph.start()
+        os_ = OpenStack(root / "os", ceph).start()
+        nova = FakeNova(os_)
+        os_.register_service("compute", nova.url)
+        yield os_, nova
+    finally:
+        if nova:
+            nova.stop()
+        if os_:
+            os_.stop()
+        ceph.stop()
+
+
+def server_with_volumes(os_: OpenStack, nova: FakeNova, n: int = 2) -> tuple[str, list[str]]:
+    sid = str(uuid.uuid4())
+    nova.add_server(sid, f"web-{sid[:4]}", {"private": ["10.1.0.7"]})
+    vids = [os_.create_volume(f"v{i}-{sid[:4]}") for i in range(n)]
+    for v in vids:
+        os_.attach(v, sid)
+    return sid, vids
+
+
+def write(os_: OpenStack, vid: str, *ops: str) -> None:
+    r = subprocess.run(
+        [SYSTEM_PYTHON, RBD_IO, str(os_.ceph.conf), POOL, f"volume-{vid}", *ops], capture_output=True
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def rbd(os_: OpenStack, *args: str) -> str:
+    r = subprocess.run(["rbd", "--conf", str(os_.ceph.conf), *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def snaps(os_: OpenStack, vid: str) -> list[str]:
+    out = json.loads(rbd(os_, "snap", "ls", "--format", "json", f"{POOL}/volume-{vid}"))
+    return [s["name"] for s in out]
+
+
+def export(os_: OpenStack, tmp: Path, vid: str, snap: str) -> str:
+    out = tmp / f"export-{vid}.raw"
+    out.unlink(missing_ok=True)
+    rbd(os_, "export", "--no-progress", f"{POOL}/volume-{vid}@{snap}", str(out))
+    return sha256(out)
+
+
+def restored(env: ServiceEnv, tmp: Path, disk: str, version: str) -> str:
+    out = tmp / "restored.raw"
+    out.unlink(missing_ok=True)
+    env.hamal("restore", env.store, str(out), "--disk", disk, "--version", version)
+    return sha256(out)
+
+
+def task_for(env: ServiceEnv, os_: OpenStack, sid: str, mode: str, pw: Path, **extra: Any) -> None:
+    env.task_file(
+        "srv",
+        {
+            "version": 1,
+            "vm": {"platform": "openstack", "uuid": sid, "name": "srv"},
+            "connection": {
+                "auth_url": os_.keystone,
+                "username": "admin",
+                "password_file": str(pw),
+                "project_name": "admin",
+                "region": "RegionOne",
+                "snapshot_mode": mode,
+                "ceph_conf": str(os_.ceph.conf),
+                **extra,
+            },
+            "target": {"uri": env.store},
+        },
+    )
+
+
+def disks(env: ServiceEnv) -> dict[str, Any]:
+    return {d["disk"]: d for d in env.task_status("srv")["disks"]}
+
+
+def last_detail(env: ServiceEnv) -> dict[str, Any]:
+    import sqlite3
+
+    con = sqlite3.connect(env.lib / "hamal.db")
+    try:
+        (detail,) = con.execute("SELECT detail FROM cycles ORDER BY id DESC LIMIT 1").fetchone()
+    finally:
+        con.close()
+    return {k: v["summary"] for k, v in json.loads(detail).items() if "summary" in v}
+
+
+@pytest.mark.parametrize("mode", ["cinder", "rbd"])
+def test_cycles_of_an_openstack_server(tmp_path: Path, cloud: tuple[OpenStack, FakeNova], mode: str) -> None:
+    os_, nova = cloud
+    sid, (busy, idle) = server_with_volumes(os_, nova)
+    write(os_, busy, f"write:0:{4 * MIB}:1", f"write:{200 * MIB}:{MIB}:2")
+    write(os_, idle, f"write:{8 * MIB}:{MIB}:3")
+    env = ServiceEnv(tmp_path / "svc")
+    pw = tmp_path / "os.pw"
+    pw.write_text(ADMIN_PASSWORD + "\n")
+    task_for(env, os_, sid, mode, pw)
+    env.once()
+    first = disks(env)
+    assert set(first) == {busy, idle}
+    for vid in (busy, idle):
+        cur = json.loads(first[vid]["cursor"])
+        assert snaps(os_, vid) == [cur["snap"]], "only the current snapshot is kept"
+        if mode == "cinder":
+            assert cur["snap"] == f"snapshot-{cur['cinder_snapshot']}"
+        assert restored(env, tmp_path, f"srv-{vid}", first[vid]["version"]) == export(
+            os_, tmp_path, vid, cur["snap"]
+        )
+    mapping = json.loads((env.logs / "ip_mapping.backup").read_text())
+    assert mapping[sid]["addresses"] == {"private": ["10.1.0.7"]}
+    # Changes on one volume: an incremental moving about what changed.
+    write(os_, busy, f"write:{100 * MIB}:{MIB}:4", f"write:{300 * MIB}:{64 * 1024}:5")
+    env.once()
+    s = last_detail(env)
+    assert s[busy]["mode"] == "incremental" and s[busy]["bytes_written"] <= 2 * 4 * MIB, s[busy]
+    assert s[idle]["mode"] == "incremental" and s[idle]["bytes_written"] == 0, s[idle]
+    second = disks(env)
+    cur = json.loads(second[busy]["cursor"])
+    assert snaps(os_, busy) == [cur["snap"]], "the previous snapshot is gone"
+    assert restored(env, tmp_path, f"srv-{busy}", second[busy]["version"]) == export(
+        os_, tmp_path, busy, cur["snap"]
+    )
+    # The base snapshot deleted behind hamal's back: a full resync, said why.
+    if mode == "cinder":
+        os_.volumes_api("DELETE", f"snapshots/{cur['cinder_snapshot']}")
+        os_.wait_gone(cur["cinder_snapshot"])
+    else:
+        rbd(os_, "snap", "rm", f"{POOL}/volume-{busy}@{cur['snap']}")
+    env.once()
+    assert last_detail(env)[busy]["mode"] == "full"
+    assert "base snapshot" in "".join(p.read_text() for p in env.logs.glob("vm-*.log"))
+    # The volume extended: a full sync to the grown size.
+    os_.extend(busy, 2)
+    write(os_, busy, f"write:{GIB + 10 * MIB}:{MIB}:6")
+    env.once()
+    s = last_detail(env)
+    assert s[busy]["mode"] == "full" and s[busy]["size"] == 2 * GIB
+    cur = json.loads(disks(env)[busy]["cursor"])
+    assert restored(env, tmp_path, f"srv-{busy}", disks(env)[busy]["version"]) == export(
+        os_, tmp_path, busy, cur["snap"]
+    )
+    if mode == "cinder":
+        names = sorted(s["name"] for s in os_.volumes_api("GET", f"snapshots?volume_id={busy}")["snapshots"])
+        assert len(names) == 1 and names[0].startswith("hamal-"), names
+
+
+def test_a_wrong_password_is_one_clear_line(tmp_path: Path, cloud: tuple[OpenStack, FakeNova]) -> None:
+    os_, nova = cloud
+    sid, _ = server_with_volumes(os_, nova, 1)
+    env = ServiceEnv(tmp_path / "svc")
+    pw = tmp_path / "os.pw"
+    pw.write_text("not-the-password\n")
+    task_for(env, os_, sid, "cinder", pw)
+    env.once(expect=1)
+    err = env.task_status("srv")["last_error"]
+    assert "authentication of admin refused" in err and len(err.splitlines()) == 1, err
+    assert "not-the-password" not in env.log_text()
+
+
+def test_a_cinder_outage_mid_cycle_leaves_no_orphan(
+    tmp_path: Path, cloud: tuple[OpenStack, FakeNova]
+) -> None:
+    os_, nova = cloud
+    sid, (vid,) = server_with_volumes(os_, nova, 1)
+    write(os_, vid, f"write:0:{8 * MIB}:7")
+    env = ServiceEnv(tmp_path / "svc")
+    pw = tmp_path / "os.pw"
+    pw.write_text(ADMIN_PASSWORD + "\n")
+    task_for(env, os_, sid, "cinder", pw)
+    env.once()
+    # A slow sync, and Cinder's API gone while it runs: the previous snapshot cannot be deleted.
+    task = json.loads((env.root / "tasks" / "srv.json").read_text())
+    env.task_file("srv", task | {"bandwidth": {"limit": "2M"}})
+    write(os_, vid, f"write:{16 * MIB}:{8 * MIB}:8")
+    p = env.start()
+    try:
+        wait_until(lambda: len(snaps(os_, vid)) == 2, "the cycle's snapshot", 60)
+        os_.stop_service("cinder-api")
+        wait_until(lambda: env.task_status("srv")["state"] == "failed", "the cycle failing", 120)
+    finally:
+        env.stop(p)
+        os_.start_service("cinder-api")
+    assert "HTTP" in env.task_status("srv")["last_error"] or "refused" in env.task_status("srv")["last_error"]
+    env.task_file("srv", task)
+    env.once()
+    after = disks(env)[vid]
+    cur = json.loads(after["cursor"])
+    assert snaps(os_, vid) == [cur["snap"]], "no orphan snapshot once it settled"
+    listed = os_.volumes_api("GET", f"snapshots?volume_id={vid}")["snapshots"]
+    assert [x["id"] for x in listed] == [cur["cinder_snapshot"]]
+    assert restored(env, tmp_path, f"srv-{vid}", after["version"]) == export(os_, tmp_path, vid, cur["snap"])
