@@ -84,6 +84,9 @@ class FakeNova:
             sid = parts[2]
             if len(parts) == 3:
                 return self.send(h, 200, {"server": self.servers[sid]})
+            if parts[3] == "os-volume_attachments" and len(parts) == 5:
+                # Cinder asks before it deletes an attachment: a detaching Nova has let it go.
+                return self.send(h, 404, {"itemNotFound": {"code": 404, "message": "volume not attached"}})
             if parts[3] == "os-volume_attachments":
                 found = self.cloud.volumes_api("GET", f"attachments?instance_id={sid}", micro="3.27")
                 att = [

@@ -269,6 +269,12 @@ class OpenStack:
         wait_for(f"volume {vid} in use", lambda: self.volumes_api("GET", f"volumes/{vid}")["volume"]["status"]
                  == "in-use", timeout=60)  # fmt: skip
 
+    def detach(self, vid: str) -> None:
+        for att in self.volumes_api("GET", f"attachments?volume_id={vid}", micro="3.27")["attachments"]:
+            self.volumes_api("DELETE", f"attachments/{att['id']}", micro="3.27")
+        status = lambda: self.volumes_api("GET", f"volumes/{vid}")["volume"]["status"]  # noqa: E731
+        wait_for(f"volume {vid} detached", lambda: status() == "available", timeout=60)
+
     def extend(self, vid: str, gib: int) -> None:
         """Extends an in-use volume (Cinder tells Nova, here the fake)."""
         self.volumes_api("POST", f"volumes/{vid}/action", {"os-extend": {"new_size": gib}}, micro="3.42")

@@ -4,7 +4,10 @@ driver) on the tests' Ceph, with Nova faked (tests/openstack_cloud.py, tests/fak
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -225,3 +228,66 @@ def test_a_cinder_outage_mid_cycle_leaves_no_orphan(
     listed = os_.volumes_api("GET", f"snapshots?volume_id={vid}")["snapshots"]
     assert [x["id"] for x in listed] == [cur["cinder_snapshot"]]
     assert restored(env, tmp_path, f"srv-{vid}", after["version"]) == export(os_, tmp_path, vid, cur["snap"])
+
+
+def test_a_boot_from_image_root_disk_and_a_detached_volume(
+    tmp_path: Path, cloud: tuple[OpenStack, FakeNova]
+) -> None:
+    os_, nova = cloud
+    sid, (vid,) = server_with_volumes(os_, nova, 1)
+    os_.ceph.create_rbd_pool("vms")
+    root = f"{sid}_disk"  # what Nova makes in its images_rbd_pool for a boot-from-image server
+    rbd(os_, "create", "--size", "256M", f"vms/{root}")
+    r = subprocess.run([SYSTEM_PYTHON, RBD_IO, str(os_.ceph.conf), "vms", root, f"write:0:{2 * MIB}:9"])
+    assert r.returncode == 0
+    write(os_, vid, f"write:0:{MIB}:10")
+    env = ServiceEnv(tmp_path / "svc")
+    pw = tmp_path / "os.pw"
+    pw.write_text(ADMIN_PASSWORD + "\n")
+    task_for(env, os_, sid, "cinder", pw, images_rbd_pool="vms")
+    env.once()
+    d = disks(env)
+    assert set(d) == {vid, "root"}
+    snap = json.loads(d["root"]["cursor"])["snap"]
+    out = tmp_path / "root.raw"
+    rbd(os_, "export", "--no-progress", f"vms/{root}@{snap}", str(out))
+    assert restored(env, tmp_path, "srv-root", d["root"]["version"]) == sha256(out)
+    # The volume detached from the server: said, and its cursor kept for when it comes back.
+    os_.detach(vid)
+    env.once()
+    assert "is no longer attached to server" in "".join(p.read_text() for p in env.logs.glob("vm-*.log"))
+    assert disks(env)[vid]["cursor"] == d[vid]["cursor"]
+
+
+def test_an_osd_that_stops_answering_fails_the_cycle_within_the_timeout_and_it_is_retried(
+    tmp_path: Path, cloud: tuple[OpenStack, FakeNova]
+) -> None:
+    os_, nova = cloud
+    sid, (vid,) = server_with_volumes(os_, nova, 1)
+    write(os_, vid, f"write:0:{16 * MIB}:11")
+    env = ServiceEnv(tmp_path / "svc")
+    pw = tmp_path / "os.pw"
+    pw.write_text(ADMIN_PASSWORD + "\n")
+    task_for(env, os_, sid, "rbd", pw, ceph_timeout=5)
+    task = json.loads((env.root / "tasks" / "srv.json").read_text())
+    env.task_file("srv", task | {"bandwidth": {"limit": "4M"}})
+    osd = os_.ceph.pid_of("osd.0")
+    p = env.start()
+    try:
+        wait_until(lambda: len(snaps(os_, vid)) == 1, "the cycle's snapshot", 60)
+        time.sleep(1)
+        os.kill(osd, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            wait_until(lambda: "attempt 2" in (env.logs / "hamal-period.log").read_text(), "the failure", 60)
+            took = time.monotonic() - stopped
+        finally:
+            os.kill(osd, signal.SIGCONT)
+        assert took < 40, f"the stopped OSD failed the cycle only after {took:.0f} s"
+        log = env.logs / "hamal-period.log"
+        wait_until(lambda: " ok in " in log.read_text().split("attempt 2 in")[-1], "the retried cycle", 180)
+    finally:
+        env.stop(p)
+    d = disks(env)[vid]
+    cur = json.loads(d["cursor"])
+    assert restored(env, tmp_path, f"srv-{vid}", d["version"]) == export(os_, tmp_path, vid, cur["snap"])

@@ -303,7 +303,7 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")
-    groups = ["file", "nbd", "store", "rbd", "vddk", "service", "mass", "vmware"]
+    groups = ["file", "nbd", "store", "rbd", "vddk", "service", "mass", "vmware", "openstack"]
     ap.add_argument("--only", choices=groups, help="run only one group of cases")
     a = ap.parse_args()
     work = Path(a.work).resolve()
@@ -382,6 +382,10 @@ def main() -> int:
         from bench_vmware import vmware_benches
 
         out.update(vmware_benches(work, min(a.runs, 3)))
+    if a.only in (None, "openstack"):
+        from bench_openstack import openstack_benches
+
+        out.update(openstack_benches(work, min(a.runs, 3)))
     ok = all(r["ok"] for rows in out.values() for r in rows)
     (work / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\nresults in {work / 'results.json'}")

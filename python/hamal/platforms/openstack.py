@@ -16,7 +16,8 @@ error. A volume detached from the server is said once per cycle; its cursor is k
 Connection keys beyond ``openstack_api``'s: ``ceph_conf``, ``ceph_id``, ``keyring`` (the Ceph
 client, by file), ``whole_object = true`` (diff whole RADOS objects: the fast mode, the
 original's "rbd du"), ``images_rbd_pool`` (boot-from-image root disks ``<uuid>_disk`` there),
-``snapshot_timeout`` (seconds, default 600).
+``snapshot_timeout`` (seconds, default 600), ``ceph_timeout`` (seconds per Ceph operation: an
+OSD that stops answering fails the disk's sync within it, and the cycle is retried).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from urllib.parse import urlencode
 from hamal import _native
 from hamal.errors import CephError, HamalError, PlanError
 from hamal.platforms.base import Cycle, DiskCycle, DiskInfo, VmInfo, is_ours, new_snapshot_name, now_iso
-from hamal.platforms.openstack_api import Cloud, OpenStackError
+from hamal.platforms.openstack_api import Cloud, OpenStackError, cloud_for
 
 log = logging.getLogger("hamal.platforms.openstack")
 MODES = ("cinder", "rbd")
@@ -63,6 +64,8 @@ class OpenStackAdapter:
                 query[opt] = c[key]
         if c.get("ceph_id"):
             query["id"] = str(c["ceph_id"])
+        if c.get("ceph_timeout") is not None:
+            query["timeout"] = str(int(c["ceph_timeout"]))
         query |= extra
         at = f"@{snap}" if snap else ""
         return f"rbd:{pool}/{image}{at}" + (f"?{urlencode(query, safe='/')}" if query else "")
@@ -70,7 +73,7 @@ class OpenStackAdapter:
     # Discovery
 
     def discover(self, task: Any) -> VmInfo:
-        cloud = Cloud(task)
+        cloud = cloud_for(task)
         server = cloud.server(task.vm_uuid)
         disks = []
         for att in cloud.attachments(task.vm_uuid):
@@ -115,16 +118,16 @@ class OpenStackAdapter:
         return None
 
     def _snapshot(self, task: Any, cloud: Cloud, d: DiskInfo, name: str) -> tuple[str, str | None]:
-        """Takes the disk's snapshot; returns (its RBD name, its Cinder id or None)."""
-        timeout = float(task.connection.get("snapshot_timeout", 600))
+        """Takes the disk's snapshot; returns (its RBD name, its Cinder id or None). A Cinder
+        snapshot is only asked for here; ``begin`` waits for all of them together."""
         if self.mode(task) == "cinder" and d.ref.get("volume"):
-            sid = cloud.create_snapshot(d.ref["volume"], name, timeout)
+            sid = cloud.create_snapshot(d.ref["volume"], name)
             return f"snapshot-{sid}", sid
         _native.rbd_create_snapshot(self.uri(task, d.ref["pool"], d.ref["image"]), name)
         return name, None
 
     def begin(self, task: Any, vm: VmInfo, cursors: dict[str, str | None]) -> Cycle:
-        cloud = Cloud(task)
+        cloud = cloud_for(task)
         name = new_snapshot_name()
         cycle = Cycle(vm=vm, disks=[], snapshot_time=now_iso(), handle=(task, cloud))
         try:
@@ -148,16 +151,20 @@ class OpenStackAdapter:
                         full_reason=reason,
                     )
                 )
+            timeout = float(task.connection.get("snapshot_timeout", 600))
+            for dc in cycle.disks:
+                sid = json.loads(dc.new_cursor)["cinder_snapshot"]
+                if sid:
+                    cloud.wait_snapshot(sid, "available", timeout)
         except BaseException:
             self.abort(cycle)
             raise
         return cycle
 
     def _drop(self, task: Any, cloud: Cloud, cursor: dict[str, Any]) -> None:
+        """Removes a snapshot; a Cinder one is only asked for (``commit`` waits for all)."""
         if cursor.get("cinder_snapshot"):
-            cloud.delete_snapshot(
-                str(cursor["cinder_snapshot"]), float(task.connection.get("snapshot_timeout", 600))
-            )
+            cloud.delete_snapshot(str(cursor["cinder_snapshot"]), None)
             return
         pool, image = str(cursor["image"]).split("/", 1)
         try:
@@ -169,10 +176,16 @@ class OpenStackAdapter:
     def commit(self, cycle: Cycle) -> None:
         """Drops each committed disk's previous snapshot, or a failed disk's new one."""
         task, cloud = cycle.handle
+        dropped = []
         for dc in cycle.disks:
             gone = _cursor(dc.old_cursor if dc.committed else dc.new_cursor)
             if gone:
                 self._drop(task, cloud, gone)
+                dropped.append(gone)
+        timeout = float(task.connection.get("snapshot_timeout", 600))
+        for gone in dropped:
+            if gone.get("cinder_snapshot"):
+                cloud.wait_snapshot(str(gone["cinder_snapshot"]), None, timeout)
 
     def abort(self, cycle: Cycle) -> None:
         for dc in cycle.disks:
@@ -182,7 +195,7 @@ class OpenStackAdapter:
     def cleanup_orphans(self, task: Any, known: set[str]) -> list[str]:
         """hamal's snapshots (Cinder or RBD) that no cursor references; and a word on volumes
         detached since their last cycle (their cursors are kept)."""
-        cloud = Cloud(task)
+        cloud = cloud_for(task)
         keep = {c["snap"] for c in map(_cursor, known) if c}
         removed = []
         attached = {att["volumeId"] for att in cloud.attachments(task.vm_uuid)}

@@ -54,6 +54,17 @@ def _secret(task: Any, key: str) -> str | None:
         raise PlanError(f"task {task.id}: connection.{key}_file = {path}: {e.strerror}") from None
 
 
+_SESSIONS: dict[str, Cloud] = {}
+
+
+def cloud_for(task: Any) -> Cloud:
+    """One authenticated session per task and process (a cycle's worker logs in once)."""
+    key = json.dumps([task.id, task.connection], sort_keys=True, default=str)
+    if key not in _SESSIONS:
+        _SESSIONS[key] = Cloud(task)
+    return _SESSIONS[key]
+
+
 class Cloud:
     def __init__(self, task: Any) -> None:
         c = task.connection
@@ -69,6 +80,7 @@ class Cloud:
         self.ctx = ssl.create_default_context(cafile=c.get("ca_file"))
         self.token = ""
         self.catalog: list[dict[str, Any]] = []
+        self.locations: dict[str, tuple[str, str]] = {}
         self.login()
 
     def _auth_body(self) -> dict[str, Any]:
@@ -186,7 +198,10 @@ class Cloud:
         return dict(self.cinder("GET", f"volumes/{vid}")["volume"])
 
     def rbd_location(self, vid: str) -> tuple[str, str]:
-        """(pool, image) of a Ceph-backed volume, from its connection info."""
+        """(pool, image) of a Ceph-backed volume, from its connection info (asked once per
+        process: a cycle's worker)."""
+        if vid in self.locations:
+            return self.locations[vid]
         connector = {
             "host": "hamal",
             "ip": "127.0.0.1",
@@ -203,17 +218,19 @@ class Cloud:
                 f"volume {vid} is on {info.get('driver_volume_type')!r} storage, not Ceph RBD"
             )
         pool, image = str(info["data"]["name"]).split("/", 1)
+        self.locations[vid] = (pool, image)
         return pool, image
 
-    def create_snapshot(self, vid: str, name: str, timeout: float) -> str:
+    def create_snapshot(self, vid: str, name: str) -> str:
+        """Asks for a snapshot (``force``: the volume may be in use); wait for it with
+        ``wait_snapshot(id, "available", ...)``, so several are taken at once."""
         snap = {"volume_id": vid, "name": name, "force": True, "description": "hamal sync"}
-        sid = str(self.cinder("POST", "snapshots", {"snapshot": snap})["snapshot"]["id"])
-        self.wait_snapshot(sid, "available", timeout)
-        return sid
+        return str(self.cinder("POST", "snapshots", {"snapshot": snap})["snapshot"]["id"])
 
     def wait_snapshot(self, sid: str, want: str | None, timeout: float) -> None:
         """Until the snapshot has status ``want`` (``None``: until it is gone)."""
         deadline = time.monotonic() + timeout
+        delay = 0.1
         while True:
             try:
                 status = self.cinder("GET", f"snapshots/{sid}")["snapshot"]["status"]
@@ -227,16 +244,19 @@ class Cloud:
                 raise OpenStackError(f"Cinder snapshot {sid} went to status {status}")
             if time.monotonic() > deadline:
                 raise OpenStackError(f"Cinder snapshot {sid} not {want or 'deleted'} within {timeout:.0f} s")
-            time.sleep(0.5)
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
-    def delete_snapshot(self, sid: str, timeout: float) -> None:
+    def delete_snapshot(self, sid: str, timeout: float | None) -> None:
+        """Deletes a snapshot and waits until it is gone (``timeout`` None: does not wait)."""
         try:
             self.cinder("DELETE", f"snapshots/{sid}")
         except OpenStackError as e:
             if e.status == 404:
                 return
             raise
-        self.wait_snapshot(sid, None, timeout)
+        if timeout is not None:
+            self.wait_snapshot(sid, None, timeout)
 
     def snapshots_of(self, vid: str) -> list[dict[str, Any]]:
         return list(self.cinder("GET", f"snapshots?volume_id={vid}")["snapshots"])

@@ -92,11 +92,14 @@ impl DirBackend {
                 Err(e) => return Err(self.err("cannot list", prefix, e)),
             };
             for entry in entries {
-                let entry = entry.map_err(|e| self.err("cannot list", prefix, e))?;
-                let meta = entry
-                    .metadata()
-                    .map_err(|e| self.err("cannot list", prefix, e))?;
-                let path = entry.path();
+                // A file (a lock, a temporary) removed by another writer between the listing
+                // and its stat is simply gone: not an error of the listing.
+                let found = entry.and_then(|entry| Ok((entry.metadata()?, entry.path())));
+                let (meta, path) = match found {
+                    Ok(found) => found,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(self.err("cannot list", prefix, e)),
+                };
                 if meta.is_dir() {
                     stack.push(path);
                 } else {
@@ -242,5 +245,26 @@ mod tests {
         });
         assert_eq!(a.get("hamal-store.json").unwrap().unwrap().len(), 4);
         assert!(a.list_temporaries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_listing_survives_files_removed_while_it_runs() {
+        // Two disks of one VM share a store: one lists locks/ while the other drops its lock.
+        let d = tempfile::tempdir().unwrap();
+        let be = DirBackend::open(&d.path().join("store"), "s", true).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..3000u32 {
+                    let key = format!("locks/disk-{}.lock", i % 7);
+                    be.put(&key, vec![1]).unwrap();
+                    be.delete(&key).unwrap();
+                }
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                be.list("locks/").unwrap();
+            }
+        });
     }
 }
