@@ -88,7 +88,11 @@ def restored(env: ServiceEnv, tmp: Path, disk: str, version: str) -> str:
     return sha256(out)
 
 
-def task_for(env: ServiceEnv, os_: OpenStack, sid: str, mode: str, pw: Path, **extra: Any) -> None:
+def service(tmp_path: Path, os_: OpenStack, sid: str, mode: str, password: str, **extra: Any) -> ServiceEnv:
+    """A service home with one task: the server ``sid``, logging in with ``password``."""
+    env = ServiceEnv(tmp_path / "svc")
+    pw = tmp_path / "os.pw"
+    pw.write_text(password + "\n")
     env.task_file(
         "srv",
         {
@@ -107,6 +111,7 @@ def task_for(env: ServiceEnv, os_: OpenStack, sid: str, mode: str, pw: Path, **e
             "target": {"uri": env.store},
         },
     )
+    return env
 
 
 def disks(env: ServiceEnv) -> dict[str, Any]:
@@ -130,10 +135,7 @@ def test_cycles_of_an_openstack_server(tmp_path: Path, cloud: tuple[OpenStack, F
     sid, (busy, idle) = server_with_volumes(os_, nova)
     write(os_, busy, f"write:0:{4 * MIB}:1", f"write:{200 * MIB}:{MIB}:2")
     write(os_, idle, f"write:{8 * MIB}:{MIB}:3")
-    env = ServiceEnv(tmp_path / "svc")
-    pw = tmp_path / "os.pw"
-    pw.write_text(ADMIN_PASSWORD + "\n")
-    task_for(env, os_, sid, mode, pw)
+    env = service(tmp_path, os_, sid, mode, ADMIN_PASSWORD)
     env.once()
     first = disks(env)
     assert set(first) == {busy, idle}
@@ -186,27 +188,32 @@ def test_cycles_of_an_openstack_server(tmp_path: Path, cloud: tuple[OpenStack, F
 def test_a_wrong_password_is_one_clear_line(tmp_path: Path, cloud: tuple[OpenStack, FakeNova]) -> None:
     os_, nova = cloud
     sid, _ = server_with_volumes(os_, nova, 1)
-    env = ServiceEnv(tmp_path / "svc")
-    pw = tmp_path / "os.pw"
-    pw.write_text("not-the-password\n")
-    task_for(env, os_, sid, "cinder", pw)
+    env = service(tmp_path, os_, sid, "cinder", "not-the-password")
     env.once(expect=1)
     err = env.task_status("srv")["last_error"]
     assert "authentication of admin refused" in err and len(err.splitlines()) == 1, err
     assert "not-the-password" not in env.log_text()
 
 
-def test_a_cinder_outage_mid_cycle_leaves_no_orphan(
+def test_a_cinder_outage_commits_nothing_or_leaves_no_orphan(
     tmp_path: Path, cloud: tuple[OpenStack, FakeNova]
 ) -> None:
     os_, nova = cloud
     sid, (vid,) = server_with_volumes(os_, nova, 1)
     write(os_, vid, f"write:0:{8 * MIB}:7")
-    env = ServiceEnv(tmp_path / "svc")
-    pw = tmp_path / "os.pw"
-    pw.write_text(ADMIN_PASSWORD + "\n")
-    task_for(env, os_, sid, "cinder", pw)
+    env = service(tmp_path, os_, sid, "cinder", ADMIN_PASSWORD)
     env.once()
+    # Cinder's API down as a cycle starts: it fails in one line, commits nothing, leaves nothing.
+    before = disks(env)[vid]
+    os_.stop_service("cinder-api")
+    try:
+        env.once(expect=1)
+    finally:
+        os_.start_service("cinder-api")
+    now = disks(env)[vid]
+    assert (now["cursor"], now["version"]) == (before["cursor"], before["version"])
+    assert snaps(os_, vid) == [json.loads(before["cursor"])["snap"]]
+    assert len(env.task_status("srv")["last_error"].splitlines()) == 1
     # A slow sync, and Cinder's API gone while it runs: the previous snapshot cannot be deleted.
     task = json.loads((env.root / "tasks" / "srv.json").read_text())
     env.task_file("srv", task | {"bandwidth": {"limit": "2M"}})
@@ -241,10 +248,7 @@ def test_a_boot_from_image_root_disk_and_a_detached_volume(
     r = subprocess.run([SYSTEM_PYTHON, RBD_IO, str(os_.ceph.conf), "vms", root, f"write:0:{2 * MIB}:9"])
     assert r.returncode == 0
     write(os_, vid, f"write:0:{MIB}:10")
-    env = ServiceEnv(tmp_path / "svc")
-    pw = tmp_path / "os.pw"
-    pw.write_text(ADMIN_PASSWORD + "\n")
-    task_for(env, os_, sid, "cinder", pw, images_rbd_pool="vms")
+    env = service(tmp_path, os_, sid, "cinder", ADMIN_PASSWORD, images_rbd_pool="vms")
     env.once()
     d = disks(env)
     assert set(d) == {vid, "root"}
@@ -265,10 +269,7 @@ def test_an_osd_that_stops_answering_fails_the_cycle_within_the_timeout_and_it_i
     os_, nova = cloud
     sid, (vid,) = server_with_volumes(os_, nova, 1)
     write(os_, vid, f"write:0:{16 * MIB}:11")
-    env = ServiceEnv(tmp_path / "svc")
-    pw = tmp_path / "os.pw"
-    pw.write_text(ADMIN_PASSWORD + "\n")
-    task_for(env, os_, sid, "rbd", pw, ceph_timeout=5)
+    env = service(tmp_path, os_, sid, "rbd", ADMIN_PASSWORD, ceph_timeout=5)
     task = json.loads((env.root / "tasks" / "srv.json").read_text())
     env.task_file("srv", task | {"bandwidth": {"limit": "4M"}})
     osd = os_.ceph.pid_of("osd.0")

@@ -242,3 +242,22 @@ def test_the_server_verified_by_its_ca_instead_of_a_thumbprint(
     env.once(expect=1)
     err = env.task_status("web")["last_error"]
     assert "certificate verify failed" in err and len(err.splitlines()) == 1, err
+
+
+def test_an_expired_session_is_renewed_once(tmp_path: Path, vc: Vcsim) -> None:
+    from types import SimpleNamespace
+
+    from hamal.platforms.vsphere import Session
+
+    pw = tmp_path / "vc.pw"
+    pw.write_text(PASSWORD)
+    conn = {"host": "127.0.0.1", "port": vc.port, "user": "administrator@vsphere.local",
+            "password_file": str(pw), "thumbprint": vc.thumbprint()}  # fmt: skip
+    s = Session(SimpleNamespace(id="t", connection=conn))
+    vm = s.find_vm(vc.uuid(VM))
+    key = s.si.content.sessionManager.currentSession.key
+    admin = vc._connect()
+    admin.content.sessionManager.TerminateSession([key])  # as vCenter does when a session expires
+    assert s.props(vm, "name")["name"] == VM  # renewed, once
+    assert s.si.content.sessionManager.currentSession.key != key
+    s.logout()

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from hamal.errors import PlanError
 
 log = logging.getLogger("hamal.platforms")
 
@@ -131,6 +134,24 @@ PREFIX = "hamal-"
 
 def new_snapshot_name() -> str:
     return f"{PREFIX}{int(time.time() * 1000)}"
+
+
+def task_secret(task: Any, key: str) -> str | None:
+    """A credential of a task: inline ``key`` (only tasks from the control plane carry them),
+    else the content of the file ``<key>_file`` names; ``None`` when neither is given."""
+    c = task.connection
+    if c.get(key) is not None:
+        return str(c[key])
+    path = c.get(f"{key}_file")
+    if path is None:
+        return None
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise PlanError(f"task {task.id}: connection.{key}_file must be an absolute path")
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise PlanError(f"task {task.id}: connection.{key}_file = {path}: {e.strerror}") from None
 
 
 def now_iso(offset_s: float = 0.0) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import ssl
 import time
 import urllib.error
@@ -26,6 +25,7 @@ import urllib.request
 from typing import Any
 
 from hamal.errors import PlanError, SourceError
+from hamal.platforms.base import task_secret
 
 log = logging.getLogger("hamal.platforms.openstack")
 
@@ -36,22 +36,6 @@ class OpenStackError(SourceError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
-
-
-def _secret(task: Any, key: str) -> str | None:
-    c = task.connection
-    if c.get(key) is not None:  # inline: only in tasks from the control plane
-        return str(c[key])
-    path = c.get(f"{key}_file")
-    if path is None:
-        return None
-    if not isinstance(path, str) or not os.path.isabs(path):
-        raise PlanError(f"task {task.id}: connection.{key}_file must be an absolute path")
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError as e:
-        raise PlanError(f"task {task.id}: connection.{key}_file = {path}: {e.strerror}") from None
 
 
 _SESSIONS: dict[str, Cloud] = {}
@@ -86,14 +70,14 @@ class Cloud:
     def _auth_body(self) -> dict[str, Any]:
         c, tid = self.task.connection, self.task.id
         if c.get("application_credential_id"):
-            secret = _secret(self.task, "application_credential_secret")
+            secret = task_secret(self.task, "application_credential_secret")
             if not secret:
                 raise PlanError(f"task {tid}: connection.application_credential_secret_file is missing")
             cred = {"id": c["application_credential_id"], "secret": secret}
             return {
                 "auth": {"identity": {"methods": ["application_credential"], "application_credential": cred}}
             }
-        password = _secret(self.task, "password")
+        password = task_secret(self.task, "password")
         if not c.get("username") or password is None:
             raise PlanError(
                 f"task {tid}: connection.username and password_file (or an application credential)"

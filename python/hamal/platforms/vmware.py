@@ -122,7 +122,7 @@ class VmwareAdapter:
             )
         log.warning("VM %s: changed block tracking was off: enabling it", p.get("name"))
         spec = vim.vm.ConfigSpec(changeTrackingEnabled=True)
-        s.wait(s.call("enabling CBT", vm.ReconfigVM_Task, spec), "enabling CBT", s.timeout)
+        s.wait(s.call("enabling CBT", vm, "ReconfigVM_Task", spec), "enabling CBT", s.timeout)
         snap = self._snapshot(s, vm, new_snapshot_name(), quiesce=False)
         self._remove(s, snap, "the snapshot that activates CBT")
         log.info("VM %s: CBT enabled and activated (a snapshot was taken and removed)", p.get("name"))
@@ -130,7 +130,8 @@ class VmwareAdapter:
     def _snapshot(self, s: Session, vm: Any, name: str, quiesce: bool) -> Any:
         task = s.call(
             "taking a snapshot",
-            vm.CreateSnapshot_Task,
+            vm,
+            "CreateSnapshot_Task",
             name=name,
             description="hamal sync (removed after the cycle)",
             memory=False,
@@ -139,7 +140,7 @@ class VmwareAdapter:
         return s.wait(task, f"snapshot {name}", s.snapshot_timeout)
 
     def _remove(self, s: Session, snap: Any, what: str) -> None:
-        task = s.call(f"removing {what}", snap.RemoveSnapshot_Task, removeChildren=False, consolidate=True)
+        task = s.call(f"removing {what}", snap, "RemoveSnapshot_Task", removeChildren=False, consolidate=True)
         s.wait(task, f"removing {what}", s.snapshot_timeout)
 
     def changed_areas(
@@ -152,7 +153,8 @@ class VmwareAdapter:
         while offset < size:
             info = s.call(
                 f"QueryChangedDiskAreas(disk {key}, offset {offset})",
-                vm.QueryChangedDiskAreas,
+                vm,
+                "QueryChangedDiskAreas",
                 snapshot=snap,
                 deviceKey=key,
                 startOffset=offset,

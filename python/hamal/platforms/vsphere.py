@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import socket
 import ssl
 import time
 from typing import Any
 
 from hamal.errors import PlanError, SourceError
+from hamal.platforms.base import task_secret
 
 log = logging.getLogger("hamal.platforms.vsphere")
 
@@ -37,20 +37,6 @@ API_VERSION = "vim.version.version12"
 
 class VsphereError(SourceError):
     """The vSphere API refused or failed a call (one line naming the server and the call)."""
-
-
-def _secret(task: Any, key: str) -> str:
-    c = task.connection
-    if c.get(key) is not None:  # inline: only in tasks from the control plane
-        return str(c[key])
-    path = c.get(f"{key}_file")
-    if not isinstance(path, str) or not os.path.isabs(path):
-        raise PlanError(f"task {task.id}: connection.{key}_file must name the file holding the {key}")
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError as e:
-        raise PlanError(f"task {task.id}: connection.{key}_file = {path}: {e.strerror}") from None
 
 
 def normalize_thumbprint(text: str) -> str:
@@ -108,7 +94,11 @@ class Session:
         from pyVim.connect import Connect
         from pyVmomi import vim
 
-        password = _secret(self.task, "password")
+        password = task_secret(self.task, "password")
+        if password is None:
+            raise PlanError(
+                f"task {self.task.id}: connection.password_file must name the file holding the password"
+            )
         try:
             # Connect, not SmartConnect: SmartConnect's version probe ignores the thumbprint.
             self.si = Connect(
@@ -151,13 +141,18 @@ class Session:
                 log.debug("logout: %s", e)
             self.si = None
 
-    def call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
-        """``fn(*args)``; a session that expired is renewed once. Faults become one line."""
+    def bind(self, obj: Any) -> Any:
+        """The managed object ``obj`` on the current session (a renewed one has a new stub)."""
+        return type(obj)(obj._moId, self.si._stub)
+
+    def call(self, what: str, obj: Any, method: str, *args: Any, **kw: Any) -> Any:
+        """``obj.method(*args)`` on the current session; a session that expired is renewed once
+        and the call made again. Faults become one line."""
         from pyVmomi import vim, vmodl
 
         for attempt in (1, 2):
             try:
-                return fn(*args, **kw)
+                return getattr(self.bind(obj), method)(*args, **kw)
             except vim.fault.NotAuthenticated:
                 if attempt == 2:
                     raise VsphereError(f"{self.where}: {what}: not authenticated after a new login") from None
@@ -170,18 +165,31 @@ class Session:
         raise AssertionError("unreachable")
 
     def props(self, obj: Any, *paths: str) -> dict[str, Any]:
-        """The named properties of one managed object (unset ones are absent)."""
-        from pyVmomi import vmodl
+        """The named properties of one managed object (unset ones are absent). A property the
+        server could not read is an error, and an expired session (some servers say so per
+        property) is renewed once."""
+        from pyVmomi import vim, vmodl
 
         pc = vmodl.query.PropertyCollector
         spec = pc.FilterSpec(
             objectSet=[pc.ObjectSpec(obj=obj)],
             propSet=[pc.PropertySpec(type=type(obj), pathSet=list(paths))],
         )
-        found = self.call(
-            f"reading {', '.join(paths)}", self.content.propertyCollector.RetrieveContents, [spec]
-        )
-        return {p.name: p.val for p in found[0].propSet} if found else {}
+        what = f"reading {', '.join(paths)}"
+        for attempt in (1, 2):
+            found = self.call(what, self.content.propertyCollector, "RetrieveContents", [spec])
+            missing = found[0].missingSet if found else []
+            if not missing:
+                return {p.name: p.val for p in found[0].propSet} if found else {}
+            fault = missing[0].fault
+            if isinstance(fault, vim.fault.NotAuthenticated) and attempt == 1:
+                log.info("%s: the session expired; logging in again", self.where)
+                self.login()
+                continue
+            raise VsphereError(
+                f"{self.where}: {what}: {missing[0].path}: {fault.msg or type(fault).__name__}"
+            )
+        raise AssertionError("unreachable")
 
     def wait(self, task: Any, what: str, timeout: float) -> Any:
         """Polls a task to its end (not WaitForTask: some servers report entities pyvmomi
@@ -205,9 +213,10 @@ class Session:
         """The VM by instance UUID, else BIOS UUID, else managed object id (``vm-123``)."""
         from pyVmomi import vim
 
-        index = self.content.searchIndex
         for instance in (True, False):
-            vm = self.call("finding the VM", index.FindByUuid, None, uuid, True, instance)
+            vm = self.call(
+                "finding the VM", self.content.searchIndex, "FindByUuid", None, uuid, True, instance
+            )
             if vm is not None:
                 return vm
         if uuid.startswith("vm-"):
