@@ -101,6 +101,7 @@ class OpenStack:
             "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
             "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
             "HOME": str(base),
+            "ERL_CRASH_DUMP": str(base / "erl_crash.dump"),  # not in the caller's folder
         }
         (base / "rabbitmq-env.conf").write_text("")
         # The server itself, not Debian's wrapper (which switches to the rabbitmq user).

@@ -17,8 +17,9 @@ marks cycles it did not see end as interrupted and runs them again: each worker 
 hamal's snapshots that no cursor references, and the journal resumes what was durable.
 
 With ``[mass] mass_endpoint`` set, a link thread (``hamal.control.link``) brings Mass's tasks
-and commands into the state database and delivers the outbox; the loop queues each cycle's
-progress (at most one per task per ``task_update_wait_time``) and result there. A task Mass
+and commands into the state database and delivers the outbox; the loop hands it each cycle's
+progress (at most one per task per ``task_update_wait_time``, kept in memory) and queues its
+result in the outbox. A task Mass
 deletes is cancelled if running, then a worker removes hamal's snapshots of it, and the task,
 its cursors and history are forgotten.
 """
@@ -137,9 +138,10 @@ class Service:
     def interval(self, task: Task) -> int:
         return task.interval or int(self.conf["period"]["interval"])
 
-    def due(self, now: float) -> list[Task]:
+    def due(self, now: float, rows: dict[str, Any] | None = None) -> list[Task]:
         wall = dt.datetime.now()
-        rows = {r["id"]: r for r in self.state.task_rows()}  # one read per tick, not per task
+        if rows is None:
+            rows = {r["id"]: r for r in self.state.task_rows()}
         out = []
         for tid, task in self.tasks.items():
             row = rows.get(tid)
@@ -314,9 +316,9 @@ class Service:
 
     # Tasks deleted by Mass
 
-    def handle_deletions(self) -> None:
+    def handle_deletions(self, rows: dict[str, Any]) -> None:
         """Deleted tasks: a running cycle is cancelled, then a worker removes the snapshots."""
-        for row in self.state.task_rows():
+        for row in rows.values():
             tid = row["id"]
             if not row["deleting"] or time.monotonic() < self.delete_after.get(tid, 0.0):
                 continue
@@ -405,9 +407,10 @@ class Service:
             elif time.monotonic() - self.last_reload >= float(self.conf["period"]["interval"]):
                 self.reload_tasks()
             self.poll_workers()
-            self.handle_deletions()
+            rows = {r["id"]: r for r in self.state.task_rows()}  # one read per tick, not per task
+            self.handle_deletions(rows)
             now = time.monotonic()
-            for task in self.due(now):
+            for task in self.due(now, rows):
                 if self.slots_free() <= 0:
                     break
                 self.start_worker(task)
