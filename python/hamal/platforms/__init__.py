@@ -10,8 +10,9 @@ from hamal.errors import PlanError
 from hamal.platforms.base import Adapter
 
 
-def adapter_for(platform: str) -> Adapter:
-    """The adapter of a task's ``vm.platform``."""
+def adapter_for(platform: str, conf: dict[str, Any] | None = None) -> Adapter:
+    """The adapter of a task's ``vm.platform``; ``conf`` is ``hamal.conf`` (its
+    ``[fusion_compute]`` timeouts)."""
     if platform == "kvm":
         from hamal.platforms.kvm import KvmAdapter
 
@@ -28,8 +29,12 @@ def adapter_for(platform: str) -> Adapter:
         from hamal.platforms.openstack import OpenStackAdapter
 
         return OpenStackAdapter()
+    if platform == "fusioncompute":
+        from hamal.platforms.fusioncompute import FusionComputeAdapter
+
+        return FusionComputeAdapter(conf)
     raise PlanError(
-        f"platform {platform!r} has no adapter in this release (kvm, rbd, vmware and openstack do)"
+        f"platform {platform!r} has no adapter (kvm, rbd, vmware, openstack and fusioncompute do)"
     )
 
 

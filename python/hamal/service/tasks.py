@@ -7,7 +7,7 @@ id = "web01"                       # default: the file name without its extensio
 enabled = true
 
 [vm]
-platform = "kvm"                   # kvm | rbd | vmware | openstack (fusioncompute: not yet)
+platform = "kvm"                   # kvm | rbd | vmware | openstack | fusioncompute
 uuid = "5f1c..."                   # the platform's id of the VM
 name = "web01"
 

@@ -109,7 +109,7 @@ def run_cycle(
     lib_dir = conf["DEFAULT"]["hamal_lib_dir"]
     task_lock(lib_dir, task.id)
     state = State(db_path(lib_dir))
-    adapter = platforms.adapter_for(task.platform)
+    adapter = platforms.adapter_for(task.platform, conf)
     started = time.monotonic()
     log.info("cycle of VM %s (%s), task %s, attempt %d", task.vm_name, task.vm_uuid, task.id, job["attempt"])
     rows = state.cursors(task.id)
@@ -271,10 +271,11 @@ def sync_disks(
 
 def retire_task(cfg: _native.Config, task: Task) -> dict[str, Any]:
     """A task the control plane deleted: hamal's snapshots of its VM and its journals go."""
-    lib_dir = cfg.as_dict()["DEFAULT"]["hamal_lib_dir"]
+    conf = cfg.as_dict()
+    lib_dir = conf["DEFAULT"]["hamal_lib_dir"]
     task_lock(lib_dir, task.id)
     state = State(db_path(lib_dir))
-    removed = platforms.adapter_for(task.platform).cleanup_orphans(task, set())
+    removed = platforms.adapter_for(task.platform, conf).cleanup_orphans(task, set())
     for what in removed:
         log.info("task deleted: removed %s", what)
     for disk in state.cursors(task.id):

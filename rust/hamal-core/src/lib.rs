@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod extent;
+pub mod fc;
 pub mod holder;
 pub mod io;
 pub mod nbd;

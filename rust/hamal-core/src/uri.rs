@@ -1,8 +1,10 @@
 //! Source and target URIs: `file:PATH` or a plain path, and the NBD forms (`nbd://`,
 //! `nbd+unix://`, `nbds://`), Ceph RBD snapshots (`rbd:`, sources only) and chunk stores (`dir:`,
-//! `s3://`). VMware disks through VDDK (`vddk://`, sources only).
+//! `s3://`). VMware disks through VDDK (`vddk://`) and FusionCompute volumes (`fc://`), sources
+//! only.
 
 use crate::ceph::RbdUri;
+use crate::fc::FcUri;
 use crate::nbd::NbdUri;
 use crate::store::StoreUri;
 use crate::vddk::VddkUri;
@@ -21,6 +23,8 @@ pub enum DiskUri {
     Rbd(RbdUri),
     /// A VMware disk at a snapshot, read through VDDK (a source).
     Vddk(VddkUri),
+    /// A FusionCompute volume at a snapshot, over the CNA backup data channel (a source).
+    Fc(FcUri),
 }
 
 impl DiskUri {
@@ -40,6 +44,9 @@ impl DiskUri {
         if let Some(vddk) = VddkUri::parse(s) {
             return Ok(DiskUri::Vddk(vddk?));
         }
+        if let Some(fc) = FcUri::parse(s) {
+            return Ok(DiskUri::Fc(fc?));
+        }
         if let Some(store) = StoreUri::parse(s) {
             return Ok(DiskUri::Store(store?));
         }
@@ -48,7 +55,7 @@ impl DiskUri {
                 return Ok(DiskUri::Nbd(NbdUri::parse(s)?));
             }
             return Err(Error::Plan(format!(
-                "unsupported URI scheme '{scheme}' in '{s}': use file:PATH, nbd://, nbd+unix://, nbds://, rbd:POOL/IMAGE@SNAP, vddk://, dir:PATH, s3://BUCKET/PREFIX or a plain path"
+                "unsupported URI scheme '{scheme}' in '{s}': use file:PATH, nbd://, nbd+unix://, nbds://, rbd:POOL/IMAGE@SNAP, vddk://, fc://, dir:PATH, s3://BUCKET/PREFIX or a plain path"
             )));
         }
         Self::file(s, s)
@@ -65,7 +72,11 @@ impl DiskUri {
     pub fn file_path(&self) -> Option<&Path> {
         match self {
             DiskUri::File(p) => Some(p),
-            DiskUri::Nbd(_) | DiskUri::Store(_) | DiskUri::Rbd(_) | DiskUri::Vddk(_) => None,
+            DiskUri::Nbd(_)
+            | DiskUri::Store(_)
+            | DiskUri::Rbd(_)
+            | DiskUri::Vddk(_)
+            | DiskUri::Fc(_) => None,
         }
     }
 }
@@ -78,6 +89,7 @@ impl std::fmt::Display for DiskUri {
             DiskUri::Store(u) => f.write_str(&u.text),
             DiskUri::Rbd(u) => f.write_str(&u.text),
             DiskUri::Vddk(u) => f.write_str(&u.text),
+            DiskUri::Fc(u) => f.write_str(&u.text),
         }
     }
 }

@@ -9,6 +9,7 @@ mod ceph;
 mod config;
 mod convert;
 mod errors;
+mod fc;
 mod interrupt;
 mod job;
 mod store;
@@ -56,6 +57,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(ceph::rbd_create_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(ceph::rbd_remove_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(ceph::rbd_protect_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(fc::fc_bitmap_extents, m)?)?;
     m.add_function(wrap_pyfunction!(io_uring_status, m)?)?;
     m.add_function(wrap_pyfunction!(_vddk_worker_main, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -15,7 +15,7 @@ use super::throttle::{release_cpu, Pacer};
 use crate::checksum::{is_zero, ChunkHasher, ContentDigest, Digest};
 use crate::extent::{ChunkWork, Extent, ExtentMap};
 use crate::io::{ReadReq, WriteReq};
-use crate::source::{FileSource, NbdSource, RbdSource, Source, VddkSource};
+use crate::source::{FcSource, FileSource, NbdSource, RbdSource, Source, VddkSource};
 use crate::store::{StoreSource, StoreSync, StoreTarget};
 use crate::target::{CommitInfo, Done, FileTarget, NbdTarget, Target};
 use crate::uri::DiskUri;
@@ -104,7 +104,7 @@ pub(crate) fn read_requests<'b>(chunk: &ChunkWork, buf: &'b mut [u8]) -> Vec<Rea
 }
 
 pub(crate) const SOURCE_ONLY: &str =
-    "RBD images and VDDK disks are sources only; sync them to a file, device, NBD export or store";
+    "RBD images, VDDK disks and FusionCompute volumes are sources only; sync them to a file, device, NBD export or store";
 
 pub(crate) fn open_source(
     uri: &DiskUri,
@@ -120,6 +120,7 @@ pub(crate) fn open_source(
         DiskUri::Store(u) => Ok(Box::new(StoreSource::open(u, &t.store, disk_id, version)?)),
         DiskUri::Rbd(u) => Ok(Box::new(RbdSource::open(u)?)),
         DiskUri::Vddk(u) => Ok(Box::new(VddkSource::open(u, &t.vddk, full)?)),
+        DiskUri::Fc(u) => Ok(Box::new(FcSource::open(u, &t.fc, &t.lock_dir)?)),
     }
 }
 
@@ -140,7 +141,7 @@ fn open_target(plan: &DiskPlan, size: u64, t: &Tuning, full: bool) -> Result<Box
                 full_on_mismatch: plan.full_on_mismatch,
             },
         )?)),
-        DiskUri::Rbd(_) | DiskUri::Vddk(_) => {
+        DiskUri::Rbd(_) | DiskUri::Vddk(_) | DiskUri::Fc(_) => {
             Err(Error::Plan(format!("{}: {SOURCE_ONLY}", plan.target)))
         }
     }

@@ -1,7 +1,7 @@
 //! The transfer engine: plans, the per-disk read/write pipeline, the resume journal, jobs and
 //! verification.
 
-mod changed;
+pub(crate) mod changed;
 mod disk;
 mod job;
 mod journal;

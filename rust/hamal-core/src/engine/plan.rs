@@ -1,6 +1,7 @@
 //! What a job is asked to do, validated before any disk is touched.
 
 use crate::checksum::ChecksumKind;
+use crate::fc::FcOptions;
 use crate::io::IoMode;
 use crate::store::StoreOptions;
 use crate::uri::DiskUri;
@@ -43,6 +44,8 @@ pub struct Tuning {
     pub store: StoreOptions,
     /// Where VDDK is and how it reads (`[vmware]`).
     pub vddk: VddkOptions,
+    /// FusionCompute data channel limits (`[fusion_compute]`).
+    pub fc: FcOptions,
     /// Where locks of targets that are not local files live (NBD exports; `hamal_lib_dir/locks`).
     pub lock_dir: PathBuf,
 }
@@ -64,6 +67,10 @@ impl Default for Tuning {
             fsync_warn_after: None,
             store: StoreOptions::default(),
             vddk: VddkOptions::default(),
+            fc: FcOptions {
+                max_connections_per_host: 8,
+                local_ip: None,
+            },
             lock_dir: std::env::temp_dir().join("hamal-locks"),
         }
     }
@@ -177,7 +184,7 @@ impl JobPlan {
                     d.disk_id
                 )));
             }
-            if let DiskUri::Rbd(_) | DiskUri::Vddk(_) = &d.target {
+            if let DiskUri::Rbd(_) | DiskUri::Vddk(_) | DiskUri::Fc(_) = &d.target {
                 return Err(Error::Plan(format!(
                     "disk '{}': target {}: {}",
                     d.disk_id,
@@ -274,6 +281,10 @@ impl Tuning {
                 libdir: c.vmware.vddk_libdir.clone().into(),
                 transports: c.vmware.transport_modes.clone(),
                 max_read_blocks: c.vmware.max_read_blocks as u32,
+            },
+            fc: FcOptions {
+                max_connections_per_host: c.fusion_compute.max_socket_connections_per_host as u32,
+                local_ip: c.fusion_compute.local_host_ip.parse().ok(),
             },
             lock_dir: lib.join("locks"),
             ..Tuning::default()

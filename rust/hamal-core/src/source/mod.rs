@@ -1,11 +1,13 @@
 //! Sources: where disk bytes come from. A source knows its size and which extents hold data;
 //! each engine reader thread gets its own [`SourceReader`].
 
+pub(crate) mod fc;
 pub(crate) mod file;
 pub(crate) mod nbd;
 pub(crate) mod rbd;
 pub(crate) mod vddk;
 
+pub use fc::FcSource;
 pub use file::FileSource;
 pub use nbd::NbdSource;
 pub use rbd::RbdSource;

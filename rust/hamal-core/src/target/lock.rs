@@ -15,7 +15,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// Takes the lock on `file`; `false` when another open file holds it.
-fn try_flock(file: &File) -> std::io::Result<bool> {
+pub(crate) fn try_flock(file: &File) -> std::io::Result<bool> {
     // SAFETY: flock on a descriptor we own, with plain integer arguments.
     let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r == 0 {

@@ -2,7 +2,7 @@
 //! storing data, and `flush` makes everything written so far durable.
 
 mod file;
-mod lock;
+pub(crate) mod lock;
 mod nbd;
 
 pub use file::FileTarget;
