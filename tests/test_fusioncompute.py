@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -283,3 +284,43 @@ def test_bitmap_pages_decode_into_extents() -> None:
     assert extents == [(10 * 4096, 4096), (14 * 4096, 2 * 4096), (17 * 4096, 4096), (74 * 4096, 64 * 4096)]
     # Bits past bitNum are not counted; extents stop at the volume's end.
     assert _native.fc_bitmap_extents(b"\xff", 3, 4096, 0, 10_000) == ([(0, 10_000)], 3)
+
+
+def test_a_busy_cna_host_is_waited_out(tmp_path: Path, fc: FakeFc) -> None:
+    import socket
+    import threading
+
+    env = setup(tmp_path, fc, transport="lan")
+    fc.write(fc.volume(VM, 1), 0, os.urandom(4 * MIB))
+    fc.cna_limit = 1
+    other = socket.create_connection(fc.cna_lan.server_address)  # another proxy holds the one socket
+
+    def release() -> None:  # once hamal was refused, or after 30 s
+        deadline = time.monotonic() + 30
+        while fc.cna_refused == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        other.close()
+
+    threading.Thread(target=release, daemon=True).start()
+    env.once()
+    assert fc.cna_refused >= 1 and "the CNA refused the channel: error 10300412" in vm_log(env)
+    assert restored(env, tmp_path) == frozen(fc)
+
+
+def test_an_expired_token_is_renewed_once(tmp_path: Path, fc: FakeFc) -> None:
+    from types import SimpleNamespace
+
+    from hamal.platforms.fc_api import Vrm
+
+    (tmp_path / "pw").write_text(PASSWORD)
+    conn = {
+        "vrm_url": fc.url,
+        "username": "hamal",
+        "password_file": str(tmp_path / "pw"),
+        "ca_file": str(fc.ca),
+    }
+    vrm = Vrm(SimpleNamespace(id="t", connection=conn))
+    fc.tokens.clear()  # the VRM forgot every session
+    assert vrm.find_vm(fc.uuid)["name"] == "db"  # type: ignore[attr-defined]
+    logins = [c for c in fc.calls if c[:2] == ("POST", "/service/session")]
+    assert len(logins) == 2

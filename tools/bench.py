@@ -303,7 +303,7 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")
-    groups = ["file", "nbd", "store", "rbd", "vddk", "service", "mass", "vmware", "openstack"]
+    groups = ["file", "nbd", "store", "rbd", "vddk", "service", "mass", "vmware", "openstack", "fc"]
     ap.add_argument("--only", choices=groups, help="run only one group of cases")
     a = ap.parse_args()
     work = Path(a.work).resolve()
@@ -386,6 +386,10 @@ def main() -> int:
         from bench_openstack import openstack_benches
 
         out.update(openstack_benches(work, min(a.runs, 3)))
+    if a.only in (None, "fc"):
+        from bench_fc import fc_benches
+
+        out.update(fc_benches(a.hamal, work, min(a.runs, 3)))
     ok = all(r["ok"] for rows in out.values() for r in rows)
     (work / "results.json").write_text(json.dumps(out, indent=2))
     print(f"\nresults in {work / 'results.json'}")
