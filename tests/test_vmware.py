@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -179,6 +180,8 @@ def test_an_orphan_snapshot_of_a_killed_service_is_removed(
     env.task_file("web", task)
     env.once()
     assert vc.snapshots(VM) == []
+    assert "closed the VDDK access window an interrupted cycle left open" in _vm_log(env)
+    assert _vddk_calls(tmp_path).count("EndAccess") == 2  # the orphan's, then the cycle's own
     assert restored(env, tmp_path, disk_state(env)["version"]) == sha256(vc.root / SYS)
 
 
@@ -261,3 +264,31 @@ def test_an_expired_session_is_renewed_once(tmp_path: Path, vc: Vcsim) -> None:
     assert s.props(vm, "name")["name"] == VM  # renewed, once
     assert s.si.content.sessionManager.currentSession.key != key
     s.logout()
+
+
+def _vddk_calls(tmp_path: Path) -> list[str]:
+    return [ln.split(" ", 2)[1] for ln in (tmp_path / "vddk.log").read_text().splitlines()]
+
+
+def test_reads_happen_inside_one_vddk_access_window_per_cycle(
+    tmp_path: Path, vc: Vcsim, vddk_lib: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = setup(tmp_path, vc, vddk_lib, monkeypatch)
+    vc.write(SYS, 0, os.urandom(8 * MIB), tracked=False)
+    env.once()
+    calls = _vddk_calls(tmp_path)
+    # One PrepareForAccess before the first disk is opened, one EndAccess after the last read,
+    # however many reader processes there were (vCenter: the simulator is one).
+    assert calls.count("PrepareForAccess") == 1 and calls.count("EndAccess") == 1, calls
+    assert calls.index("PrepareForAccess") < calls.index("Open")
+    assert max(i for i, c in enumerate(calls) if c in ("Read", "ReadAsync")) < calls.index("EndAccess")
+    text = (tmp_path / "vddk.log").read_text()
+    assert re.search(r"PrepareForAccess vm=moref=vm-\d+ identity=hamal", text), text
+    assert restored(env, tmp_path, disk_state(env)["version"]) == sha256(vc.root / SYS)
+    # A library that refuses the window: said, and the sync goes on.
+    (tmp_path / "vddk.log").unlink()
+    monkeypatch.setenv("FAKE_VDDK_FAIL", "access")
+    vc.write(SYS, 0, os.urandom(MIB))
+    env.once()
+    assert "VDDK PrepareForAccess failed (the sync goes on" in _vm_log(env)
+    assert restored(env, tmp_path, disk_state(env)["version"]) == sha256(vc.root / SYS)

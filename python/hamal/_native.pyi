@@ -74,6 +74,7 @@ __all__ = [
     "rbd_protect_snapshot",
     "rbd_remove_snapshot",
     "start_sync",
+    "vddk_access",
     "verify",
     "verify_store",
 ]
@@ -169,4 +170,5 @@ def rbd_protect_snapshot(image: str, name: str, *, protected: bool = True) -> No
 def fc_bitmap_extents(
     bitmap: bytes, bits: int, block_size: int, start_block: int, disk_size: int
 ) -> tuple[list[tuple[int, int]], int]: ...
+def vddk_access(uri: str, begin: bool, config: Config | None = None) -> None: ...
 def _vddk_worker_main() -> int: ...

@@ -24,7 +24,7 @@ def adapter_for(platform: str, conf: dict[str, Any] | None = None) -> Adapter:
     if platform == "vmware":
         from hamal.platforms.vmware import VmwareAdapter
 
-        return VmwareAdapter()
+        return VmwareAdapter(conf)
     if platform == "openstack":
         from hamal.platforms.openstack import OpenStackAdapter
 

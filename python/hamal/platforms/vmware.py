@@ -6,7 +6,8 @@ A cycle: enable CBT if it is off (and activate it with a snapshot created and re
 the VM's log), take the snapshot ``hamal-<ms>`` (memory off, quiesced if the task says so), read
 each disk's key, capacity, backing and ``changeId`` from the snapshot, ask
 ``QueryChangedDiskAreas`` from the disk's last changeId in a loop until the capacity (one answer
-covers part of a disk), sync, then remove the snapshot whatever happened. The cursor of a disk
+covers part of a disk), sync inside VDDK's access window on vCenter (``PrepareForAccess`` /
+``EndAccess``), then remove the snapshot whatever happened. The cursor of a disk
 is its changeId with the key, size and backing uuid it belongs to (JSON), stored only after the
 commit. A full sync instead, said why: the first cycle, the changeId's uuid part changed (CBT
 reset), vSphere "cannot compute changes" (``FileFault``), the disk grew (the target grows with
@@ -26,6 +27,7 @@ import tempfile
 from typing import Any
 from urllib.parse import quote
 
+from hamal import _native
 from hamal.errors import HamalError
 from hamal.platforms.base import Cycle, DiskCycle, DiskInfo, VmInfo, is_ours, new_snapshot_name, now_iso
 from hamal.platforms.vsphere import Session, VsphereError
@@ -52,14 +54,45 @@ def _walk(tree: Any) -> list[Any]:
 
 
 class Handle:
-    """What a cycle holds: the API session, the VM, its snapshot, the cookie file for VDDK."""
+    """What a cycle holds: the API session, the VM, its snapshot, the cookie file for VDDK,
+    and the URI its VDDK access window was opened with (on vCenter)."""
 
     def __init__(self, session: Session, vm: Any, snapshot: Any, folder: str) -> None:
         self.session, self.vm, self.snapshot, self.folder = session, vm, snapshot, folder
+        self.access: str | None = None
 
 
 class VmwareAdapter:
     name = "vmware"
+
+    def __init__(self, conf: dict[str, Any] | None = None) -> None:
+        self.libdir = str(((conf or {}).get("vmware") or {}).get("vddk_libdir") or "")
+
+    # VDDK's access window (vCenter only)
+
+    def _access(self, s: Session, uri: str, begin: bool) -> str | None:
+        """``PrepareForAccess`` / ``EndAccess`` for the VM through VDDK, so that vCenter does
+        not move it (Storage vMotion) while its disks are read; one window per VM and cycle,
+        whatever the number of reader processes. A failure is a warning: the read itself does
+        not need it. Returns the URI used, or None when not on vCenter."""
+        if s.content.about.apiType != "VirtualCenter":
+            return None
+        if self.libdir:
+            uri += f"&libdir={quote(self.libdir)}"
+        try:
+            _native.vddk_access(uri, begin)
+        except HamalError as e:
+            what = "PrepareForAccess" if begin else "EndAccess"
+            log.warning("VDDK %s failed (the sync goes on; vCenter may move the VM meanwhile): %s", what, e)
+        return uri
+
+    def _cookie_file(self, s: Session, folder: str) -> str:
+        cookie = os.path.join(folder, "cookie")
+        if not os.path.exists(cookie):
+            fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(s.cookie())
+        return cookie
 
     # Discovery
 
@@ -222,10 +255,7 @@ class VmwareAdapter:
             handle.snapshot = self._snapshot(s, vm, name, bool(task.connection.get("quiesce", False)))
             devices = s.props(handle.snapshot, "config.hardware.device").get("config.hardware.device")
             at_snapshot = {d.id: d for d in self._disks(devices)}
-            cookie = os.path.join(folder, "cookie")
-            fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(s.cookie())
+            cookie = self._cookie_file(s, folder)
             for d in vm_info.disks:
                 now = at_snapshot.get(d.id)
                 if now is None:
@@ -249,6 +279,8 @@ class VmwareAdapter:
                         full_reason=reason,
                     )
                 )
+            if cycle.disks:
+                handle.access = self._access(s, cycle.disks[0].source, begin=True)
         except BaseException:
             self.abort(cycle)
             raise
@@ -263,6 +295,9 @@ class VmwareAdapter:
         cursors' changeIds, which need no snapshot kept), then logs out."""
         h: Handle = cycle.handle
         try:
+            if h.access is not None:
+                self._access(h.session, h.access, begin=False)
+                h.access = None
             if h.snapshot is not None:
                 self._remove(h.session, h.snapshot, "the cycle's snapshot")
                 h.snapshot = None
@@ -287,6 +322,21 @@ class VmwareAdapter:
                 if is_ours(node.name):
                     self._remove(s, node.snapshot, f"orphan snapshot {node.name}")
                     removed.append(f"snapshot {node.name}")
+            if removed:  # the crashed cycle may have left its access window open: close it
+                self._end_orphan_access(s, vm, node.snapshot)
         finally:
             s.logout()
         return removed
+
+    def _end_orphan_access(self, s: Session, vm: Any, snap: Any) -> None:
+        devices = s.props(vm, "config.hardware.device").get("config.hardware.device")
+        disks = self._disks(devices)
+        if not disks:
+            return
+        folder = tempfile.mkdtemp(prefix="hamal-vmware-")
+        try:
+            uri = self.uri(None, s, vm, snap, disks[0].ref["file"], self._cookie_file(s, folder))
+            if self._access(s, uri, begin=False):
+                log.info("closed the VDDK access window an interrupted cycle left open")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -144,6 +144,42 @@ pub unsafe extern "C" fn VixDiskLib_ConnectEx(
     VIX_OK
 }
 
+/// PrepareForAccess / EndAccess: recorded with the VM and identity; the thumbprint is checked
+/// as ConnectEx does; `FAKE_VDDK_FAIL=access` refuses them.
+unsafe fn access(call: &str, p: *const ConnectParams, identity: *const c_char) -> VixError {
+    // SAFETY: the caller passes a valid ConnectParams and string, per the API.
+    let (vm, thumb, identity) = unsafe {
+        let p = &*p;
+        (text(p.vmx_spec), text(p.thumb_print), text(identity))
+    };
+    record(&format!("{call} vm={vm} identity={identity}"));
+    if faults().access {
+        return VIX_E_CONNECT_REFUSED;
+    }
+    if env("FAKE_VDDK_THUMBPRINT").is_some_and(|t| !t.eq_ignore_ascii_case(&thumb)) {
+        return VIX_E_THUMBPRINT;
+    }
+    VIX_OK
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_PrepareForAccess(
+    p: *const ConnectParams,
+    identity: *const c_char,
+) -> VixError {
+    // SAFETY: forwarded as the caller gave them.
+    unsafe { access("PrepareForAccess", p, identity) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn VixDiskLib_EndAccess(
+    p: *const ConnectParams,
+    identity: *const c_char,
+) -> VixError {
+    // SAFETY: forwarded as the caller gave them.
+    unsafe { access("EndAccess", p, identity) }
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn VixDiskLib_Disconnect(conn: *mut c_void) -> VixError {
     record("Disconnect");

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::sync::OnceLock;
 
-/// Faults injected through `FAKE_VDDK_FAIL` (comma-separated): `init`, `connect`, `open`,
+/// Faults injected through `FAKE_VDDK_FAIL` (comma-separated): `init`, `connect`, `access`, `open`,
 /// `query`, `read:SECTOR`, `abort:SECTOR`, `hang:SECTOR` (that read never returns). A
 /// thumbprint other than `FAKE_VDDK_THUMBPRINT` or a password other than `FAKE_VDDK_PASSWORD`
 /// (when set) is refused as a real host would.
@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 pub struct Faults {
     pub init: bool,
     pub connect: bool,
+    pub access: bool,
     pub open: bool,
     pub query: bool,
     pub read_at: Option<u64>,
@@ -31,6 +32,7 @@ pub fn faults() -> &'static Faults {
             match name.trim() {
                 "init" => f.init = true,
                 "connect" => f.connect = true,
+                "access" => f.access = true,
                 "open" => f.open = true,
                 "query" => f.query = true,
                 "read" => f.read_at = sector,

@@ -242,3 +242,26 @@ pub fn map_source(
     })?;
     convert::to_py(py, &map)
 }
+
+/// `PrepareForAccess` (`begin=True`) or `EndAccess` for the VM of a `vddk://` URI (any of its
+/// disks), through a VDDK worker process: vCenter keeps the VM from moving while it is read.
+#[pyfunction]
+#[pyo3(signature = (uri, begin, config=None))]
+pub fn vddk_access(
+    py: Python<'_>,
+    uri: &str,
+    begin: bool,
+    config: Option<PyRef<'_, crate::config::Config>>,
+) -> PyResult<()> {
+    let tuning = config
+        .as_ref()
+        .map_or_else(Tuning::default, |c| Tuning::from_config(c.core()));
+    let parsed = hamal_core::uri::DiskUri::parse(uri).map_err(|e| errors::to_py(&e))?;
+    let hamal_core::uri::DiskUri::Vddk(vddk) = parsed else {
+        return Err(errors::PlanError::new_err(format!(
+            "'{uri}' is not a vddk:// URI"
+        )));
+    };
+    py.detach(|| hamal_core::vddk::Worker::access(&vddk, &tuning.vddk, begin))
+        .map_err(|e| errors::to_py(&e))
+}

@@ -48,6 +48,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(job::verify, m)?)?;
     m.add_function(wrap_pyfunction!(job::load_changed_file, m)?)?;
     m.add_function(wrap_pyfunction!(job::map_source, m)?)?;
+    m.add_function(wrap_pyfunction!(job::vddk_access, m)?)?;
     m.add_function(wrap_pyfunction!(config::load_config, m)?)?;
     m.add_function(wrap_pyfunction!(store::list_versions, m)?)?;
     m.add_function(wrap_pyfunction!(store::verify_store, m)?)?;

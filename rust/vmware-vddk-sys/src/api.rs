@@ -73,6 +73,9 @@ vddk_api! {
         disconnect = "VixDiskLib_Disconnect": fn(Connection) -> VixError;
     }
     optional {
+        // VDDK 5.0
+        prepare_for_access = "VixDiskLib_PrepareForAccess": fn(*const ConnectParams, *const c_char) -> VixError;
+        end_access = "VixDiskLib_EndAccess": fn(*const ConnectParams, *const c_char) -> VixError;
         // VDDK 6.0
         read_async = "VixDiskLib_ReadAsync": fn(Handle, u64, u64, *mut u8, CompletionFn, *mut c_void) -> VixError;
         wait = "VixDiskLib_Wait": fn(Handle) -> VixError;

@@ -39,7 +39,26 @@ impl Worker {
         opts: &VddkOptions,
         arena: Option<Arc<SharedMem>>,
     ) -> Result<(Worker, Opened)> {
-        let name = format!("VDDK disk '{}' of {} on {}", uri.disk, uri.vm, uri.server);
+        Self::spawn(uri, opts, arena, None)
+    }
+
+    /// `PrepareForAccess` (`begin`) or `EndAccess` for the VM of `uri` (any of its disks), in
+    /// a worker of its own: vCenter keeps the VM from moving while hamal reads its disks.
+    pub fn access(uri: &VddkUri, opts: &VddkOptions, begin: bool) -> Result<()> {
+        let what = if begin { ACCESS_PREPARE } else { ACCESS_END };
+        Self::spawn(uri, opts, None, Some(what)).map(drop)
+    }
+
+    fn spawn(
+        uri: &VddkUri,
+        opts: &VddkOptions,
+        arena: Option<Arc<SharedMem>>,
+        access: Option<&str>,
+    ) -> Result<(Worker, Opened)> {
+        let name = match access {
+            None => format!("VDDK disk '{}' of {} on {}", uri.disk, uri.vm, uri.server),
+            Some(_) => format!("VDDK access to {} on {}", uri.vm, uri.server),
+        };
         let fail = |what: String| Error::Vddk(format!("{name}: {what}"));
         let secret = |path: &std::path::Path, what: &str| {
             std::fs::read_to_string(path)
@@ -79,6 +98,7 @@ impl Worker {
                 .unwrap_or_else(|| opts.transports.clone()),
             max_read_blocks: u64::from(opts.max_read_blocks),
             arena: arena.is_some(),
+            access: access.map(str::to_owned),
         };
         let cmd = worker_command().map_err(&fail)?;
         let lib64 = libdir.join("lib64");
@@ -142,6 +162,10 @@ impl Worker {
         };
         let opened: Opened = w.call(OP_OPEN, &serde_json::to_vec(&req).unwrap())?;
         drop(req);
+        if let Some(what) = access {
+            tracing::info!(vm = %uri.vm, server = %uri.server, "VDDK {what} access done");
+            return Ok((w, opened));
+        }
         let sector_sizes = opened
             .sector_sizes
             .map_or("not reported".into(), |(l, p)| format!("{l}/{p}"));

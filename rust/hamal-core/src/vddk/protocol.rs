@@ -47,7 +47,15 @@ pub struct OpenRequest {
     pub max_read_blocks: u64,
     /// The engine's chunk buffers are shared, at `ARENA_FD`.
     pub arena: bool,
+    /// Instead of opening the disk: `ACCESS_PREPARE` or `ACCESS_END` for its VM.
+    #[serde(default)]
+    pub access: Option<String>,
 }
+
+/// `PrepareForAccess` / `EndAccess`, and the identity hamal gives vCenter for them.
+pub const ACCESS_PREPARE: &str = "prepare";
+pub const ACCESS_END: &str = "end";
+pub const ACCESS_IDENTITY: &str = "hamal";
 
 /// Bytes of the shared read window; one READ asks for at most this much.
 pub const WINDOW_BYTES: usize = 8 << 20;

@@ -2,7 +2,7 @@
 //! path out (success, error, parent gone) Close, Disconnect and Exit, in that order.
 
 use super::log::{log_debug, log_panic, log_warn};
-use super::protocol::{Allocated, OpenRequest, Opened};
+use super::protocol::{Allocated, OpenRequest, Opened, ACCESS_IDENTITY, ACCESS_PREPARE};
 use std::ffi::{c_void, CStr, CString};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,6 +54,18 @@ impl Session {
         };
         s.check(err, "InitEx")?;
         s.initialised = true;
+        if let Some(what) = req.access.as_deref() {
+            s.access(req, what == ACCESS_PREPARE)?;
+            let opened = Opened {
+                capacity_sectors: 0,
+                transport: String::new(),
+                library: s.api.path.display().to_string(),
+                major: s.api.major,
+                optional_symbols: Vec::new(),
+                sector_sizes: None,
+            };
+            return Ok((s, opened));
+        }
         s.connect(req)?;
         let path = cstring("disk path", &req.disk)?;
         let mut handle = std::ptr::null_mut();
@@ -111,6 +123,50 @@ impl Session {
     }
 
     fn connect(&mut self, req: &OpenRequest) -> Result<(), String> {
+        let snapshot = cstring("snapshot", &req.snapshot)?;
+        let modes = cstring("transports", &req.transports)?;
+        let connect_ex = self.api.connect_ex;
+        let mut conn = std::ptr::null_mut();
+        // SAFETY: `params` is filled and valid for the call; the strings outlive it.
+        let err = self.with_params(req, |params| unsafe {
+            connect_ex(params, 1, snapshot.as_ptr(), modes.as_ptr(), &mut conn)
+        })?;
+        self.conn = if err == sys::VIX_OK {
+            conn
+        } else {
+            std::ptr::null_mut()
+        };
+        self.check(err, &format!("ConnectEx to {}", self.server))
+    }
+
+    /// `PrepareForAccess` (`begin`) or `EndAccess` for the request's VM on vCenter: vSphere
+    /// keeps the VM from moving (Storage vMotion) while its disks are read. Skipped, with a
+    /// warning, for a library without the call.
+    fn access(&mut self, req: &OpenRequest, begin: bool) -> Result<(), String> {
+        let (call, name) = if begin {
+            (self.api.prepare_for_access, "PrepareForAccess")
+        } else {
+            (self.api.end_access, "EndAccess")
+        };
+        let Some(call) = call else {
+            eprintln!(
+                "warning this VDDK has no {name}: the VM is not kept from moving while it is read"
+            );
+            return Ok(());
+        };
+        let identity = cstring("identity", ACCESS_IDENTITY)?;
+        // SAFETY: `params` is filled and valid for the call; `identity` outlives it.
+        let err = self.with_params(req, |params| unsafe { call(params, identity.as_ptr()) })?;
+        self.check(err, &format!("{name} for {} on {}", req.vm, self.server))
+    }
+
+    /// Runs `f` with ConnectParams filled from the request (VM, server, thumbprint, user and
+    /// password or cookie), then clears and frees them.
+    fn with_params<R>(
+        &self,
+        req: &OpenRequest,
+        f: impl FnOnce(*const sys::ConnectParams) -> R,
+    ) -> Result<R, String> {
         let text = |what: &str, v: &str| cstring(what, v);
         let vmx = text("vm", &format!("moref={}", req.vm))?;
         let server = text("server", &req.server)?;
@@ -121,8 +177,6 @@ impl Session {
             (None, Some(c)) => text("cookie", c)?,
             (None, None) => return Err("no password or cookie".into()),
         };
-        let snapshot = text("snapshot", &req.snapshot)?;
-        let modes = text("transports", &req.transports)?;
         let owned = self.api.allocate_connect_params.is_none();
         let params: *mut sys::ConnectParams = match self.api.allocate_connect_params {
             // SAFETY: AllocateConnectParams returns a zeroed struct the library owns.
@@ -136,8 +190,8 @@ impl Session {
             return Err("AllocateConnectParams returned NULL".into());
         }
         // SAFETY: `params` is valid and exclusively ours until freed below; the strings it
-        // points to live until after ConnectEx.
-        let err = unsafe {
+        // points to live until after `f`.
+        let out = unsafe {
             let p = &mut *params;
             p.vmx_spec = vmx.as_ptr().cast_mut();
             p.server_name = server.as_ptr().cast_mut();
@@ -161,20 +215,13 @@ impl Session {
                     key: std::ptr::null_mut(),
                 };
             }
-            let mut conn = std::ptr::null_mut();
-            let err =
-                (self.api.connect_ex)(params, 1, snapshot.as_ptr(), modes.as_ptr(), &mut conn);
+            let out = f(params);
             // The library may keep pointers only during the call: clear ours before freeing.
             p.vmx_spec = std::ptr::null_mut();
             p.server_name = std::ptr::null_mut();
             p.thumb_print = std::ptr::null_mut();
             p.creds.reserved = std::ptr::null_mut();
-            self.conn = if err == sys::VIX_OK {
-                conn
-            } else {
-                std::ptr::null_mut()
-            };
-            err
+            out
         };
         if owned {
             // SAFETY: allocated by Box above, freed once.
@@ -183,7 +230,7 @@ impl Session {
             // SAFETY: allocated by AllocateConnectParams, freed once.
             unsafe { free(params) };
         }
-        self.check(err, &format!("ConnectEx to {}", self.server))
+        Ok(out)
     }
 
     /// Reads each `(disk offset, buffer)`: sector-aligned, the buffer's length. Each range is
