@@ -5,6 +5,7 @@ command's peak RSS from wait4()."""
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -50,13 +51,16 @@ def digest(path: Path) -> str:
     h = hashlib.blake2b()
     zero = bytes(MIB)
     with open(path, "rb") as f:
-        fd, size, pos = f.fileno(), os.fstat(f.fileno()).st_size, 0
+        fd, pos = f.fileno(), 0
+        size = os.lseek(fd, 0, os.SEEK_END)  # also for a block device (st_size is 0 there)
         while pos < size:
             try:
                 data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError:  # ENXIO: no data after pos
-                break
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
+                hole = os.lseek(fd, data, os.SEEK_HOLE)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data after pos
+                    break
+                data, hole = pos, size  # a device: no SEEK_DATA, every block is read
             block = data // MIB * MIB
             while block < hole:
                 chunk = os.pread(fd, MIB, block)
@@ -69,14 +73,21 @@ def digest(path: Path) -> str:
 
 
 def timed(cmd: list[str]) -> tuple[float, int]:
-    """Seconds for `cmd` followed by `sync`, and the command's own peak RSS in bytes. GNU time
-    measures the RSS: Linux carries a process's high-water mark across exec, so a child of this
-    (larger) Python process would report at least this process's size."""
+    """Seconds for `cmd` followed by `sync`, and the command's own peak RSS in bytes."""
+    elapsed, rss, _ = timed_cpu(cmd)
+    return elapsed, rss
+
+
+def timed_cpu(cmd: list[str]) -> tuple[float, int, float]:
+    """Seconds for `cmd` followed by `sync`, the command's own peak RSS in bytes (of its largest
+    process) and its CPU seconds (user + system, its children's included). GNU time measures
+    them: Linux carries a process's RSS high-water mark across exec, so a child of this (larger)
+    Python process would report at least this process's size."""
     os.sync()
     rss_file = Path(os.environ.get("TMPDIR", "/tmp")) / f"hamal-bench-rss-{os.getpid()}"
     t0 = time.perf_counter()
     p = subprocess.run(
-        ["/usr/bin/time", "-o", str(rss_file), "-f", "%M", *cmd],
+        ["/usr/bin/time", "-o", str(rss_file), "-f", "%M %U %S", *cmd],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -85,22 +96,27 @@ def timed(cmd: list[str]) -> tuple[float, int]:
         raise SystemExit(f"benchmark command failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr}")
     os.sync()
     elapsed = time.perf_counter() - t0
-    peak_kib = int(rss_file.read_text().split()[-1])
+    peak_kib, user, system = rss_file.read_text().split()[-3:]
     rss_file.unlink()
-    return elapsed, peak_kib * 1024
+    return elapsed, int(peak_kib) * 1024, float(user) + float(system)
 
 
 def run_cases(cases: list[tuple[str, list[str]]], dst: Path, runs: int, expect: str) -> list[dict]:
     """Runs every case `runs` times, interleaved round by round so drift in the machine's
     disk speed hits every tool alike; checks each tool's output once."""
     times: dict[str, list[float]] = {name: [] for name, _ in cases}
+    cpu: dict[str, list[float]] = {name: [] for name, _ in cases}
     rss: dict[str, int] = {name: 0 for name, _ in cases}
     ok: dict[str, bool] = {}
     for _ in range(runs):
         for name, cmd in cases:
-            dst.unlink(missing_ok=True)
-            t, r = timed(cmd)
+            if dst.is_block_device():  # zeroed, so a tool that wrote nothing cannot pass
+                subprocess.run(["blkdiscard", str(dst)], check=True)
+            else:
+                dst.unlink(missing_ok=True)
+            t, r, c = timed_cpu(cmd)
             times[name].append(t)
+            cpu[name].append(c)
             rss[name] = max(rss[name], r)
             if name not in ok:
                 ok[name] = digest(dst) == expect
@@ -110,6 +126,7 @@ def run_cases(cases: list[tuple[str, list[str]]], dst: Path, runs: int, expect: 
             "median_s": statistics.median(times[n]),
             "times": times[n],
             "peak_rss": rss[n],
+            "cpu_s": statistics.median(cpu[n]),
             "ok": ok[n],
         }
         for n, _ in cases
@@ -288,11 +305,12 @@ def data_gib(work: Path) -> float:
 
 def report(title: str, rows: list[dict], base: float) -> None:
     print(f"\n{title}")
-    print(f"{'case':<26} {'median s':>9} {'ratio':>7} {'peak RSS MiB':>13}  content")
+    print(f"{'case':<26} {'median s':>9} {'ratio':>7} {'peak RSS MiB':>13} {'CPU s':>7}  content")
     for r in rows:
+        cpu = f"{r['cpu_s']:>7.2f}" if "cpu_s" in r else f"{'-':>7}"
         print(
             f"{r['name']:<26} {r['median_s']:>9.3f} {r['median_s'] / base:>7.2f} "
-            f"{r['peak_rss'] / MIB:>13.1f}  {'identical' if r['ok'] else 'MISMATCH'}"
+            f"{r['peak_rss'] / MIB:>13.1f} {cpu}  {'identical' if r['ok'] else 'MISMATCH'}"
         )
 
 
@@ -303,7 +321,7 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")
-    groups = ["file", "nbd", "store", "rbd", "vddk", "service", "mass", "vmware", "openstack", "fc"]
+    groups = ["file", "nbd", "store", "rbd", "vddk", "service", "mass", "vmware", "openstack", "fc", "local"]
     ap.add_argument("--only", choices=groups, help="run only one group of cases")
     a = ap.parse_args()
     work = Path(a.work).resolve()
@@ -386,6 +404,10 @@ def main() -> int:
         from bench_openstack import openstack_benches
 
         out.update(openstack_benches(work, min(a.runs, 3)))
+    if a.only in (None, "local"):
+        from bench_local import local_benches
+
+        out.update(local_benches(a.hamal, work, a.runs))
     if a.only in (None, "fc"):
         from bench_fc import fc_benches
 

@@ -16,9 +16,8 @@ from typing import Any, NoReturn
 
 from hamal import _native, sync
 from hamal.config import load_config
-from hamal.errors import ConfigError, HamalError, PlanError, SyncCancelled
+from hamal.errors import ConfigError, HamalError, PlanError, StateError, SyncCancelled
 from hamal.progress import wait_with_progress
-from hamal.service.state import StateError
 from hamal.signals import Terminated, handle_sigterm
 from hamal.units import human, parse_size
 
@@ -139,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--memory-budget",
         type=_budget,
-        default=256 << 20,
-        help="in-flight buffer cap, 8M to 1T (default 256M)",
+        default=192 << 20,
+        help="in-flight buffer cap over the job, 8M to 1T (default 192M: a job stays under 256 MiB)",
     )
     s.add_argument(
         "--fsync-period",

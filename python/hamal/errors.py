@@ -77,6 +77,11 @@ class InternalError(HamalError):
     """A bug in hamal; please report it."""
 
 
+class StateError(RuntimeError):
+    """The service's state database cannot be used (missing, newer schema, unknown task).
+    Defined here so that the CLI can catch it without importing the service (and sqlite3)."""
+
+
 __all__ = [
     "BusyError",
     "CephError",

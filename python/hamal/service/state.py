@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from hamal.errors import StateError
 from hamal.platforms.base import now_iso
 
 MIGRATIONS = [
@@ -91,10 +92,6 @@ MIGRATIONS = [
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class StateError(RuntimeError):
-    pass
 
 
 class State:

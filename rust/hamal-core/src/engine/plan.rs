@@ -34,7 +34,8 @@ pub struct Tuning {
     /// Job-wide read cap in bytes per second.
     pub bwlimit_bps: Option<u64>,
     pub io_mode: IoMode,
-    /// Upper bound for chunk buffers in flight over the whole job.
+    /// Upper bound for chunk buffers in flight over the whole job (192 MiB by default: with
+    /// the process's own ~30 MiB and the per-disk state, a job of 8 disks stays under 256 MiB).
     pub memory_budget: u64,
     /// Target flush and journal cadence (`[data_sync_v2] fsync_period_frequency`).
     pub fsync_period: Duration,
@@ -62,7 +63,7 @@ impl Default for Tuning {
             release_cpu_ms_per_mb: 0,
             bwlimit_bps: None,
             io_mode: IoMode::Auto,
-            memory_budget: 256 * MIB,
+            memory_budget: 192 * MIB,
             fsync_period: Duration::from_secs(3),
             fsync_warn_after: None,
             store: StoreOptions::default(),
