@@ -321,7 +321,20 @@ def main() -> int:
     ap.add_argument("--work", default="bench-work")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--skip-incremental", action="store_true")
-    groups = ["file", "nbd", "store", "rbd", "vddk", "service", "mass", "vmware", "openstack", "fc", "local"]
+    groups = [
+        "file",
+        "nbd",
+        "store",
+        "rbd",
+        "vddk",
+        "service",
+        "mass",
+        "vmware",
+        "openstack",
+        "fc",
+        "local",
+        "backup",
+    ]
     ap.add_argument("--only", choices=groups, help="run only one group of cases")
     a = ap.parse_args()
     work = Path(a.work).resolve()
@@ -408,6 +421,10 @@ def main() -> int:
         from bench_local import local_benches
 
         out.update(local_benches(a.hamal, work, a.runs))
+    if a.only in (None, "backup"):
+        from bench_backup import backup_benches
+
+        out.update(backup_benches(a.hamal, work, min(a.runs, 3)))
     if a.only in (None, "fc"):
         from bench_fc import fc_benches
 

@@ -1,0 +1,209 @@
+"""The chunk store against the backup tools users would otherwise pick, for tools/bench
+(`--only backup`): restic (Debian's 0.14: dedup, compression, encryption, S3 backend) and borg
+(Debian's borgbackup), all encrypted and compressed, on the same 2 GiB image (0.8 GiB data):
+first backup, a second after 80 MiB changed (restic and borg rescan the file; hamal gets the
+changed list, as the service gives it), restore of the latest, bytes stored. Into a local
+directory (hamal `dir:`, restic's local repository, borg) and into radosgw (hamal `s3://`,
+restic's S3 backend), started here. Times include `sync`; medians of fresh repositories."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+from bench import GIB, MIB, digest, make_image, timed_cpu, warm
+
+PASSWORD = "bench-password"
+CHANGED = 80 * MIB
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def change(disk: Path, list_file: Path, seed: int) -> None:
+    """80 MiB of new data in 20 scattered 4 MiB pieces; their list for hamal."""
+    rng = random.Random(seed)
+    size = disk.stat().st_size
+    pieces = sorted({rng.randrange(0, size // (4 * MIB)) * 4 * MIB for _ in range(40)})[:20]
+    with open(disk, "r+b") as f:
+        for off in pieces:
+            os.pwrite(f.fileno(), os.urandom(4 * MIB), off)
+    list_file.write_text(json.dumps([[off, 4 * MIB] for off in pieces]))
+
+
+class Tool:
+    """One tool's three steps, as commands."""
+
+    def __init__(self, name: str, first: list[str], again: list[str], restore: list[str], out: Path) -> None:
+        self.name, self.first, self.again, self.restore, self.out = name, first, again, restore, out
+
+
+def tools(hamal: str, work: Path, disk: Path, changed: Path, s3: dict | None) -> list[Tool]:
+    key = work / "bench.key"
+    key.write_text("ab" * 32)
+    r = work / "repos"
+    out = work / "restores"
+    if s3 is None:
+        store = f"dir:{r / 'hamal'}"
+        restic_repo = str(r / "restic")
+    else:
+        store = f"s3://{s3['bucket']}/hamal"
+        restic_repo = f"s3:{s3['endpoint']}/{s3['bucket']}/restic"
+    h = [hamal, "sync", str(disk), store, "--disk", "d", "--key-file", str(key), "--no-progress"]
+    hamal_tool = Tool(
+        "hamal",
+        h,
+        [*h, "--changed", str(changed)],
+        [
+            hamal,
+            "restore",
+            store,
+            str(out / "hamal.raw"),
+            "--disk",
+            "d",
+            "--key-file",
+            str(key),
+            "--no-progress",
+        ],
+        out / "hamal.raw",
+    )
+    restic = ["restic", "-q", "-r", restic_repo, "--compression", "auto"]
+    restic_tool = Tool(
+        "restic",
+        [*restic, "backup", str(disk)],
+        [*restic, "backup", str(disk)],
+        [*restic, "restore", "latest", "--target", str(out / "restic")],
+        out / "restic" / str(disk).lstrip("/"),
+    )
+    result = [hamal_tool, restic_tool]
+    if s3 is None:
+        borg_repo = str(r / "borg")
+        borg = ["borg", "create", "--compression", "zstd,3"]
+        result.append(
+            Tool(
+                "borg",
+                [*borg, f"{borg_repo}::one", str(disk)],
+                [*borg, f"{borg_repo}::two", str(disk)],
+                [
+                    "sh",
+                    "-c",
+                    f"mkdir -p {out / 'borg'} && cd {out / 'borg'} && borg extract {borg_repo}::two",
+                ],
+                out / "borg" / str(disk).lstrip("/"),
+            )
+        )
+    return result
+
+
+def init_repos(work: Path, s3: dict | None) -> None:
+    r = work / "repos"
+    shutil.rmtree(r, ignore_errors=True)
+    shutil.rmtree(work / "restores", ignore_errors=True)
+    r.mkdir(parents=True)
+    (work / "restores").mkdir()
+    restic_repo = str(r / "restic") if s3 is None else f"s3:{s3['endpoint']}/{s3['bucket']}/restic"
+    subprocess.run(["restic", "-q", "-r", restic_repo, "init", "--repository-version", "2"], check=True)
+    if s3 is None:
+        subprocess.run(
+            ["borg", "init", "--encryption", "repokey-blake2", str(r / "borg")],
+            check=True,
+            capture_output=True,
+        )
+
+
+def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None) -> list[dict]:
+    os.environ.update({"RESTIC_PASSWORD": PASSWORD, "BORG_PASSPHRASE": PASSWORD})
+    base = work / "backup"
+    base.mkdir(exist_ok=True)
+    pristine = work / "bk-2g.raw"
+    make_image(pristine, 2 * GIB, 820 * MIB, seed=21)
+    disk, changed = base / "disk.raw", base / "changed.json"
+    steps = ("first", "incremental", "restore")
+    rows: dict[str, dict] = {}
+    for i in range(runs):
+        if bucket is not None:
+            bucket.empty("")
+        init_repos(base, s3)
+        subprocess.run(["cp", "--sparse=always", str(pristine), str(disk)], check=True)
+        warm(disk)
+        ts = tools(hamal, base, disk, changed, s3)
+        for t in ts:  # first backups, every tool on the same content
+            _note(rows, t.name, "first", timed_cpu(t.first))
+        change(disk, changed, seed=i)
+        warm(disk)
+        expect = digest(disk)
+        for t in ts:
+            _note(rows, t.name, "incremental", timed_cpu(t.again))
+        for t in ts:
+            _note(rows, t.name, "restore", timed_cpu(t.restore))
+            rows[f"{t.name} restore"]["ok"] = (
+                rows[f"{t.name} restore"].get("ok", True) and digest(t.out) == expect
+            )
+        if s3 is None:
+            for t in ts:
+                rows[f"{t.name} first"].setdefault("stored", []).append(du(base / "repos" / t.name))
+        else:
+            for t in ts:
+                rows[f"{t.name} first"].setdefault("stored", []).append(bucket.stored_bytes(f"{t.name}/"))
+        shutil.rmtree(base / "restores", ignore_errors=True)
+    out = []
+    for name, v in rows.items():
+        out.append(
+            {
+                "name": name,
+                "median_s": statistics.median(v["times"]),
+                "times": v["times"],
+                "cpu_s": statistics.median(v["cpu"]),
+                "peak_rss": v["rss"],
+                "stored_bytes": int(statistics.median(v["stored"])) if "stored" in v else None,
+                "ok": v.get("ok", True),
+            }
+        )
+    where = "radosgw (S3)" if s3 else "a local directory"
+    print(f"\nBackup tools into {where}: 2 GiB image, 0.8 GiB data, then {CHANGED // MIB} MiB changed")
+    print(
+        f"{'case':<24} {'median s':>9} {'hamal/it':>9} {'peak RSS MiB':>13} {'CPU s':>7} {'stored MiB':>11}"
+    )
+    for step in steps:
+        base_s = rows[f"hamal {step}"]
+        for r in (x for x in out if x["name"].endswith(step)):
+            stored = f"{r['stored_bytes'] / MIB:>11.0f}" if r["stored_bytes"] else f"{'':>11}"
+            ratio = statistics.median(base_s["times"]) / r["median_s"]
+            print(
+                f"{r['name']:<24} {r['median_s']:>9.3f} {ratio:>9.2f} {r['peak_rss'] / MIB:>13.1f} "
+                f"{r['cpu_s']:>7.2f} {stored}{'' if r['ok'] else '  MISMATCH'}"
+            )
+    return out
+
+
+def _note(rows: dict[str, dict], tool: str, step: str, measured: tuple[float, int, float]) -> None:
+    t, rss, cpu = measured
+    r = rows.setdefault(f"{tool} {step}", {"times": [], "cpu": [], "rss": 0})
+    r["times"].append(t)
+    r["cpu"].append(cpu)
+    r["rss"] = max(r["rss"], rss)
+
+
+def backup_benches(hamal: str, work: Path, runs: int) -> dict[str, list[dict]]:
+    out = {"backup_dir": run(hamal, work, runs, None)}
+    from bench_store import Bucket, write_conf
+    from ceph_cluster import ACCESS_KEY, SECRET_KEY, CephCluster
+
+    cluster = CephCluster(work / "ceph", bluestore_gib=32)
+    cluster.start()
+    try:
+        write_conf(work, cluster)
+        bucket = Bucket(cluster, "hamal-backup")
+        os.environ.update({"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY})
+        os.environ.pop("AWS_CA_BUNDLE", None)
+        s3 = {"endpoint": cluster.endpoint, "bucket": "hamal-backup"}
+        out["backup_s3"] = run(hamal, work, runs, s3, bucket)
+    finally:
+        cluster.stop()
+    return out
