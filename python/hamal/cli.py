@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="source disk URI: file:PATH, a plain path, nbd://HOST:PORT/EXPORT, "
         "nbd+unix:///EXPORT?socket=PATH, rbd:POOL/IMAGE@SNAP[?from_snap=S&conf=PATH&id=NAME&keyring=PATH], "
         "vddk://USER@HOST/[DATASTORE] DIR/DISK.vmdk?vm=vm-N&snapshot=snapshot-N&thumbprint=SHA1"
-        "&password_file=PATH",
+        "&password_file=PATH, fc://HOST:PORT/RESOURCE?token_file=PATH&snapshot=ID&size=BYTES",
     )
     s.add_argument(
         "target",

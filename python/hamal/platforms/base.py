@@ -20,6 +20,7 @@ Cursors are opaque strings to the service (a bitmap name, a snapshot name, a cha
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
 import os
 import time
@@ -152,6 +153,15 @@ def task_secret(task: Any, key: str) -> str | None:
             return f.read().strip()
     except OSError as e:
         raise PlanError(f"task {task.id}: connection.{key}_file = {path}: {e.strerror}") from None
+
+
+def parse_cursor(text: str | None) -> dict[str, Any] | None:
+    """A JSON cursor as a dict; ``None`` for none or one this adapter did not write."""
+    try:
+        c = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return c if isinstance(c, dict) else None
 
 
 def now_iso(offset_s: float = 0.0) -> str:

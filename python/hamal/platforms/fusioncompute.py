@@ -29,19 +29,20 @@ from urllib.parse import quote, urlencode
 
 from hamal.errors import HamalError, PlanError
 from hamal.platforms import fc_names as N
-from hamal.platforms.base import Cycle, DiskCycle, DiskInfo, VmInfo, is_ours, new_snapshot_name, now_iso
+from hamal.platforms.base import (
+    Cycle,
+    DiskCycle,
+    DiskInfo,
+    VmInfo,
+    is_ours,
+    new_snapshot_name,
+    now_iso,
+    parse_cursor,
+)
 from hamal.platforms.fc_api import FcError, Vrm, urn_to_uri
 
 log = logging.getLogger("hamal.platforms.fusioncompute")
 GIB = 1 << 30
-
-
-def _cursor(text: str | None) -> dict[str, Any] | None:
-    try:
-        c = json.loads(text) if text else None
-    except ValueError:
-        return None
-    return c if isinstance(c, dict) else None
 
 
 def _dig(doc: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -180,7 +181,7 @@ class FusionComputeAdapter:
     ) -> DiskCycle:
         vrm, snap = h.vrm, h.snapshot or {}
         volume_uri = urn_to_uri(d.ref["volume_urn"])
-        old = _cursor(cursor)
+        old = parse_cursor(cursor)
         reason = self._full_reason(d, vs, old)
         changed = None
         if reason is None and old is not None:
@@ -248,10 +249,10 @@ class FusionComputeAdapter:
             if h.snapshot:
                 candidates[h.snapshot.get(N.SNAPSHOT_URI)] = h.snapshot.get(N.SNAPSHOT_NAME)
             for dc in cycle.disks:
-                old = _cursor(dc.old_cursor) or {}
+                old = parse_cursor(dc.old_cursor) or {}
                 if old.get("snapshot_uri"):
                     candidates[old["snapshot_uri"]] = "the previous snapshot"
-                kept = _cursor(dc.new_cursor if dc.committed else dc.old_cursor) or {}
+                kept = parse_cursor(dc.new_cursor if dc.committed else dc.old_cursor) or {}
                 held.add(kept.get("snapshot_uri"))
             for uri, what in candidates.items():
                 if uri and uri not in held:
@@ -270,7 +271,7 @@ class FusionComputeAdapter:
         """hamal's snapshots on the VM that no cursor holds (left by a crash); other tools'
         snapshots are never touched. (A crashed cycle's data channel resources cannot be
         listed through the VRM; the VRM expires them.)"""
-        keep = {c.get("snapshot_uri") for c in map(_cursor, known) if c}
+        keep = {c.get("snapshot_uri") for c in map(parse_cursor, known) if c}
         vrm = Vrm(task)
         removed = []
         try:

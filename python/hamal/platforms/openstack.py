@@ -30,19 +30,20 @@ from urllib.parse import urlencode
 
 from hamal import _native
 from hamal.errors import CephError, HamalError, PlanError
-from hamal.platforms.base import Cycle, DiskCycle, DiskInfo, VmInfo, is_ours, new_snapshot_name, now_iso
+from hamal.platforms.base import (
+    Cycle,
+    DiskCycle,
+    DiskInfo,
+    VmInfo,
+    is_ours,
+    new_snapshot_name,
+    now_iso,
+    parse_cursor,
+)
 from hamal.platforms.openstack_api import Cloud, OpenStackError, cloud_for
 
 log = logging.getLogger("hamal.platforms.openstack")
 MODES = ("cinder", "rbd")
-
-
-def _cursor(text: str | None) -> dict[str, Any] | None:
-    try:
-        c = json.loads(text) if text else None
-    except ValueError:
-        return None
-    return c if isinstance(c, dict) else None
 
 
 class OpenStackAdapter:
@@ -132,7 +133,7 @@ class OpenStackAdapter:
         cycle = Cycle(vm=vm, disks=[], snapshot_time=now_iso(), handle=(task, cloud))
         try:
             for d in vm.disks:
-                old = _cursor(cursors.get(d.id))
+                old = parse_cursor(cursors.get(d.id))
                 reason = self._full_reason(task, d, old)
                 if reason:
                     log.warning("disk %s: full sync: %s", d.id, reason)
@@ -178,7 +179,7 @@ class OpenStackAdapter:
         task, cloud = cycle.handle
         dropped = []
         for dc in cycle.disks:
-            gone = _cursor(dc.old_cursor if dc.committed else dc.new_cursor)
+            gone = parse_cursor(dc.old_cursor if dc.committed else dc.new_cursor)
             if gone:
                 self._drop(task, cloud, gone)
                 dropped.append(gone)
@@ -196,10 +197,10 @@ class OpenStackAdapter:
         """hamal's snapshots (Cinder or RBD) that no cursor references; and a word on volumes
         detached since their last cycle (their cursors are kept)."""
         cloud = cloud_for(task)
-        keep = {c["snap"] for c in map(_cursor, known) if c}
+        keep = {c["snap"] for c in map(parse_cursor, known) if c}
         removed = []
         attached = {att["volumeId"] for att in cloud.attachments(task.vm_uuid)}
-        for c in filter(None, map(_cursor, known)):
+        for c in filter(None, map(parse_cursor, known)):
             vid = str(c.get("image", "")).rsplit("volume-", 1)[-1]
             if c.get("image", "").find("volume-") >= 0 and vid not in attached:
                 log.warning(

@@ -94,6 +94,15 @@ impl std::fmt::Display for DiskUri {
     }
 }
 
+/// A URI's `timeout=SECONDS` (a number in (0, 86400]).
+pub(crate) fn timeout_option(v: &str) -> std::result::Result<std::time::Duration, String> {
+    v.parse::<f64>()
+        .ok()
+        .filter(|s| *s > 0.0 && *s <= 86400.0)
+        .map(std::time::Duration::from_secs_f64)
+        .ok_or_else(|| "timeout must be a number of seconds in (0, 86400]".to_owned())
+}
+
 /// Decodes `%XX` escapes; `None` for a bad escape or non-UTF-8 result.
 pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();

@@ -5,7 +5,7 @@
 //! the socket in TLS verified by `ca_file=`; `allocated=` names a JSON list of `[offset,
 //! length]` pairs (the allocated extents of a full sync; without it the whole volume is read).
 
-use crate::uri::percent_decode;
+use crate::uri::{percent_decode, timeout_option};
 use crate::{Error, Result};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -102,14 +102,7 @@ impl FcUri {
                 }
                 "ca_file" => u.ca_file = Some(v.into()),
                 "allocated" => u.allocated = Some(v.into()),
-                "timeout" => {
-                    let secs: f64 = v
-                        .parse()
-                        .ok()
-                        .filter(|s: &f64| *s > 0.0 && *s <= 86400.0)
-                        .ok_or_else(|| bad("timeout must be a number of seconds in (0, 86400]"))?;
-                    u.timeout = Duration::from_secs_f64(secs);
-                }
+                "timeout" => u.timeout = timeout_option(&v).map_err(|e| bad(&e))?,
                 "retries" => {
                     u.retries = v
                         .parse()

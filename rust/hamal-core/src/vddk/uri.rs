@@ -4,7 +4,7 @@
 //! and brackets as they are or %-escaped). Credentials never appear in the URI: `password_file=`
 //! names a file holding the password, `cookie_file=` one holding a vSphere session cookie.
 
-use crate::uri::percent_decode;
+use crate::uri::{percent_decode, timeout_option};
 use crate::{Error, Result};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -113,14 +113,7 @@ impl VddkUri {
                 "transports" => u.transports = Some(v),
                 "libdir" => u.libdir = Some(v.into()),
                 "config" => u.config = Some(v.into()),
-                "timeout" => {
-                    let secs: f64 = v
-                        .parse()
-                        .ok()
-                        .filter(|s: &f64| *s > 0.0 && *s <= 86400.0)
-                        .ok_or_else(|| bad("timeout must be a number of seconds in (0, 86400]"))?;
-                    u.timeout = Duration::from_secs_f64(secs);
-                }
+                "timeout" => u.timeout = timeout_option(&v).map_err(|e| bad(&e))?,
                 "nfc_host_port" => {
                     u.nfc_host_port = Some(v.parse().map_err(|_| bad("bad nfc_host_port"))?)
                 }
