@@ -219,3 +219,26 @@ fn several_disks_in_parallel() {
         ));
     }
 }
+
+#[test]
+fn fewer_buffers_than_reads_in_flight_do_not_deadlock() {
+    // 6 buffers for 4 readers of 4 reads each: readers that took buffers one at a time, each
+    // holding part of a batch, used to wait for each other forever (8 disks at once did this).
+    let (_d, src, dst) = tmp();
+    make_disk(&src, 64 * MIB, 5);
+    let tuning = Tuning {
+        chunk_size: MIB,
+        readers: 4,
+        queue_depth: 4,
+        memory_budget: 6 * MIB,
+        ..Default::default()
+    };
+    let job = plan(&src, &dst, None, tuning);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(Job::run(job).map(|o| o[0].is_ok())));
+    let ok = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the sync did not finish within 60 s: readers deadlocked on buffers");
+    assert!(ok.unwrap());
+    assert!(same(&src, &dst));
+}

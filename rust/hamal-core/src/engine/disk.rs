@@ -453,14 +453,16 @@ impl DiskRun<'_> {
         let mut reader = source.reader(t.queue_depth)?;
         *backend.lock().unwrap() = reader.backend();
         let stop = || abort.load(Relaxed) || self.cancel.load(Relaxed);
+        // A batch never needs more buffers than the pool has (a small memory budget).
+        let depth = (t.queue_depth as usize).min(pool.capacity());
         loop {
             if stop() {
                 return Ok(());
             }
-            let mut batch = Vec::with_capacity(t.queue_depth as usize);
+            let mut batch = Vec::with_capacity(depth);
             {
                 let mut it = work.lock().unwrap();
-                while batch.len() < t.queue_depth as usize {
+                while batch.len() < depth {
                     let Some(c) = it.next() else { break };
                     if done.contains(c.index) {
                         p.bytes_resumed.fetch_add(c.len(), Relaxed);
@@ -477,13 +479,9 @@ impl DiskRun<'_> {
             if !self.pacer.pace(bytes, &stop) {
                 return Ok(());
             }
-            let mut bufs = Vec::with_capacity(batch.len());
-            for _ in &batch {
-                match pool.get(abort) {
-                    Some(b) => bufs.push(b),
-                    None => return Ok(()),
-                }
-            }
+            let Some(mut bufs) = pool.get_many(batch.len(), abort) else {
+                return Ok(());
+            };
             let mut reqs = Vec::new();
             for (c, buf) in batch.iter().zip(bufs.iter_mut()) {
                 reqs.extend(read_requests(c, buf));

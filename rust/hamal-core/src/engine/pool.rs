@@ -67,25 +67,27 @@ impl BufferPool {
         }
     }
 
-    /// A buffer, allocated lazily up to the bound, else the next one returned. `None` if
-    /// `abort` is raised while waiting.
-    pub fn get(&self, abort: &AtomicBool) -> Option<ChunkBuf> {
+    /// `n` buffers (at most the pool's bound), allocated lazily up to the bound, else the next
+    /// ones returned, taken all at once: readers that each held part of a batch while waiting
+    /// for the rest could wait for each other forever. `None` if `abort` is raised meanwhile.
+    pub fn get_many(&self, n: usize, abort: &AtomicBool) -> Option<Vec<ChunkBuf>> {
+        let n = n.clamp(1, self.max.max(1));
         let mut st = self.state.lock().unwrap();
         loop {
-            if let Some(b) = st.0.pop() {
-                return Some(b);
-            }
-            if st.1 < self.max {
-                let slot = st.1;
-                st.1 += 1;
-                return Some(match &self.shared {
-                    Some(mem) => ChunkBuf::Shared {
-                        mem: Arc::clone(mem),
-                        offset: slot * self.size,
-                        len: self.size,
-                    },
-                    None => ChunkBuf::Heap(vec![0u8; self.size]),
-                });
+            if st.0.len() + (self.max - st.1) >= n {
+                let mut out = Vec::with_capacity(n);
+                while out.len() < n {
+                    let b = match st.0.pop() {
+                        Some(b) => b,
+                        None => {
+                            let slot = st.1;
+                            st.1 += 1;
+                            self.allocate(slot)
+                        }
+                    };
+                    out.push(b);
+                }
+                return Some(out);
             }
             if abort.load(Relaxed) {
                 return None;
@@ -98,8 +100,24 @@ impl BufferPool {
         }
     }
 
+    /// The most buffers one `get_many` hands out.
+    pub fn capacity(&self) -> usize {
+        self.max.max(1)
+    }
+
+    fn allocate(&self, slot: usize) -> ChunkBuf {
+        match &self.shared {
+            Some(mem) => ChunkBuf::Shared {
+                mem: Arc::clone(mem),
+                offset: slot * self.size,
+                len: self.size,
+            },
+            None => ChunkBuf::Heap(vec![0u8; self.size]),
+        }
+    }
+
     pub fn put(&self, buf: ChunkBuf) {
         self.state.lock().unwrap().0.push(buf);
-        self.returned.notify_one();
+        self.returned.notify_all();
     }
 }
