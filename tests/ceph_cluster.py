@@ -119,6 +119,11 @@ mon data avail warn = 1
 mon data avail crit = 0
 mon mgr inactive grace = 315360000
 paxos propose interval = 0.01
+# A test stops the OSD (SIGSTOP) for a while: its threads must not count as hung afterwards.
+osd op thread timeout = 600
+osd op thread suicide timeout = 1200
+threadpool default timeout = 600
+osd heartbeat grace = 600
 
 [mon.a]
 mon data = {r}/mon

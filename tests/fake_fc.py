@@ -329,6 +329,8 @@ class FakeFc:
         if method == "GET":
             return 200, self._snap_doc(s), None
         if method == "DELETE":
+            if self.faults.get("delete"):
+                return 400, {"errorCode": "10300200", "errorDes": "snapshot is busy"}, None
             return 200, self._task(then=lambda: self._drop_snapshot(s.sid)), None
         return 405, {}, None
 

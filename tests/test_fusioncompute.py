@@ -324,3 +324,19 @@ def test_an_expired_token_is_renewed_once(tmp_path: Path, fc: FakeFc) -> None:
     assert vrm.find_vm(fc.uuid)["name"] == "db"  # type: ignore[attr-defined]
     logins = [c for c in fc.calls if c[:2] == ("POST", "/service/session")]
     assert len(logins) == 2
+
+
+def test_a_failed_start_is_reported_even_when_its_cleanup_fails(tmp_path: Path, fc: FakeFc) -> None:
+    env = setup(tmp_path, fc, transport="udp")  # refused after the snapshot was taken
+    fc.faults["delete"] = True  # and the snapshot cannot be deleted then
+    env.once(expect=1)
+    err = env.task_status("db")["last_error"]
+    assert "connection.transport 'udp' is not lan or lanssl" in err, err
+    assert "cleaning up after the failed start failed too" in vm_log(env)
+    assert len(fc.snapshot_names(VM)) == 1
+    fc.faults.clear()
+    setup(tmp_path, fc)
+    env.once()  # the leftover is hamal's: removed before the new cycle
+    assert "removed an orphan left by an interrupted cycle" in vm_log(env)
+    assert len(fc.snapshot_names(VM)) == 1
+    assert restored(env, tmp_path) == frozen(fc)

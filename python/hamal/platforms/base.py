@@ -102,6 +102,17 @@ class Adapter(Protocol):
     def cleanup_orphans(self, task: Any, known: set[str]) -> list[str]: ...
 
 
+def abort_after_failure(adapter: Adapter, cycle: Cycle) -> None:
+    """For ``begin`` when it fails: undoes what it took, but never hides that failure behind
+    a cleanup error (logged instead; the next cycle's ``cleanup_orphans`` removes what is left)."""
+    try:
+        adapter.abort(cycle)
+    except Exception as e:
+        log.warning(
+            "cleaning up after the failed start failed too (the next cycle removes what is left): %s", e
+        )
+
+
 #: Disks that cannot be snapshotted or tracked.
 SKIPPED_FLAGS = {"independent", "rdm"}
 

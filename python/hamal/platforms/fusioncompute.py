@@ -34,6 +34,7 @@ from hamal.platforms.base import (
     DiskCycle,
     DiskInfo,
     VmInfo,
+    abort_after_failure,
     is_ours,
     new_snapshot_name,
     now_iso,
@@ -172,7 +173,7 @@ class FusionComputeAdapter:
                     raise HamalError(f"volume {d.ref['volume_urn']} ({d.id}) is not in snapshot {name}")
                 cycle.disks.append(self._plan_disk(task, handle, d, vs, cursors.get(d.id)))
         except BaseException:
-            self.abort(cycle)
+            abort_after_failure(self, cycle)
             raise
         return cycle
 

@@ -31,7 +31,16 @@ from typing import Any
 
 from hamal import _native, sync
 from hamal.errors import PlanError, SourceError
-from hamal.platforms.base import Cycle, DiskCycle, DiskInfo, VmInfo, is_ours, new_snapshot_name, now_iso
+from hamal.platforms.base import (
+    Cycle,
+    DiskCycle,
+    DiskInfo,
+    VmInfo,
+    abort_after_failure,
+    is_ours,
+    new_snapshot_name,
+    now_iso,
+)
 from hamal.progress import wait_with_progress
 
 log = logging.getLogger("hamal.platforms.kvm")
@@ -187,7 +196,7 @@ class KvmAdapter:
             for d in vm.disks:
                 cycle.disks.append(self._begin_disk(d, cursors.get(d.id), cycle.handle))
         except BaseException:
-            self.abort(cycle)
+            abort_after_failure(self, cycle)
             raise
         return cycle
 

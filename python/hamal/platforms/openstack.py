@@ -35,6 +35,7 @@ from hamal.platforms.base import (
     DiskCycle,
     DiskInfo,
     VmInfo,
+    abort_after_failure,
     is_ours,
     new_snapshot_name,
     now_iso,
@@ -158,7 +159,7 @@ class OpenStackAdapter:
                 if sid:
                     cloud.wait_snapshot(sid, "available", timeout)
         except BaseException:
-            self.abort(cycle)
+            abort_after_failure(self, cycle)
             raise
         return cycle
 

@@ -232,15 +232,30 @@ class Cloud:
             delay = min(delay * 2, 1.0)
 
     def delete_snapshot(self, sid: str, timeout: float | None) -> None:
-        """Deletes a snapshot and waits until it is gone (``timeout`` None: does not wait)."""
-        try:
-            self.cinder("DELETE", f"snapshots/{sid}")
-        except OpenStackError as e:
-            if e.status == 404:
-                return
-            raise
+        """Deletes a snapshot and waits until it is gone (``timeout`` None: does not wait). One
+        still being created (a cycle that failed meanwhile) is waited for first: Cinder refuses
+        to delete it before."""
+        for attempt in (0, 1):
+            try:
+                self.cinder("DELETE", f"snapshots/{sid}")
+                break
+            except OpenStackError as e:
+                if e.status == 404:
+                    return
+                if attempt or e.status != 400 or not self._settle(sid, timeout or 600.0):
+                    raise
         if timeout is not None:
             self.wait_snapshot(sid, None, timeout)
+
+    def _settle(self, sid: str, timeout: float) -> bool:
+        """Waits while the snapshot is ``creating``; True if it was (a delete may now work)."""
+        deadline, was_creating = time.monotonic() + timeout, False
+        while self.cinder("GET", f"snapshots/{sid}")["snapshot"]["status"] == "creating":
+            was_creating = True
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        return was_creating
 
     def snapshots_of(self, vid: str) -> list[dict[str, Any]]:
         return list(self.cinder("GET", f"snapshots?volume_id={vid}")["snapshots"])

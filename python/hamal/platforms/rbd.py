@@ -24,7 +24,16 @@ from urllib.parse import urlencode
 
 from hamal import _native
 from hamal.errors import CephError, PlanError
-from hamal.platforms.base import Cycle, DiskCycle, DiskInfo, VmInfo, is_ours, new_snapshot_name, now_iso
+from hamal.platforms.base import (
+    Cycle,
+    DiskCycle,
+    DiskInfo,
+    VmInfo,
+    abort_after_failure,
+    is_ours,
+    new_snapshot_name,
+    now_iso,
+)
 
 log = logging.getLogger("hamal.platforms.rbd")
 
@@ -95,7 +104,7 @@ class RbdAdapter:
                     )
                 )
         except BaseException:
-            self.abort(cycle)
+            abort_after_failure(self, cycle)
             raise
         return cycle
 

@@ -29,7 +29,16 @@ from urllib.parse import quote
 
 from hamal import _native
 from hamal.errors import HamalError
-from hamal.platforms.base import Cycle, DiskCycle, DiskInfo, VmInfo, is_ours, new_snapshot_name, now_iso
+from hamal.platforms.base import (
+    Cycle,
+    DiskCycle,
+    DiskInfo,
+    VmInfo,
+    abort_after_failure,
+    is_ours,
+    new_snapshot_name,
+    now_iso,
+)
 from hamal.platforms.vsphere import Session, VsphereError
 
 log = logging.getLogger("hamal.platforms.vmware")
@@ -282,7 +291,7 @@ class VmwareAdapter:
             if cycle.disks:
                 handle.access = self._access(s, cycle.disks[0].source, begin=True)
         except BaseException:
-            self.abort(cycle)
+            abort_after_failure(self, cycle)
             raise
         return cycle
 
