@@ -102,6 +102,19 @@ class Adapter(Protocol):
     def cleanup_orphans(self, task: Any, known: set[str]) -> list[str]: ...
 
 
+class AbortByCommit:
+    """``abort`` for adapters whose ``commit`` already drops what an uncommitted disk took:
+    every disk is marked uncommitted, then ``commit`` cleans up."""
+
+    def commit(self, cycle: Cycle) -> None:  # each adapter has its own
+        raise NotImplementedError
+
+    def abort(self, cycle: Cycle) -> None:
+        for dc in cycle.disks:
+            dc.committed = False
+        self.commit(cycle)
+
+
 def abort_after_failure(adapter: Adapter, cycle: Cycle) -> None:
     """For ``begin`` when it fails: undoes what it took, but never hides that failure behind
     a cleanup error (logged instead; the next cycle's ``cleanup_orphans`` removes what is left)."""

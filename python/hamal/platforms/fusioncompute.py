@@ -30,6 +30,7 @@ from urllib.parse import quote, urlencode
 from hamal.errors import HamalError, PlanError
 from hamal.platforms import fc_names as N
 from hamal.platforms.base import (
+    AbortByCommit,
     Cycle,
     DiskCycle,
     DiskInfo,
@@ -69,7 +70,7 @@ class Handle:
         self.resources: list[str] = []
 
 
-class FusionComputeAdapter:
+class FusionComputeAdapter(AbortByCommit):
     name = "fusioncompute"
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:
@@ -262,11 +263,6 @@ class FusionComputeAdapter:
         finally:
             h.vrm.logout()
             shutil.rmtree(h.folder, ignore_errors=True)
-
-    def abort(self, cycle: Cycle) -> None:
-        for dc in cycle.disks:
-            dc.committed = False
-        self.commit(cycle)
 
     def cleanup_orphans(self, task: Any, known: set[str]) -> list[str]:
         """hamal's snapshots on the VM that no cursor holds (left by a crash); other tools'

@@ -32,6 +32,7 @@ from typing import Any
 from hamal import _native, sync
 from hamal.errors import PlanError, SourceError
 from hamal.platforms.base import (
+    AbortByCommit,
     Cycle,
     DiskCycle,
     DiskInfo,
@@ -165,7 +166,7 @@ class _Export:
             e.__exit__()
 
 
-class KvmAdapter:
+class KvmAdapter(AbortByCommit):
     """qcow2 images of a VM whose guest does not write during a cycle (a stopped VM, or a copy).
 
     Task connection: ``images = {disk id = "/path/to/disk.qcow2", ...}``. The cursor of a disk
@@ -229,11 +230,6 @@ class KvmAdapter:
             gone = dc.old_cursor if dc.committed else dc.new_cursor
             if gone and gone in bitmaps(image):
                 remove_bitmap(image, gone)
-
-    def abort(self, cycle: Cycle) -> None:
-        for dc in cycle.disks:
-            dc.committed = False
-        self.commit(cycle)
 
     def cleanup_orphans(self, task: Any, known: set[str]) -> list[str]:
         removed = []

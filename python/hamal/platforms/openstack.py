@@ -31,6 +31,7 @@ from urllib.parse import urlencode
 from hamal import _native
 from hamal.errors import CephError, HamalError, PlanError
 from hamal.platforms.base import (
+    AbortByCommit,
     Cycle,
     DiskCycle,
     DiskInfo,
@@ -47,7 +48,7 @@ log = logging.getLogger("hamal.platforms.openstack")
 MODES = ("cinder", "rbd")
 
 
-class OpenStackAdapter:
+class OpenStackAdapter(AbortByCommit):
     name = "openstack"
 
     def mode(self, task: Any) -> str:
@@ -188,11 +189,6 @@ class OpenStackAdapter:
         for gone in dropped:
             if gone.get("cinder_snapshot"):
                 cloud.wait_snapshot(str(gone["cinder_snapshot"]), None, timeout)
-
-    def abort(self, cycle: Cycle) -> None:
-        for dc in cycle.disks:
-            dc.committed = False
-        self.commit(cycle)
 
     def cleanup_orphans(self, task: Any, known: set[str]) -> list[str]:
         """hamal's snapshots (Cinder or RBD) that no cursor references; and a word on volumes

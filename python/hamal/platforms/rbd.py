@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 from hamal import _native
 from hamal.errors import CephError, PlanError
 from hamal.platforms.base import (
+    AbortByCommit,
     Cycle,
     DiskCycle,
     DiskInfo,
@@ -38,7 +39,7 @@ from hamal.platforms.base import (
 log = logging.getLogger("hamal.platforms.rbd")
 
 
-class RbdAdapter:
+class RbdAdapter(AbortByCommit):
     name = "rbd"
 
     def _options(self, task: Any) -> dict[str, str]:
@@ -115,11 +116,6 @@ class RbdAdapter:
             gone = dc.old_cursor if dc.committed else dc.new_cursor
             if gone:
                 self._remove(task, dc.disk.ref["spec"], gone)
-
-    def abort(self, cycle: Cycle) -> None:
-        for dc in cycle.disks:
-            dc.committed = False
-        self.commit(cycle)
 
     def _remove(self, task: Any, spec: str, snap: str) -> None:
         head = self.uri(task, spec)

@@ -30,6 +30,7 @@ from urllib.parse import quote
 from hamal import _native
 from hamal.errors import HamalError
 from hamal.platforms.base import (
+    AbortByCommit,
     Cycle,
     DiskCycle,
     DiskInfo,
@@ -71,7 +72,7 @@ class Handle:
         self.access: str | None = None
 
 
-class VmwareAdapter:
+class VmwareAdapter(AbortByCommit):
     name = "vmware"
 
     def __init__(self, conf: dict[str, Any] | None = None) -> None:
@@ -313,11 +314,6 @@ class VmwareAdapter:
         finally:
             h.session.logout()
             shutil.rmtree(h.folder, ignore_errors=True)
-
-    def abort(self, cycle: Cycle) -> None:
-        for dc in cycle.disks:
-            dc.committed = False
-        self.commit(cycle)
 
     def cleanup_orphans(self, task: Any, known: set[str]) -> list[str]:
         """hamal's snapshots on the VM: a cycle removes its own, so any found at the start of a
