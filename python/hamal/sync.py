@@ -6,41 +6,52 @@ this module adds *how* (threads, cadence, throttles) from the config and starts 
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
 import re
-from dataclasses import dataclass
-from typing import Any
 
 from hamal import _native
 from hamal.errors import PlanError
 
+# Imported for type checkers only: `typing` costs the CLI's start ~5 ms (tools/bench --only local).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
 PLATFORMS = ("vmware", "openstack")  # whose [period] *_release_cpu_time throttles reads
 
 
-@dataclass
 class SyncOptions:
     """Overrides of the engine settings; ``None`` keeps what ``hamal.conf`` says (the config
-    object itself goes to the engine, which reads its settings there)."""
+    object itself goes to the engine, which reads its settings there). ``platform``, "vmware"
+    or "openstack", takes that platform's ``[period] *_release_cpu_time``. A plain class, not a
+    dataclass: importing ``dataclasses`` cost every ``hamal sync`` ~10 ms of start-up."""
 
-    chunk_size: int | None = None
-    readers: int | None = None
-    writers: int | None = None
-    queue_depth: int | None = None
-    parallel_disks: int | None = None
-    checksum: str | None = None
-    #: "vmware" or "openstack": take that platform's ``[period] *_release_cpu_time``.
-    platform: str | None = None
-    release_cpu_ms_per_mb: int | None = None
-    bwlimit_bps: int | None = None
-    io_mode: str | None = None
-    memory_budget: int | None = None
-    fsync_period_s: float | None = None
-    key_file: str | None = None
+    def __init__(
+        self,
+        *,
+        chunk_size: int | None = None,
+        readers: int | None = None,
+        writers: int | None = None,
+        queue_depth: int | None = None,
+        parallel_disks: int | None = None,
+        checksum: str | None = None,
+        platform: str | None = None,
+        release_cpu_ms_per_mb: int | None = None,
+        bwlimit_bps: int | None = None,
+        io_mode: str | None = None,
+        memory_budget: int | None = None,
+        fsync_period_s: float | None = None,
+        key_file: str | None = None,
+    ) -> None:
+        given = dict(locals())
+        del given["self"]
+        self._overrides = {k: v for k, v in given.items() if v is not None}
 
     def overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return dict(self._overrides)
+
+    def __repr__(self) -> str:
+        return f"SyncOptions({', '.join(f'{k}={v!r}' for k, v in self._overrides.items())})"
 
 
 def disk(
@@ -99,6 +110,8 @@ def is_remote(uri: str) -> bool:
 
 def journal_path(cfg: _native.Config, disk_id: str) -> str:
     """Resume journal of a disk whose target is not a local file: under ``hamal_lib_dir``."""
+    import hashlib  # here: its OpenSSL load costs every `hamal sync` ~5 ms of start-up
+
     lib_dir = cfg.as_dict()["DEFAULT"]["hamal_lib_dir"]
     safe = (
         re.sub(r"[^A-Za-z0-9._-]", "_", disk_id)[-100:]

@@ -21,9 +21,9 @@ use crate::target::{CommitInfo, Done, FileTarget, NbdTarget, Target};
 use crate::uri::DiskUri;
 use crate::{Error, Result};
 use serde::Serialize;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// What one finished disk sync reports.
@@ -391,7 +391,7 @@ impl DiskRun<'_> {
         let backend = Mutex::new("pread");
         let (tx, rx) = sync_channel::<Filled>(buffers as usize);
         let rx = Mutex::new(rx);
-        let live_writers = &AtomicUsize::new(writers as usize);
+        let live_writers = &LiveCount::new(writers as usize);
         std::thread::scope(|s| {
             for _ in 0..t.readers {
                 let tx = tx.clone();
@@ -414,7 +414,7 @@ impl DiskRun<'_> {
                             pool.put(f.buf);
                         }
                     }
-                    live_writers.fetch_sub(1, Relaxed);
+                    live_writers.finished();
                 });
             }
             s.spawn(move || {
@@ -610,17 +610,43 @@ impl DiskRun<'_> {
         }
     }
 
-    /// While writers run: flushes + journals every `fsync_period`. Writers never wait for it.
-    fn flusher_loop(&self, durable: &Durability, live_writers: &AtomicUsize) -> Result<()> {
-        let mut last_flush = Instant::now();
-        while live_writers.load(Relaxed) > 0 {
-            std::thread::sleep(Duration::from_millis(20));
-            if last_flush.elapsed() >= self.tuning.fsync_period {
-                durable.flush()?;
-                last_flush = Instant::now();
-            }
+    /// While writers run: flushes + journals every `fsync_period`. Writers never wait for it;
+    /// it ends as soon as the last writer does (the final flush follows at once).
+    fn flusher_loop(&self, durable: &Durability, live_writers: &LiveCount) -> Result<()> {
+        while !live_writers.wait_none(self.tuning.fsync_period) {
+            durable.flush()?;
         }
         Ok(())
+    }
+}
+
+/// Threads still running, for a thread that waits until none is.
+struct LiveCount {
+    live: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl LiveCount {
+    fn new(n: usize) -> LiveCount {
+        LiveCount {
+            live: Mutex::new(n),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn finished(&self) {
+        *self.live.lock().unwrap() -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` for every thread to finish; true when none is left.
+    fn wait_none(&self, timeout: Duration) -> bool {
+        let live = self.live.lock().unwrap();
+        let (live, _) = self
+            .changed
+            .wait_timeout_while(live, timeout, |n| *n > 0)
+            .unwrap();
+        *live == 0
     }
 }
 
