@@ -99,6 +99,11 @@ def test_cycles_of_a_fusioncompute_vm(tmp_path: Path, fc: FakeFc) -> None:
     log = vm_log(env)
     assert "disk disk2 left out: independent" in log and "disk disk3 left out" in log
     assert "full sync: first cycle" in log
+    # One VRM session for the cycle's orphan check, discovery and snapshot, ended at its
+    # commit; the VM searched by uuid once, then read by its URI.
+    sessions = [m for m, _, _ in fc.calls_to("/service/session")]
+    assert sessions == ["POST", "DELETE"], sessions
+    assert len([c for c in fc.calls_to("/vms?") if c[0] == "GET"]) == 1, "one walk of the VM list"
     s = last_summary(env)
     # Only the allocated blocks (getcbt since chgID 0) cross the channel, in the store's whole
     # 4 MiB chunks: the two chunks holding data.

@@ -18,6 +18,7 @@ Task connection keys (``vm.platform = "fusioncompute"``)::
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import http.client
@@ -59,6 +60,29 @@ def urn_to_uri(urn: str) -> str:
     return "/service/" + "/".join(parts[1:])
 
 
+_SESSIONS: dict[str, Vrm] = {}
+
+
+def vrm_for(task: Any) -> Vrm:
+    """One VRM session per task and process: a cycle's orphan check, discovery and snapshot
+    share one login (the cycle's commit logs out; a later cycle logs in again), and the VM is
+    looked up once by uuid, then by its URI. Sessions still open are logged out at exit."""
+    key = json.dumps([task.id, task.connection], sort_keys=True, default=str)
+    vrm = _SESSIONS.get(key)
+    if vrm is None:
+        if not _SESSIONS:
+            atexit.register(_logout_all)
+        vrm = _SESSIONS[key] = Vrm(task)
+    elif vrm.token is None:
+        vrm.login()
+    return vrm
+
+
+def _logout_all() -> None:
+    for vrm in _SESSIONS.values():
+        vrm.logout()
+
+
 class Vrm:
     def __init__(self, task: Any) -> None:
         c = task.connection
@@ -83,6 +107,7 @@ class Vrm:
             raise PlanError(f"task {task.id}: connection.ca_file or cert_sha256 is needed to verify the VRM")
         self.token: str | None = None
         self.conn: http.client.HTTPSConnection | None = None
+        self.vm_uris: dict[str, str] = {}  # uuid -> URI, from the first search
         self.login()
 
     # Transport
@@ -214,6 +239,15 @@ class Vrm:
         """The VM by URN (``urn:sites:...:vms:...``) or by its uuid, searched site by site."""
         if vm_id.startswith("urn:"):
             return dict(self.call("GET", urn_to_uri(vm_id), what=f"VM {vm_id}"))
+        known = self.vm_uris.get(vm_id)
+        if known:
+            try:
+                vm = dict(self.call("GET", known, what=f"VM {vm_id}"))
+                if vm.get(N.VM_UUID) == vm_id:
+                    return vm
+            except FcError as e:
+                log.debug("%s: VM %s no longer at %s (%s); searching", self.where, vm_id, known, e)
+            del self.vm_uris[vm_id]
         for site in self.call("GET", N.SITES_PATH, what="sites").get(N.SITES_LIST, []):
             offset = 0
             while True:
@@ -221,6 +255,7 @@ class Vrm:
                 vms = page.get(N.VMS_LIST, [])
                 for vm in vms:
                     if vm.get(N.VM_UUID) == vm_id:
+                        self.vm_uris[vm_id] = vm[N.VM_URI]
                         return dict(self.call("GET", vm[N.VM_URI], what=f"VM {vm_id}"))
                 if len(vms) < 100:
                     break

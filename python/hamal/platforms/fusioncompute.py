@@ -41,7 +41,7 @@ from hamal.platforms.base import (
     now_iso,
     parse_cursor,
 )
-from hamal.platforms.fc_api import FcError, Vrm, urn_to_uri
+from hamal.platforms.fc_api import FcError, Vrm, urn_to_uri, vrm_for
 
 log = logging.getLogger("hamal.platforms.fusioncompute")
 GIB = 1 << 30
@@ -102,11 +102,7 @@ class FusionComputeAdapter(AbortByCommit):
         return out
 
     def discover(self, task: Any) -> VmInfo:
-        vrm = Vrm(task)
-        try:
-            vm = vrm.find_vm(task.vm_uuid)
-        finally:
-            vrm.logout()
+        vm = vrm_for(task).find_vm(task.vm_uuid)
         addresses = {}
         for nic in _dig(vm, N.VM_NICS) or []:
             ips = [ip for ip in [nic.get(N.NIC_IP), *(nic.get(N.NIC_IP6) or [])] if ip and ip != "0.0.0.0"]
@@ -150,7 +146,7 @@ class FusionComputeAdapter(AbortByCommit):
         return None
 
     def begin(self, task: Any, vm_info: VmInfo, cursors: dict[str, str | None]) -> Cycle:
-        vrm = Vrm(task)
+        vrm = vrm_for(task)
         handle = Handle(vrm, tempfile.mkdtemp(prefix="hamal-fc-"))  # 0700: tokens of the channel
         cycle = Cycle(vm=vm_info, disks=[], snapshot_time=now_iso(), handle=handle)
         try:
@@ -269,17 +265,14 @@ class FusionComputeAdapter(AbortByCommit):
         snapshots are never touched. (A crashed cycle's data channel resources cannot be
         listed through the VRM; the VRM expires them.)"""
         keep = {c.get("snapshot_uri") for c in map(parse_cursor, known) if c}
-        vrm = Vrm(task)
+        vrm = vrm_for(task)
         removed = []
-        try:
-            vm = vrm.find_vm(task.vm_uuid)
-            for s in vrm.snapshots(vm[N.VM_URI]):
-                name = str(s.get(N.SNAPSHOT_NAME) or "")
-                if is_ours(name) and s.get(N.SNAPSHOT_URI) not in keep:
-                    vrm.delete_snapshot(s[N.SNAPSHOT_URI], f"orphan snapshot {name}", self.delete_timeout)
-                    removed.append(f"snapshot {name}")
-        finally:
-            vrm.logout()
+        vm = vrm.find_vm(task.vm_uuid)
+        for s in vrm.snapshots(vm[N.VM_URI]):
+            name = str(s.get(N.SNAPSHOT_NAME) or "")
+            if is_ours(name) and s.get(N.SNAPSHOT_URI) not in keep:
+                vrm.delete_snapshot(s[N.SNAPSHOT_URI], f"orphan snapshot {name}", self.delete_timeout)
+                removed.append(f"snapshot {name}")
         return removed
 
 
