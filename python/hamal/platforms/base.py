@@ -179,6 +179,12 @@ def task_secret(task: Any, key: str) -> str | None:
         raise PlanError(f"task {task.id}: connection.{key}_file = {path}: {e.strerror}") from None
 
 
+def session_key(task: Any) -> str:
+    """Names a task's platform session in a per-process cache: its id and connection settings
+    (a changed connection gets a session of its own)."""
+    return json.dumps([task.id, task.connection], sort_keys=True, default=str)
+
+
 def parse_cursor(text: str | None) -> dict[str, Any] | None:
     """A JSON cursor as a dict; ``None`` for none or one this adapter did not write."""
     try:

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from hamal.errors import PlanError, SourceError
 from hamal.platforms import fc_names as N
-from hamal.platforms.base import task_secret
+from hamal.platforms.base import session_key, task_secret
 
 log = logging.getLogger("hamal.platforms.fusioncompute")
 
@@ -67,17 +67,16 @@ def vrm_for(task: Any) -> Vrm:
     """One VRM session per task and process: a cycle's orphan check, discovery and snapshot
     share one login (the cycle's commit logs out; a later cycle logs in again), and the VM is
     looked up once by uuid, then by its URI. Sessions still open are logged out at exit."""
-    key = json.dumps([task.id, task.connection], sort_keys=True, default=str)
+    key = session_key(task)
     vrm = _SESSIONS.get(key)
     if vrm is None:
-        if not _SESSIONS:
-            atexit.register(_logout_all)
         vrm = _SESSIONS[key] = Vrm(task)
     elif vrm.token is None:
         vrm.login()
     return vrm
 
 
+@atexit.register
 def _logout_all() -> None:
     for vrm in _SESSIONS.values():
         vrm.logout()

@@ -25,7 +25,7 @@ import urllib.request
 from typing import Any
 
 from hamal.errors import PlanError, SourceError
-from hamal.platforms.base import task_secret
+from hamal.platforms.base import session_key, task_secret
 
 log = logging.getLogger("hamal.platforms.openstack")
 
@@ -43,7 +43,7 @@ _SESSIONS: dict[str, Cloud] = {}
 
 def cloud_for(task: Any) -> Cloud:
     """One authenticated session per task and process (a cycle's worker logs in once)."""
-    key = json.dumps([task.id, task.connection], sort_keys=True, default=str)
+    key = session_key(task)
     if key not in _SESSIONS:
         _SESSIONS[key] = Cloud(task)
     return _SESSIONS[key]
