@@ -112,8 +112,17 @@ def test_io_uring_is_used_when_available(image: Path, tmp_path: Path) -> None:
         r = run_hamal("sync", str(image), str(tmp_path / "t.raw"), "--io", "uring")
         assert r.code == 1 and "io_uring" in r.err
         return
-    r = run_hamal("sync", str(image), str(tmp_path / "t.raw"), "--json")
-    assert json.loads(r.out)["io_backend"] == "io_uring"
+    # Batched reads (into a chunk store) go through the ring; the local file-to-file copy, one
+    # piece at a time per thread, uses plain pread/pwrite unless told otherwise.
+    for target, args, want in [
+        (f"dir:{tmp_path / 'store'}", ["--disk", "d"], "io_uring"),
+        (str(tmp_path / "t.raw"), [], "pread"),
+        (str(tmp_path / "u.raw"), ["--io", "uring"], "io_uring"),
+    ]:
+        r = run_hamal("sync", str(image), target, "--json", *args)
+        assert r.code == 0, r.err
+        assert json.loads(r.out)["io_backend"] == want, target
+    assert sha256(image) == sha256(tmp_path / "t.raw") == sha256(tmp_path / "u.raw")
 
 
 def test_human_summary_and_multiple_disk_ids(image: Path, tmp_path: Path) -> None:

@@ -242,3 +242,30 @@ fn fewer_buffers_than_reads_in_flight_do_not_deadlock() {
     assert!(ok.unwrap());
     assert!(same(&src, &dst));
 }
+
+#[test]
+fn zero_pieces_inside_data_chunks_stay_holes_or_are_zeroed() {
+    // Written zeros in the middle of data (allocated, so they are read): the local copy skips
+    // them on a fresh target (holes) and must zero them over a stale one.
+    let (_d, src, dst) = tmp();
+    let f = File::create(&src).unwrap();
+    f.set_len(16 * MIB).unwrap();
+    f.write_all_at(&vec![0xA5u8; 16 * MIB as usize], 0).unwrap();
+    f.write_all_at(&vec![0u8; 3 * MIB as usize], 5 * MIB + 4096)
+        .unwrap();
+    f.sync_all().unwrap();
+    let out = Job::run(plan(&src, &dst, None, Tuning::default())).unwrap();
+    let s = out[0].as_ref().unwrap();
+    assert!(same(&src, &dst));
+    assert_eq!(s.bytes_total, 16 * MIB);
+    let allocated = std::fs::metadata(&dst).unwrap().blocks() * 512;
+    assert!(
+        allocated < 14 * MIB,
+        "the zero pieces were written: {allocated} bytes allocated"
+    );
+    std::fs::write(&dst, vec![0x55u8; 16 * MIB as usize]).unwrap();
+    Job::run(plan(&src, &dst, None, Tuning::default())).unwrap()[0]
+        .as_ref()
+        .unwrap();
+    assert!(same(&src, &dst), "zeros over a stale target");
+}

@@ -13,7 +13,7 @@ use super::pool::{BufferPool, ChunkBuf};
 use super::progress::{DiskProgress, DiskState};
 use super::throttle::{release_cpu, Pacer};
 use crate::checksum::{is_zero, ChunkHasher, ContentDigest, Digest};
-use crate::extent::{ChunkWork, Extent, ExtentMap};
+use crate::extent::{ChunkIter, ChunkWork, Extent, ExtentMap};
 use crate::io::{ReadReq, WriteReq};
 use crate::source::{FcSource, FileSource, NbdSource, RbdSource, Source, VddkSource};
 use crate::store::{StoreSource, StoreSync, StoreTarget};
@@ -55,18 +55,23 @@ pub struct DiskSummary {
 
 /// A chunk read and checked, on its way to a writer.
 struct Filled {
-    work: ChunkWork,
     buf: ChunkBuf,
-    zero: bool,
-    digest: Digest,
+    chunk: ChunkDone,
+}
+
+/// What the journal and the progress learn of one chunk once it is written.
+pub(super) struct ChunkDone {
+    pub work: ChunkWork,
+    pub zero: bool,
+    pub digest: Digest,
     /// Bytes a chunk sink stored for it.
-    stored: u64,
+    pub stored: u64,
 }
 
 /// Chunks written but not yet flushed, and the journal they go to after the flush. Writers
 /// only push to `pending`; the flusher thread (and the final flush) do the slow part without
 /// holding that lock.
-struct Durability<'t> {
+pub(super) struct Durability<'t> {
     target: &'t dyn Target,
     warn_after: Option<Duration>,
     journal: Mutex<Journal>,
@@ -369,11 +374,18 @@ impl DiskRun<'_> {
         durable: &Durability,
     ) -> Result<&'static str> {
         let t = self.tuning;
-        let writers = target
-            .as_chunk_sink()
-            .map_or(t.writers, |s| s.writers().max(t.writers));
+        // Local file to local file: each reader thread writes what it read itself (copy.rs).
+        let local = source.local_io() && target.local_io() && target.as_chunk_sink().is_none();
+        let writers = match target.as_chunk_sink() {
+            _ if local => 0,
+            Some(s) => s.writers().max(t.writers),
+            None => t.writers,
+        };
         // Buffers for every request in flight: a chunk sink's writer handles one chunk at a time.
-        let in_flight = t.readers * t.queue_depth + writers * writer_batch(target, t);
+        let in_flight = match local {
+            true => t.readers,
+            false => t.readers * t.queue_depth + writers * writer_batch(target, t),
+        };
         let buffers = (self.memory_budget / t.chunk_size).clamp(2, u64::from(in_flight + 2));
         let (size, count) = (t.chunk_size as usize, buffers as usize);
         let pool = match source.shared_buffers(size * count)? {
@@ -391,15 +403,25 @@ impl DiskRun<'_> {
         let backend = Mutex::new("pread");
         let (tx, rx) = sync_channel::<Filled>(buffers as usize);
         let rx = Mutex::new(rx);
-        let live_writers = &LiveCount::new(writers as usize);
+        let live_writers = &LiveCount::new(if local { t.readers } else { writers } as usize);
         std::thread::scope(|s| {
             for _ in 0..t.readers {
                 let tx = tx.clone();
                 let (work, pool, abort, done, backend) = (&work, &pool, &abort, &done, &backend);
                 s.spawn(move || {
-                    let r = self.reader_loop(source, hasher, work, pool, abort, done, tx, backend);
+                    let r = match local {
+                        true => self.copy_loop(
+                            source, target, hasher, work, pool, abort, done, durable, backend,
+                        ),
+                        false => {
+                            self.reader_loop(source, hasher, work, pool, abort, done, tx, backend)
+                        }
+                    };
                     if let Err(e) = r {
                         fail(e);
+                    }
+                    if local {
+                        live_writers.finished();
                     }
                 });
             }
@@ -441,7 +463,7 @@ impl DiskRun<'_> {
         &self,
         source: &dyn Source,
         hasher: Option<ChunkHasher>,
-        work: &Mutex<crate::extent::ChunkIter<'_>>,
+        work: &Mutex<ChunkIter<'_>>,
         pool: &BufferPool,
         abort: &AtomicBool,
         done: &DoneSet,
@@ -449,7 +471,6 @@ impl DiskRun<'_> {
         backend: &Mutex<&'static str>,
     ) -> Result<()> {
         let t = self.tuning;
-        let p = self.progress;
         let mut reader = source.reader(t.queue_depth)?;
         *backend.lock().unwrap() = reader.backend();
         let stop = || abort.load(Relaxed) || self.cancel.load(Relaxed);
@@ -459,24 +480,8 @@ impl DiskRun<'_> {
             if stop() {
                 return Ok(());
             }
-            let mut batch = Vec::with_capacity(depth);
-            {
-                let mut it = work.lock().unwrap();
-                while batch.len() < depth {
-                    let Some(c) = it.next() else { break };
-                    if done.contains(c.index) {
-                        p.bytes_resumed.fetch_add(c.len(), Relaxed);
-                        p.chunks_done.fetch_add(1, Relaxed);
-                    } else {
-                        batch.push(c);
-                    }
-                }
-            }
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let bytes: u64 = batch.iter().map(|c| c.len()).sum();
-            if !self.pacer.pace(bytes, &stop) {
+            let batch = self.next_batch(work, done, depth);
+            if batch.is_empty() || !self.pacer.pace(batch_len(&batch), &stop) {
                 return Ok(());
             }
             let Some(mut bufs) = pool.get_many(batch.len(), abort) else {
@@ -493,16 +498,13 @@ impl DiskRun<'_> {
                 let zero = is_zero(&buf[..len]);
                 let digest = hasher.map_or([0; 32], |h| h.digest(&buf[..len]));
                 release_cpu(t.release_cpu_ms_per_mb, len as u64, &stop);
-                if tx
-                    .send(Filled {
-                        work,
-                        buf,
-                        zero,
-                        digest,
-                        stored: 0,
-                    })
-                    .is_err()
-                {
+                let chunk = ChunkDone {
+                    work,
+                    zero,
+                    digest,
+                    stored: 0,
+                };
+                if tx.send(Filled { buf, chunk }).is_err() {
                     return Ok(());
                 }
             }
@@ -544,21 +546,21 @@ impl DiskRun<'_> {
                 let sink = sink.expect("a target without a writer is a chunk sink");
                 // Whole chunks by name; zero chunks are recorded, not stored, and journaled
                 // with the all-zero name.
-                for f in &mut batch {
-                    let len = f.work.len();
-                    if f.zero {
-                        target.zero_range(f.work.first_offset(), len)?;
+                for Filled { buf, chunk: c } in &mut batch {
+                    let len = c.work.len();
+                    if c.zero {
+                        target.zero_range(c.work.first_offset(), len)?;
                     } else {
-                        f.stored = sink.put(f.work.index, &f.buf[..len as usize], &f.digest)?;
+                        c.stored = sink.put(c.work.index, &buf[..len as usize], &c.digest)?;
                     }
                 }
-                self.finish_chunks(batch, durable, pool, true);
+                self.finish_chunks(recycle(batch, pool), durable, true);
                 continue;
             };
             let mut reqs = Vec::new();
-            for f in batch.iter().filter(|f| !f.zero) {
+            for f in batch.iter().filter(|f| !f.chunk.zero) {
                 let mut pos = 0usize;
-                for r in &f.work.ranges {
+                for r in &f.chunk.work.ranges {
                     reqs.push(WriteReq {
                         offset: r.offset,
                         buf: &f.buf[pos..pos + r.len as usize],
@@ -568,27 +570,49 @@ impl DiskRun<'_> {
             }
             writer.write_batch(&reqs)?;
             drop(reqs);
-            for f in batch.iter().filter(|f| f.zero) {
-                for r in &f.work.ranges {
+            for f in batch.iter().filter(|f| f.chunk.zero) {
+                for r in &f.chunk.work.ranges {
                     target.zero_range(r.offset, r.len)?;
                 }
             }
-            self.finish_chunks(batch, durable, pool, false);
+            self.finish_chunks(recycle(batch, pool), durable, false);
         }
     }
 
-    /// Counts written chunks and queues them for the journal.
-    fn finish_chunks(
+    /// The next chunks to read, up to `depth`; chunks a journal already holds are counted as
+    /// resumed and skipped. Empty when the work is done.
+    pub(super) fn next_batch(
         &self,
-        batch: Vec<Filled>,
+        work: &Mutex<ChunkIter<'_>>,
+        done: &DoneSet,
+        depth: usize,
+    ) -> Vec<ChunkWork> {
+        let p = self.progress;
+        let mut batch = Vec::with_capacity(depth);
+        let mut it = work.lock().unwrap();
+        while batch.len() < depth {
+            let Some(c) = it.next() else { break };
+            if done.contains(c.index) {
+                p.bytes_resumed.fetch_add(c.len(), Relaxed);
+                p.chunks_done.fetch_add(1, Relaxed);
+            } else {
+                batch.push(c);
+            }
+        }
+        batch
+    }
+
+    /// Counts written chunks and queues them for the journal.
+    pub(super) fn finish_chunks(
+        &self,
+        chunks: impl IntoIterator<Item = ChunkDone>,
         durable: &Durability,
-        pool: &BufferPool,
         zero_names: bool,
     ) {
         let p = self.progress;
         let mut pending = durable.pending.lock().unwrap();
         let mut digest = durable.digest.lock().unwrap();
-        for f in batch {
+        for f in chunks {
             let len = f.work.len();
             p.bytes_done.fetch_add(len, Relaxed);
             if f.zero {
@@ -606,7 +630,6 @@ impl DiskRun<'_> {
                 name,
                 stored: f.stored,
             });
-            pool.put(f.buf);
         }
     }
 
@@ -648,6 +671,18 @@ impl LiveCount {
             .unwrap();
         *live == 0
     }
+}
+
+/// Gives the buffers of `batch` back to the pool, keeping what the journal needs.
+fn recycle(batch: Vec<Filled>, pool: &BufferPool) -> impl Iterator<Item = ChunkDone> + '_ {
+    batch.into_iter().map(|f| {
+        pool.put(f.buf);
+        f.chunk
+    })
+}
+
+pub(super) fn batch_len(batch: &[ChunkWork]) -> u64 {
+    batch.iter().map(|c| c.len()).sum()
 }
 
 /// Chunks one writer takes at a time: a queue depth of positional writes, or one chunk for a

@@ -2,6 +2,7 @@
 //! verification.
 
 pub(crate) mod changed;
+mod copy;
 mod disk;
 mod job;
 mod journal;

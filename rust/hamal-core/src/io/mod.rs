@@ -65,12 +65,17 @@ pub enum BatchIo {
 }
 
 impl BatchIo {
-    /// Opens an engine of the requested mode with `depth` requests in flight.
+    /// Opens an engine of the requested mode with `depth` requests in flight. `Auto` with one
+    /// request at a time is plain `pread`/`pwrite`: a ring gains nothing there, and io_uring
+    /// hands a buffered write it cannot do at once (a block device's) to a kernel worker thread,
+    /// which copies the data on another core.
     pub fn new(mode: IoMode, depth: u32) -> Result<BatchIo, String> {
         let want_uring = match mode {
             IoMode::Pread => false,
             IoMode::Auto => {
-                uring_probe().is_ok() && std::env::var_os("HAMAL_FORCE_PREAD").is_none()
+                depth > 1
+                    && uring_probe().is_ok()
+                    && std::env::var_os("HAMAL_FORCE_PREAD").is_none()
             }
             IoMode::Uring => {
                 uring_probe()

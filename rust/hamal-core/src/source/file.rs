@@ -149,6 +149,10 @@ impl Source for FileSource {
         Some(self.identity.clone())
     }
 
+    fn local_io(&self) -> bool {
+        true
+    }
+
     fn reader(&self, depth: u32) -> Result<Box<dyn SourceReader>> {
         let io = BatchIo::new(self.io_mode, depth).map_err(Error::Plan)?;
         Ok(Box::new(FileReader {

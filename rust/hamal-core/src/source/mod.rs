@@ -41,6 +41,10 @@ pub trait Source: Send + Sync {
     fn identity(&self) -> Option<String>;
     /// A reader for one engine thread, with up to `depth` reads in flight.
     fn reader(&self, depth: u32) -> Result<Box<dyn SourceReader>>;
+    /// Reads are plain file I/O on this host (see `Target::local_io`).
+    fn local_io(&self) -> bool {
+        false
+    }
     /// For a source that reads in another process: `bytes` of shared memory for the engine's
     /// chunk buffers, which its readers (made after this call) then fill in place. `None`:
     /// plain heap buffers.

@@ -143,6 +143,10 @@ impl Target for FileTarget {
             .map_err(|e| Error::target_io(&self.path, "fsync failed", None, e))
     }
 
+    fn local_io(&self) -> bool {
+        true
+    }
+
     fn writer(&self, depth: u32) -> Result<Box<dyn TargetWriter>> {
         let io = BatchIo::new(self.io_mode, depth).map_err(Error::Plan)?;
         Ok(Box::new(FileWriter {
@@ -150,6 +154,7 @@ impl Target for FileTarget {
             path: self.path.clone(),
             io,
             write_behind: true,
+            unstarted: None,
             behind: VecDeque::new(),
             behind_bytes: 0,
         }))
@@ -169,6 +174,9 @@ fn write_zeros(file: &File, mut offset: u64, len: u64) -> io::Result<()> {
 
 /// Bytes a writer leaves in write-back before it waits for the oldest of them.
 const WRITE_BEHIND_BYTES: u64 = 64 << 20;
+/// Contiguous bytes written before their write-back starts: small writes (the local copy's
+/// pieces) start it in large runs, as one request to the disk.
+const WRITE_BEHIND_STEP: u64 = 4 << 20;
 
 struct FileWriter {
     file: Arc<File>,
@@ -176,6 +184,8 @@ struct FileWriter {
     io: BatchIo,
     /// Off where the file system has no `sync_file_range`.
     write_behind: bool,
+    /// Written, write-back not started yet: contiguous writes join it up to `WRITE_BEHIND_STEP`.
+    unstarted: Option<(u64, u64)>,
     /// Ranges written whose write-back has started, oldest first.
     behind: VecDeque<(u64, u64)>,
     behind_bytes: u64,
@@ -197,10 +207,18 @@ impl FileWriter {
         }
         for r in reqs {
             let len = r.buf.len() as u64;
-            self.sync_range(r.offset, len, libc::SYNC_FILE_RANGE_WRITE)
-                .map_err(|e| (r.offset, e))?;
-            self.behind.push_back((r.offset, len));
-            self.behind_bytes += len;
+            let run = match self.unstarted.take() {
+                Some((at, n)) if at + n == r.offset => (at, n + len),
+                Some(other) => {
+                    self.start_write_back(other)?;
+                    (r.offset, len)
+                }
+                None => (r.offset, len),
+            };
+            match run.1 >= WRITE_BEHIND_STEP {
+                true => self.start_write_back(run)?,
+                false => self.unstarted = Some(run),
+            }
         }
         while self.write_behind && self.behind_bytes > WRITE_BEHIND_BYTES {
             let Some((offset, len)) = self.behind.pop_front() else {
@@ -222,6 +240,14 @@ impl FileWriter {
                 )
             };
         }
+        Ok(())
+    }
+
+    fn start_write_back(&mut self, (offset, len): (u64, u64)) -> Result<(), (u64, io::Error)> {
+        self.sync_range(offset, len, libc::SYNC_FILE_RANGE_WRITE)
+            .map_err(|e| (offset, e))?;
+        self.behind.push_back((offset, len));
+        self.behind_bytes += len;
         Ok(())
     }
 

@@ -26,6 +26,11 @@ pub trait Target: Send + Sync {
     fn flush(&self) -> Result<()>;
     /// Undoes what opening did when the run is refused before writing (a file it created).
     fn abandon(&self) {}
+    /// Writes are plain file I/O on this host (no round trip to a server): with a local
+    /// source the engine then copies in cache-sized pieces, each thread writing what it read.
+    fn local_io(&self) -> bool {
+        false
+    }
     /// A writer for one engine thread, with up to `depth` writes in flight.
     fn writer(&self, depth: u32) -> Result<Box<dyn TargetWriter>>;
     /// The chunk-store face of a target that keeps whole chunks by name instead of writing
