@@ -1,5 +1,6 @@
 //! Sync of one disk: readers fill chunk buffers from the source, writers put them on the
-//! target, and the durability step flushes the target then journals the finished chunks.
+//! target (a local file-to-file sync copies in its reader threads instead, see `copy.rs`), and
+//! the durability step flushes the target then journals the finished chunks.
 //!
 //! Order of one chunk: read -> zero check (+ checksum) -> write or zero the range -> (later)
 //! target flush -> journal append. A chunk is only journaled after a flush that follows its
