@@ -63,12 +63,17 @@ impl FoundLock {
     }
 }
 
-/// Every lock object of the store, with its holder and whether it is dead.
-pub fn survey(backend: &Arc<dyn Backend>) -> Result<Vec<FoundLock>> {
+/// Every lock object of the store but `except` (the caller's own), with its holder and whether
+/// it is dead.
+pub fn survey(backend: &Arc<dyn Backend>, except: Option<&str>) -> Result<Vec<FoundLock>> {
     let now = SystemTime::now();
     let mut out = Vec::new();
-    for item in backend.list("locks/")? {
-        let Some(bytes) = backend.get(&item.key)? else {
+    let mut items = backend.list("locks/")?;
+    items.retain(|i| Some(i.key.as_str()) != except);
+    let keys: Vec<String> = items.iter().map(|i| i.key.clone()).collect();
+    // At once: each read is a round trip to an object store.
+    for (item, bytes) in items.into_iter().zip(backend.get_many(&keys)) {
+        let Some(bytes) = bytes? else {
             continue; // removed meanwhile
         };
         let body: LockBody = serde_json::from_slice(&bytes).unwrap_or_default();
@@ -145,10 +150,7 @@ fn try_acquire(
         refreshed: Mutex::new(Instant::now()),
     };
     let mut conflicts = Vec::new();
-    for other in survey(backend)? {
-        if other.key == lock.key {
-            continue;
-        }
+    for other in survey(backend, Some(&lock.key))? {
         if let Some(why) = &other.dead {
             if other.body.holder.liveness() == Liveness::Dead {
                 tracing::info!("removing the dead lock {} ({why})", other.key);

@@ -213,7 +213,7 @@ struct Leftover {
 
 /// Dead locks, and temporary objects older than [`STALE`] (no write takes that long).
 fn leftovers(store: &Store) -> Result<Vec<Leftover>> {
-    let mut out: Vec<Leftover> = lock::survey(&store.backend)?
+    let mut out: Vec<Leftover> = lock::survey(&store.backend, None)?
         .into_iter()
         .filter_map(|l| {
             l.dead.map(|why| Leftover {

@@ -233,12 +233,15 @@ impl Store {
         };
         let mut seen = BTreeMap::new();
         for place in &self.record_places {
-            for item in place.list(&prefix)? {
-                if !item.key.ends_with(".json") || seen.contains_key(&item.key) {
-                    continue;
-                }
-                let bytes = place.get(&item.key)?;
-                seen.insert(item.key.clone(), (place.describe(), bytes));
+            let keys: Vec<String> = place
+                .list(&prefix)?
+                .into_iter()
+                .map(|item| item.key)
+                .filter(|key| key.ends_with(".json") && !seen.contains_key(key))
+                .collect();
+            // At once: each read is a round trip to an object store.
+            for (key, bytes) in keys.iter().zip(place.get_many(&keys)) {
+                seen.insert(key.clone(), (place.describe(), bytes?));
             }
         }
         let mut out = Records {

@@ -4,7 +4,7 @@
 
 use super::backend::{Backend, Listed};
 use crate::{Error, Result};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
 use object_store::{
@@ -12,6 +12,9 @@ use object_store::{
 };
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// Reads `get_many` keeps in flight: round trips overlap without a connection per key.
+const GETS_AT_ONCE: usize = 32;
 
 /// Connection settings (`[s3]` in hamal.conf; the `AWS_*` environment fills what is unset).
 #[derive(Clone, Default)]
@@ -233,10 +236,10 @@ impl Backend for S3Backend {
         self.rt.block_on(self.get_async(key))
     }
 
+    /// Up to `GETS_AT_ONCE` reads in flight, answers in the order of `keys`.
     fn get_many(&self, keys: &[String]) -> Vec<Result<Option<Vec<u8>>>> {
-        self.rt.block_on(futures::future::join_all(
-            keys.iter().map(|k| self.get_async(k)),
-        ))
+        let reads = futures::stream::iter(keys.iter().map(|k| self.get_async(k)));
+        self.rt.block_on(reads.buffered(GETS_AT_ONCE).collect())
     }
 
     fn exists(&self, key: &str) -> Result<bool> {

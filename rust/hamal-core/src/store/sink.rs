@@ -3,14 +3,14 @@
 
 use super::lock::{self, Lock, LockKind};
 use super::repo::{Store, NOT_A_STORE};
-use super::tree::{self, ZERO};
+use super::tree::{self, PageIo, ZERO};
 use super::version::{check_disk_id, new_version_id, Version, VersionStats, FORMAT};
 use super::{StoreOptions, StoreUri};
 use crate::checksum::{ChunkHasher, Digest};
 use crate::holder::Holder;
 use crate::target::{ChunkSink, CommitInfo, Done, Target, TargetWriter};
 use crate::{Error, Result};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
@@ -77,27 +77,46 @@ impl StoreTarget {
             Holder::me("sync", &format!("sync of disk {disk}")),
             Some(disk),
         )?;
-        let (parent, full_reason) = if spec.full {
-            (None, None)
-        } else {
-            match choose_parent(&store, spec)? {
-                Ok(p) => (Some(p), None),
-                Err(why) if spec.full_on_mismatch => {
-                    tracing::warn!(disk, "full sync: {why}");
-                    (None, Some(why))
-                }
-                Err(why) => {
-                    return Err(Error::Plan(format!(
-                        "store {}: {why}; nothing was written (run a full sync, or allow one with --full-on-mismatch)",
-                        uri.text
-                    )))
-                }
+        // The quarantine is listed while the parent is chosen: each is a round trip to the store.
+        let (choice, quarantined) = std::thread::scope(|s| {
+            let quarantined = s.spawn(|| match spec.full {
+                true => Ok(HashSet::new()),
+                false => store.unhealed_chunks(),
+            });
+            let choice = match spec.full {
+                true => Ok(Ok(None)),
+                false => choose_parent(&store, spec).map(|c| c.map(Some)),
+            };
+            (
+                choice,
+                quarantined.join().expect("listing the quarantine panicked"),
+            )
+        });
+        let (parent, full_reason) = match choice? {
+            Ok(p) => (p, None),
+            Err(why) if spec.full_on_mismatch => {
+                tracing::warn!(disk, "full sync: {why}");
+                (None, Some(why))
+            }
+            Err(why) => {
+                return Err(Error::Plan(format!(
+                    "store {}: {why}; nothing was written (run a full sync, or allow one with --full-on-mismatch)",
+                    uri.text
+                )))
             }
         };
         let repairs = match &parent {
-            Some(p) => chunks_to_repair(&store, p)?,
+            Some(p) => chunks_to_repair(&store, p, &quarantined?)?,
             None => Vec::new(),
         };
+        let root = parent.as_ref().and_then(|p| p.root_digest());
+        if let Some(root) = root.filter(|r| *r != ZERO) {
+            // The commit starts from the parent's root index page: fetch it while chunks go up.
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let _ = store.load_page(&root);
+            });
+        }
         Ok(StoreTarget {
             store,
             disk: disk.to_owned(),
@@ -153,10 +172,9 @@ fn choose_parent(store: &Store, spec: &StoreSync) -> Result<std::result::Result<
     Ok(Ok(p))
 }
 
-/// Chunk indexes of `parent` whose objects are quarantined and not yet uploaded again: an
-/// incremental reads them from the source anew instead of building on damage.
-fn chunks_to_repair(store: &Store, parent: &Version) -> Result<Vec<u64>> {
-    let bad = store.unhealed_chunks()?;
+/// Chunk indexes of `parent` whose objects are quarantined (`bad`) and not yet uploaded again:
+/// an incremental reads them from the source anew instead of building on damage.
+fn chunks_to_repair(store: &Store, parent: &Version, bad: &HashSet<Digest>) -> Result<Vec<u64>> {
     if bad.is_empty() {
         return Ok(Vec::new());
     }
