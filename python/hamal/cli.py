@@ -61,8 +61,25 @@ _budget = _in_range(parse_size, 8 << 20, 1 << 40, ("8M", "1T"))
 _disk_size = _in_range(parse_size, 64 << 20, 1 << 40, ("64M", "1T"))
 
 
+def _help_formatter(prog: str) -> argparse.HelpFormatter:
+    """argparse's formatter, sized to the terminal without ``shutil`` (argparse imports it for
+    that, and it imports bz2 and lzma: ~8 ms of every command's start)."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 80
+    return argparse.HelpFormatter(prog, width=columns - 2)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors in one line, as every other error: ``hamal: error: ...`` and exit 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _help_formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"hamal: error: {message} (see {self.prog} --help)\n")
