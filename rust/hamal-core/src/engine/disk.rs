@@ -376,7 +376,7 @@ impl DiskRun<'_> {
     ) -> Result<&'static str> {
         let t = self.tuning;
         // Local file to local file: each reader thread writes what it read itself (copy.rs).
-        let local = source.local_io() && target.local_io() && target.as_chunk_sink().is_none();
+        let local = source.local_io() && target.local_io();
         let writers = match target.as_chunk_sink() {
             _ if local => 0,
             Some(s) => s.writers().max(t.writers),

@@ -77,21 +77,17 @@ impl StoreTarget {
             Holder::me("sync", &format!("sync of disk {disk}")),
             Some(disk),
         )?;
-        // The quarantine is listed while the parent is chosen: each is a round trip to the store.
-        let (choice, quarantined) = std::thread::scope(|s| {
-            let quarantined = s.spawn(|| match spec.full {
-                true => Ok(HashSet::new()),
-                false => store.unhealed_chunks(),
-            });
-            let choice = match spec.full {
-                true => Ok(Ok(None)),
-                false => choose_parent(&store, spec).map(|c| c.map(Some)),
-            };
-            (
-                choice,
-                quarantined.join().expect("listing the quarantine panicked"),
-            )
-        });
+        // An incremental lists the quarantine while it chooses its parent: each is a round trip
+        // to the store.
+        let (choice, quarantined) = match spec.full {
+            true => (Ok(Ok(None)), Ok(HashSet::new())),
+            false => std::thread::scope(|s| {
+                let quarantined = s.spawn(|| store.unhealed_chunks());
+                let choice = choose_parent(&store, spec).map(|c| c.map(Some));
+                let quarantined = quarantined.join().expect("listing the quarantine panicked");
+                (choice, quarantined)
+            }),
+        };
         let (parent, full_reason) = match choice? {
             Ok(p) => (p, None),
             Err(why) if spec.full_on_mismatch => {

@@ -26,8 +26,9 @@ pub trait Target: Send + Sync {
     fn flush(&self) -> Result<()>;
     /// Undoes what opening did when the run is refused before writing (a file it created).
     fn abandon(&self) {}
-    /// Writes are plain file I/O on this host (no round trip to a server): with a local
-    /// source the engine then copies in cache-sized pieces, each thread writing what it read.
+    /// Writes are plain positional file I/O on this host (not a server, not a chunk sink): with
+    /// a local source the engine then copies in cache-sized pieces, each thread writing what it
+    /// read.
     fn local_io(&self) -> bool {
         false
     }
