@@ -126,7 +126,10 @@ def _add_sync(sub: Any) -> None:
         help="reader threads, 1 to 64 (default [data_sync_v2] pre_disk_readers_count)",
     )
     s.add_argument(
-        "--writers", type=_in_range(_whole, 1, 64), default=1, help="writer threads, 1 to 64 (default 1)"
+        "--writers",
+        type=_in_range(_whole, 1, 64),
+        default=1,
+        help="writer threads, 1 to 64 (default 1; a local copy's threads, each reading and writing)",
     )
     s.add_argument(
         "--queue-depth",

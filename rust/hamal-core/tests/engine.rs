@@ -224,22 +224,30 @@ fn several_disks_in_parallel() {
 fn fewer_buffers_than_reads_in_flight_do_not_deadlock() {
     // 6 buffers for 4 readers of 4 reads each: readers that took buffers one at a time, each
     // holding part of a batch, used to wait for each other forever (8 disks at once did this).
-    let (_d, src, dst) = tmp();
+    // A chunk store target runs the reader/writer pipeline; a file target, 4 copy threads.
+    let (d, src, dst) = tmp();
     make_disk(&src, 64 * MIB, 5);
     let tuning = Tuning {
         chunk_size: MIB,
         readers: 4,
+        writers: 4,
         queue_depth: 4,
         memory_budget: 6 * MIB,
         ..Default::default()
     };
-    let job = plan(&src, &dst, None, tuning);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || tx.send(Job::run(job).map(|o| o[0].is_ok())));
-    let ok = rx
-        .recv_timeout(std::time::Duration::from_secs(60))
-        .expect("the sync did not finish within 60 s: readers deadlocked on buffers");
-    assert!(ok.unwrap());
+    let store = format!("dir:{}", d.path().join("store").display());
+    for target in [DiskUri::parse(&store).unwrap(), DiskUri::File(dst.clone())] {
+        let mut job = plan(&src, &dst, None, tuning.clone());
+        job.disks[0].target = target;
+        job.disks[0].source_id = Some("snap".into());
+        job.disks[0].journal = Some(d.path().join("journal"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(Job::run(job).map(|o| o[0].is_ok())));
+        let ok = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("the sync did not finish within 60 s: readers deadlocked on buffers");
+        assert!(ok.unwrap());
+    }
     assert!(same(&src, &dst));
 }
 

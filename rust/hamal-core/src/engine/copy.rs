@@ -3,8 +3,9 @@
 //! The reader/writer pipeline hands each 4 MiB chunk from a reader thread to a writer thread,
 //! so every byte crosses from one core's cache to another's and leaves both before it is
 //! written. Here each thread reads a piece small enough to stay in its core's cache and writes
-//! it at once, as `nbdcopy` does; two threads keep the source and the target busy. Chunks,
-//! the journal and the durability order are the pipeline's.
+//! it at once, as `nbdcopy` does. There are `writers` such threads (1 by default): writes to one
+//! target take its inode lock in turn, and the kernel's read-ahead keeps the source busy.
+//! Chunks, the journal and the durability order are the pipeline's.
 
 use super::disk::{batch_len, ChunkDone, DiskRun, Durability};
 use super::journal::DoneSet;

@@ -1,5 +1,5 @@
 //! Sync of one disk: readers fill chunk buffers from the source, writers put them on the
-//! target (a local file-to-file sync copies in its reader threads instead, see `copy.rs`), and
+//! target (a local file-to-file sync copies in `writers` threads that do both, see `copy.rs`), and
 //! the durability step flushes the target then journals the finished chunks.
 //!
 //! Order of one chunk: read -> zero check (+ checksum) -> write or zero the range -> (later)
@@ -375,8 +375,11 @@ impl DiskRun<'_> {
         durable: &Durability,
     ) -> Result<&'static str> {
         let t = self.tuning;
-        // Local file to local file: each reader thread writes what it read itself (copy.rs).
+        // Local file to local file: each copy thread reads and writes (copy.rs). Writes to one
+        // file or device take its inode lock in turn, so threads beyond `writers` would spin on
+        // it: one thread by default, as fast as two (the kernel reads ahead) at less CPU.
         let local = source.local_io() && target.local_io();
+        let readers = if local { t.writers } else { t.readers };
         let writers = match target.as_chunk_sink() {
             _ if local => 0,
             Some(s) => s.writers().max(t.writers),
@@ -384,8 +387,8 @@ impl DiskRun<'_> {
         };
         // Buffers for every request in flight: a chunk sink's writer handles one chunk at a time.
         let in_flight = match local {
-            true => t.readers,
-            false => t.readers * t.queue_depth + writers * writer_batch(target, t),
+            true => readers,
+            false => readers * t.queue_depth + writers * writer_batch(target, t),
         };
         let buffers = (self.memory_budget / t.chunk_size).clamp(2, u64::from(in_flight + 2));
         let (size, count) = (t.chunk_size as usize, buffers as usize);
@@ -404,9 +407,9 @@ impl DiskRun<'_> {
         let backend = Mutex::new("pread");
         let (tx, rx) = sync_channel::<Filled>(buffers as usize);
         let rx = Mutex::new(rx);
-        let live_writers = &LiveCount::new(if local { t.readers } else { writers } as usize);
+        let live_writers = &LiveCount::new(if local { readers } else { writers } as usize);
         std::thread::scope(|s| {
-            for _ in 0..t.readers {
+            for _ in 0..readers {
                 let tx = tx.clone();
                 let (work, pool, abort, done, backend) = (&work, &pool, &abort, &done, &backend);
                 s.spawn(move || {
