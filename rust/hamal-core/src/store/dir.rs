@@ -7,6 +7,7 @@ use crate::{Error, Result};
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -135,6 +136,8 @@ impl Backend for DirBackend {
             let mut f = File::create(&tmp)?;
             f.write_all(&data)?;
             f.sync_data()?;
+            // Clean now: the next objects reuse its pages warm.
+            crate::io::drop_cached(f.as_raw_fd(), 0, 0);
             fs::rename(&tmp, &path)
         };
         write().map_err(|e| {

@@ -230,15 +230,7 @@ impl FileWriter {
                 | libc::SYNC_FILE_RANGE_WAIT_AFTER;
             self.sync_range(offset, len, wait)
                 .map_err(|e| (offset, e))?;
-            // SAFETY: fadvise on our own descriptor; it only drops clean cached pages.
-            unsafe {
-                libc::posix_fadvise(
-                    self.file.as_raw_fd(),
-                    offset as i64,
-                    len as i64,
-                    libc::POSIX_FADV_DONTNEED,
-                )
-            };
+            crate::io::drop_cached(self.file.as_raw_fd(), offset, len);
         }
         Ok(())
     }
