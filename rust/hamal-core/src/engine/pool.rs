@@ -1,7 +1,9 @@
-//! A bounded pool of chunk buffers: the engine's whole in-flight memory. Buffers come from the
-//! heap, or from a shared mapping when the source fills them from another process (VDDK).
+//! A bounded pool of chunk buffers: the engine's whole in-flight memory. Buffers are private
+//! mappings backed by huge pages where the kernel allows (`HugeBuf`: first touches are costly),
+//! or slots of a shared mapping when the source fills them from another process (VDDK).
 
 use crate::io::shm::SharedMem;
+use crate::io::HugeBuf;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
@@ -9,7 +11,7 @@ use std::time::Duration;
 
 /// One chunk buffer, owned by one thread at a time.
 pub enum ChunkBuf {
-    Heap(Vec<u8>),
+    Heap(HugeBuf),
     /// Slot `offset..offset + len` of a shared mapping; the pool hands each slot out once.
     Shared {
         mem: Arc<SharedMem>,
@@ -112,7 +114,7 @@ impl BufferPool {
                 offset: slot * self.size,
                 len: self.size,
             },
-            None => ChunkBuf::Heap(vec![0u8; self.size]),
+            None => ChunkBuf::Heap(HugeBuf::zeroed(self.size)),
         }
     }
 

@@ -2,6 +2,7 @@
 //! `pread`/`pwrite` otherwise. All unsafe code of the data path lives in this module.
 
 mod blocking;
+mod huge;
 pub mod shm;
 mod uring;
 
@@ -10,6 +11,7 @@ use std::os::fd::RawFd;
 use std::sync::OnceLock;
 
 pub use blocking::{pread_exact, pwrite_all};
+pub use huge::HugeBuf;
 
 /// Which I/O back end a plan asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

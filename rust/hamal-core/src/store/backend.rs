@@ -2,6 +2,7 @@
 //! or an S3 bucket. Keys are `/`-separated relative names such as `chunks/ab/abcd...`.
 
 use crate::Result;
+use bytes::Bytes;
 use std::time::SystemTime;
 
 /// One listed object.
@@ -27,7 +28,7 @@ pub trait Backend: Send + Sync {
     /// The store URI, for messages.
     fn describe(&self) -> String;
     /// Writes a whole object; when this returns, a reader sees all of it or (before) nothing.
-    fn put(&self, key: &str, data: Vec<u8>) -> Result<()>;
+    fn put(&self, key: &str, data: Bytes) -> Result<()>;
     /// Reads a whole object; `None` when it does not exist.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Reads several objects at once (concurrently where the backend can).

@@ -4,6 +4,7 @@
 
 use super::backend::{Backend, Listed, Peek};
 use crate::{Error, Result};
+use bytes::Bytes;
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
@@ -121,7 +122,7 @@ impl Backend for DirBackend {
         self.text.clone()
     }
 
-    fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
+    fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let path = self.path(key);
         let dir = path.parent().expect("keys have a folder").to_owned();
         self.ensure_dir(&dir)
@@ -240,7 +241,7 @@ mod tests {
             for be in [&a, &b] {
                 s.spawn(move || {
                     for i in 0..200u32 {
-                        be.put("hamal-store.json", i.to_le_bytes().to_vec())
+                        be.put("hamal-store.json", i.to_le_bytes().to_vec().into())
                             .unwrap();
                     }
                 });
@@ -260,7 +261,7 @@ mod tests {
             s.spawn(|| {
                 for i in 0..3000u32 {
                     let key = format!("locks/disk-{}.lock", i % 7);
-                    be.put(&key, vec![1]).unwrap();
+                    be.put(&key, vec![1].into()).unwrap();
                     be.delete(&key).unwrap();
                 }
                 done.store(true, std::sync::atomic::Ordering::Relaxed);

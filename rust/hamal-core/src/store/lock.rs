@@ -142,7 +142,7 @@ fn try_acquire(
         disk: disk.map(str::to_owned),
     };
     let body = serde_json::to_vec(&body).expect("serializable");
-    backend.put(&key, body.clone())?;
+    backend.put(&key, body.clone().into())?;
     let lock = Lock {
         backend: backend.clone(),
         key,
@@ -192,7 +192,7 @@ impl Lock {
     pub fn refresh(&self) -> Result<()> {
         let mut at = self.refreshed.lock().unwrap();
         if at.elapsed() >= REFRESH {
-            self.backend.put(&self.key, self.body.clone())?;
+            self.backend.put(&self.key, self.body.clone().into())?;
             *at = Instant::now();
         }
         Ok(())

@@ -8,7 +8,9 @@ use super::tree::{self, PageIo, ZERO};
 use super::version::{Version, FORMAT};
 use super::{StoreLocation, StoreOptions, StoreUri};
 use crate::checksum::Digest;
+use crate::io::HugeBuf;
 use crate::{Error, Result};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,56 @@ pub struct Store {
     /// Where version records are written (the store itself and/or a local folder).
     record_places: Vec<Arc<dyn Backend>>,
     pages: Mutex<HashMap<Digest, Arc<Vec<Digest>>>>,
+    spares: Spares,
+}
+
+/// Buffers of chunk objects on their way to the backend, reused: each comes back when the
+/// backend drops its bytes (a fresh buffer per chunk costs its first-touch page faults, see
+/// `io::HugeBuf`). At most `MAX_SPARES` wait here: one per upload thread.
+#[derive(Default)]
+struct Spares(Arc<Mutex<Vec<HugeBuf>>>);
+
+const MAX_SPARES: usize = 16;
+
+impl Spares {
+    /// A buffer of `len` bytes (any content).
+    fn take(&self, len: usize) -> HugeBuf {
+        match self.0.lock().unwrap().pop() {
+            Some(mut b) if b.capacity() >= len => {
+                b.set_len(len);
+                b
+            }
+            _ => HugeBuf::zeroed(len),
+        }
+    }
+
+    /// `buf` as bytes for the backend; the buffer returns here when they are dropped.
+    fn lend(&self, buf: HugeBuf) -> Bytes {
+        Bytes::from_owner(Lent {
+            buf: Some(buf),
+            home: Arc::clone(&self.0),
+        })
+    }
+}
+
+struct Lent {
+    buf: Option<HugeBuf>,
+    home: Arc<Mutex<Vec<HugeBuf>>>,
+}
+
+impl AsRef<[u8]> for Lent {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_deref().unwrap_or_default()
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let mut home = self.home.lock().unwrap();
+        if home.len() < MAX_SPARES {
+            home.extend(self.buf.take());
+        }
+    }
 }
 
 /// Version records of a store: the good ones by disk, and the damaged ones with the problem.
@@ -81,7 +133,7 @@ impl Store {
                 };
                 backend.put(
                     CONFIG_KEY,
-                    serde_json::to_vec_pretty(&c).expect("serializable"),
+                    serde_json::to_vec_pretty(&c).expect("serializable").into(),
                 )?;
                 backend.sync()?;
                 c
@@ -136,6 +188,7 @@ impl Store {
             },
             record_places,
             pages: Mutex::new(HashMap::new()),
+            spares: Spares::default(),
         })
     }
 
@@ -181,10 +234,11 @@ impl Store {
                 _ => return Ok(0),
             },
         }
-        let obj = self.codec.encode(plain);
-        let n = obj.len() as u64;
-        self.backend.put(&key, obj)?;
-        Ok(n)
+        let mut obj = self.spares.take(self.codec.max_len(plain.len()));
+        let n = self.codec.encode_into(plain, &mut obj);
+        obj.set_len(n);
+        self.backend.put(&key, self.spares.lend(obj))?;
+        Ok(n as u64)
     }
 
     /// Moves a damaged chunk object out of `chunks/` so nothing trusts it again; the next sync
@@ -193,7 +247,7 @@ impl Store {
         let key = Self::chunk_key(a);
         tracing::warn!(store = %self.uri.text, "chunk {key} is damaged ({why}); moved to the quarantine");
         if let Some(obj) = self.backend.get(&key)? {
-            self.backend.put(&Self::quarantine_key(a), obj)?;
+            self.backend.put(&Self::quarantine_key(a), obj.into())?;
         }
         self.backend.delete(&key)?;
         self.backend.sync()
@@ -311,9 +365,9 @@ impl Store {
         for place in self.record_places.iter().rev() {
             if !Arc::ptr_eq(place, &self.backend) {
                 // A local copy says which store it belongs to.
-                place.put("store-uri.txt", self.uri.text.clone().into_bytes())?;
+                place.put("store-uri.txt", self.uri.text.clone().into_bytes().into())?;
             }
-            place.put(&v.key(), bytes.clone())?;
+            place.put(&v.key(), bytes.clone().into())?;
             place.sync()?;
         }
         Ok(())
@@ -357,7 +411,7 @@ impl PageIo for Store {
         let a = self.codec.address(&bytes);
         let key = Self::page_key(&a);
         if !self.backend.exists(&key)? {
-            self.backend.put(&key, self.codec.encode(&bytes))?;
+            self.backend.put(&key, self.codec.encode(&bytes).into())?;
         }
         Ok(a)
     }

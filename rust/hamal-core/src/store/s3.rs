@@ -4,6 +4,7 @@
 
 use super::backend::{Backend, Listed};
 use crate::{Error, Result};
+use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjPath;
@@ -228,7 +229,7 @@ impl Backend for S3Backend {
         self.text.clone()
     }
 
-    fn put(&self, key: &str, data: Vec<u8>) -> Result<()> {
+    fn put(&self, key: &str, data: Bytes) -> Result<()> {
         let (path, payload) = (self.path(key), PutPayload::from(data));
         self.rt
             .block_on(self.retrying(|| self.store.put(&path, payload.clone())))
