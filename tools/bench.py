@@ -102,24 +102,27 @@ def timed_cpu(cmd: list[str]) -> tuple[float, int, float]:
 
 
 def run_cases(cases: list[tuple[str, list[str]]], dst: Path, runs: int, expect: str) -> list[dict]:
-    """Runs every case `runs` times, interleaved round by round so drift in the machine's
-    disk speed hits every tool alike; checks each tool's output once."""
+    """Runs every case once untimed, checking its output, then `runs` times, interleaved round
+    by round so drift in the machine's disk speed hits every tool alike. The untimed round
+    takes the cost of first touching memory: on a VM whose free pages go back to the host it
+    is ~0.5 ms per MiB, and it fell on whichever tool ran first (up to 2.5x its later time)."""
     times: dict[str, list[float]] = {name: [] for name, _ in cases}
     cpu: dict[str, list[float]] = {name: [] for name, _ in cases}
     rss: dict[str, int] = {name: 0 for name, _ in cases}
     ok: dict[str, bool] = {}
-    for _ in range(runs):
+    for round_ in range(runs + 1):
         for name, cmd in cases:
             if dst.is_block_device():  # zeroed, so a tool that wrote nothing cannot pass
                 subprocess.run(["blkdiscard", str(dst)], check=True)
             else:
                 dst.unlink(missing_ok=True)
             t, r, c = timed_cpu(cmd)
+            rss[name] = max(rss[name], r)
+            if round_ == 0:
+                ok[name] = digest(dst) == expect
+                continue
             times[name].append(t)
             cpu[name].append(c)
-            rss[name] = max(rss[name], r)
-            if name not in ok:
-                ok[name] = digest(dst) == expect
     return [
         {
             "name": n,
