@@ -275,7 +275,7 @@ impl Store {
     ) -> Result<Vec<u8>, String> {
         let obj = obj.ok_or("missing")?;
         self.codec
-            .decode(a, &obj, max_len)
+            .decode(a, obj, max_len)
             .map_err(|e| format!("damaged: {e}"))
     }
 
