@@ -416,3 +416,29 @@ impl PageIo for Store {
         Ok(a)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_buffers_come_back_when_their_bytes_are_dropped() {
+        let spares = Spares::default();
+        let mut b = spares.take(1 << 20);
+        b[0] = 9;
+        let at = b.as_ptr();
+        let bytes = spares.lend(b);
+        let copy = bytes.clone();
+        drop(bytes);
+        // Still lent while a clone lives: a new take must not hand out the same memory.
+        assert_ne!(spares.take(1 << 20).as_ptr(), at);
+        drop(copy);
+        let again = spares.take(1 << 19);
+        assert_eq!((again.as_ptr(), again.len()), (at, 1 << 19));
+        // Too small a spare is replaced, not used past its capacity.
+        drop(spares.lend(again));
+        let bigger = spares.take(2 << 20);
+        assert_eq!(bigger.len(), 2 << 20);
+        assert!(bigger.capacity() >= 2 << 20);
+    }
+}
