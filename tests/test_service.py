@@ -158,6 +158,21 @@ def test_sigkill_of_one_worker_fails_only_its_vm_and_is_retried(env: ServiceEnv)
         wait_until(lambda: "attempt 2" in (env.logs / "hamal-period.log").read_text(), "the retry")
     finally:
         env.stop(p)
+    # The killed worker's qemu-nbd export of the slow image is stopped too, not left running.
+    wait_until(lambda: not exports_of(env), "no qemu-nbd left serving the test's images")
+
+
+def exports_of(env: ServiceEnv) -> list[int]:
+    """qemu-nbd processes serving an image of this test."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            cmd = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd[0].endswith(b"qemu-nbd") and str(env.root).encode() in b" ".join(cmd) and alive(int(d.name)):
+            found.append(int(d.name))
+    return found
 
 
 def test_sigterm_stops_within_10_s_and_keeps_the_journal(env: ServiceEnv) -> None:

@@ -269,6 +269,7 @@ class Service:
         return max(float(self.conf["period"]["task_update_wait_time"]), 0.2)
 
     def finish(self, w: Worker, code: int) -> None:
+        _stop_helpers(w.proc.pid)
         r = w.result or {
             "state": "failed",
             "error": f"the worker died ({'signal ' + str(-code) if code < 0 else 'exit ' + str(code)}) "
@@ -453,6 +454,16 @@ class Service:
             loop_kib >> 10,
             worker_kib >> 10,
         )
+
+
+def _stop_helpers(pgid: int) -> None:
+    """Stops what is left of a finished worker's process group (it leads its own session):
+    helpers such as a KVM disk's qemu-nbd export outlive a worker that was killed, and would
+    keep the image open for good."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        pass  # nothing left: the worker stopped its helpers itself
 
 
 def main(argv: list[str] | None = None) -> int:
