@@ -379,7 +379,8 @@ impl DiskRun<'_> {
         // file or device take its inode lock in turn, so threads beyond `writers` would spin on
         // it: one thread by default, as fast as two (the kernel reads ahead) at less CPU.
         let local = source.local_io() && target.local_io();
-        let readers = if local { t.writers } else { t.readers };
+        // Threads that read: the reader threads, or the copy threads of a local copy.
+        let reading = if local { t.writers } else { t.readers };
         let writers = match target.as_chunk_sink() {
             _ if local => 0,
             Some(s) => s.writers().max(t.writers),
@@ -387,8 +388,8 @@ impl DiskRun<'_> {
         };
         // Buffers for every request in flight: a chunk sink's writer handles one chunk at a time.
         let in_flight = match local {
-            true => readers,
-            false => readers * t.queue_depth + writers * writer_batch(target, t),
+            true => reading,
+            false => reading * t.queue_depth + writers * writer_batch(target, t),
         };
         let buffers = (self.memory_budget / t.chunk_size).clamp(2, u64::from(in_flight + 2));
         let (size, count) = (t.chunk_size as usize, buffers as usize);
@@ -407,9 +408,9 @@ impl DiskRun<'_> {
         let backend = Mutex::new("pread");
         let (tx, rx) = sync_channel::<Filled>(buffers as usize);
         let rx = Mutex::new(rx);
-        let live_writers = &LiveCount::new(if local { readers } else { writers } as usize);
+        let live_writers = &LiveCount::new(if local { reading } else { writers } as usize);
         std::thread::scope(|s| {
-            for _ in 0..readers {
+            for _ in 0..reading {
                 let tx = tx.clone();
                 let (work, pool, abort, done, backend) = (&work, &pool, &abort, &done, &backend);
                 s.spawn(move || {
