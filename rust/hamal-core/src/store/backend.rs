@@ -29,6 +29,12 @@ pub trait Backend: Send + Sync {
     fn describe(&self) -> String;
     /// Writes a whole object; when this returns, a reader sees all of it or (before) nothing.
     fn put(&self, key: &str, data: Bytes) -> Result<()>;
+    /// Writes several whole objects (concurrently where the backend can); stops at a failure.
+    fn put_many(&self, objects: Vec<(String, Bytes)>) -> Result<()> {
+        objects
+            .into_iter()
+            .try_for_each(|(k, data)| self.put(&k, data))
+    }
     /// Reads a whole object; `None` when it does not exist.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>>;
     /// Reads several objects at once (concurrently where the backend can).

@@ -382,18 +382,18 @@ impl Store {
     }
 }
 
-impl PageIo for Store {
-    fn load_page(&self, addr: &Digest) -> Result<Vec<Digest>> {
-        if let Some(p) = self.pages.lock().unwrap().get(addr) {
-            return Ok(p.as_ref().clone());
-        }
-        let key = Self::page_key(addr);
-        let obj = self.backend.get(&key)?;
+impl Store {
+    /// A page's entries from its object, kept in the page cache.
+    fn page_from(&self, addr: &Digest, obj: Option<Vec<u8>>) -> Result<Vec<Digest>> {
         let entries = self
             .decode_chunk(addr, obj, (tree::FANOUT * 32) as usize)
             .and_then(|b| tree::page_entries(&b).ok_or_else(|| "damaged: not an index page".into()))
             .map_err(|e| {
-                Error::Mismatch(format!("store {}: index page {key} is {e}", self.uri.text))
+                Error::Mismatch(format!(
+                    "store {}: index page {} is {e}",
+                    self.uri.text,
+                    Self::page_key(addr)
+                ))
             })?;
         let mut cache = self.pages.lock().unwrap();
         if cache.len() >= PAGE_CACHE {
@@ -402,18 +402,57 @@ impl PageIo for Store {
         cache.insert(*addr, Arc::new(entries.clone()));
         Ok(entries)
     }
+}
 
-    fn store_page(&self, entries: &[Digest]) -> Result<Digest> {
+impl PageIo for Store {
+    fn load_page(&self, addr: &Digest) -> Result<Vec<Digest>> {
+        if let Some(p) = self.pages.lock().unwrap().get(addr) {
+            return Ok(p.as_ref().clone());
+        }
+        let obj = self.backend.get(&Self::page_key(addr))?;
+        self.page_from(addr, obj)
+    }
+
+    fn prefetch(&self, addrs: &[Digest]) -> Result<()> {
+        let missing: Vec<Digest> = {
+            let cache = self.pages.lock().unwrap();
+            addrs
+                .iter()
+                .filter(|a| !cache.contains_key(*a))
+                .copied()
+                .collect()
+        };
+        // More than the cache keeps would push out pages before they are used: those are
+        // loaded one at a time instead.
+        if missing.len() > PAGE_CACHE / 2 {
+            return Ok(());
+        }
+        let keys: Vec<String> = missing.iter().map(Self::page_key).collect();
+        for (addr, obj) in missing.iter().zip(self.backend.get_many(&keys)) {
+            self.page_from(addr, obj?)?;
+        }
+        Ok(())
+    }
+
+    fn page_address(&self, entries: &[Digest]) -> Digest {
         let bytes = tree::page_bytes(entries);
-        if bytes.is_empty() {
-            return Ok(ZERO);
+        match bytes.is_empty() {
+            true => ZERO,
+            false => self.codec.address(&bytes),
         }
-        let a = self.codec.address(&bytes);
-        let key = Self::page_key(&a);
-        if !self.backend.exists(&key)? {
-            self.backend.put(&key, self.codec.encode(&bytes).into())?;
-        }
-        Ok(a)
+    }
+
+    /// Written without asking first whether each exists: a rewritten page is new nearly
+    /// always, and writing one that exists puts the same bytes there.
+    fn store_pages(&self, pages: Vec<(Digest, Vec<Digest>)>) -> Result<()> {
+        let objects = pages
+            .into_iter()
+            .map(|(a, entries)| {
+                let obj = self.codec.encode(&tree::page_bytes(&entries));
+                (Self::page_key(&a), Bytes::from(obj))
+            })
+            .collect();
+        self.backend.put_many(objects)
     }
 }
 

@@ -14,8 +14,9 @@ use object_store::{
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Reads `get_many` keeps in flight: round trips overlap without a connection per key.
-const GETS_AT_ONCE: usize = 32;
+/// Requests `get_many` and `put_many` keep in flight: round trips overlap without a
+/// connection per key.
+const REQUESTS_AT_ONCE: usize = 32;
 
 /// Connection settings (`[s3]` in hamal.conf; the `AWS_*` environment fills what is unset).
 #[derive(Clone, Default)]
@@ -211,6 +212,14 @@ impl S3Backend {
         }
     }
 
+    async fn put_async(&self, key: &str, data: Bytes) -> Result<()> {
+        let (path, payload) = (self.path(key), PutPayload::from(data));
+        self.retrying(|| self.store.put(&path, payload.clone()))
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err("cannot write", key, e))
+    }
+
     async fn get_async(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let path = self.path(key);
         let got = self
@@ -230,23 +239,29 @@ impl Backend for S3Backend {
     }
 
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
-        let (path, payload) = (self.path(key), PutPayload::from(data));
+        self.rt.block_on(self.put_async(key, data))
+    }
+
+    fn put_many(&self, objects: Vec<(String, Bytes)>) -> Result<()> {
+        let puts = futures::stream::iter(objects.iter().map(|(k, d)| self.put_async(k, d.clone())));
         self.rt
-            .block_on(self.retrying(|| self.store.put(&path, payload.clone())))
+            .block_on(
+                puts.buffer_unordered(REQUESTS_AT_ONCE)
+                    .try_collect::<Vec<()>>(),
+            )
             .map(|_| ())
-            .map_err(|e| self.err("cannot write", key, e))
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         self.rt.block_on(self.get_async(key))
     }
 
-    /// Up to `GETS_AT_ONCE` reads in flight, answers in the order of `keys`. Reads one by one
+    /// Up to `REQUESTS_AT_ONCE` reads in flight, answers in the order of `keys`. Reads one by one
     /// would each wait a round trip, and radosgw sends an answer's body ~40 ms after its header
     /// (Nagle on its side, delayed ACK on ours).
     fn get_many(&self, keys: &[String]) -> Vec<Result<Option<Vec<u8>>>> {
         let reads = futures::stream::iter(keys.iter().map(|k| self.get_async(k)));
-        self.rt.block_on(reads.buffered(GETS_AT_ONCE).collect())
+        self.rt.block_on(reads.buffered(REQUESTS_AT_ONCE).collect())
     }
 
     fn exists(&self, key: &str) -> Result<bool> {

@@ -16,9 +16,15 @@ pub const ZERO: Digest = [0; 32];
 pub trait PageIo {
     /// The page's entries, padded with zero entries to `FANOUT`.
     fn load_page(&self, addr: &Digest) -> Result<Vec<Digest>>;
-    /// Stores a page (trailing zeros trimmed) and returns its address, or `ZERO` when every
+    /// Fetches pages that `load_page` is about to be asked for, at once where the store can.
+    fn prefetch(&self, _addrs: &[Digest]) -> Result<()> {
+        Ok(())
+    }
+    /// The address of a page with these entries (trailing zeros trimmed), or `ZERO` when every
     /// entry is zero.
-    fn store_page(&self, entries: &[Digest]) -> Result<Digest>;
+    fn page_address(&self, entries: &[Digest]) -> Digest;
+    /// Stores pages under their `page_address`, at once where the store can.
+    fn store_pages(&self, pages: Vec<(Digest, Vec<Digest>)>) -> Result<()>;
 }
 
 /// Levels of a tree for `chunks` chunks (a leaf is level 1).
@@ -37,13 +43,19 @@ fn child_span(level: u32) -> u64 {
 }
 
 /// The tree `root` with `changes` (sorted by chunk index) applied; returns the new root.
+/// The pages on the changed paths are read a level at a time and the new pages written
+/// together: one at a time, an incremental on a large disk waited a round trip per page.
 pub fn update(
     io: &dyn PageIo,
     root: Digest,
     depth: u32,
     changes: &[(u64, Digest)],
 ) -> Result<Digest> {
-    update_node(io, root, depth, 0, changes)
+    prefetch_paths(io, root, depth, changes)?;
+    let mut written = Vec::new();
+    let root = update_node(io, root, depth, 0, changes, &mut written)?;
+    io.store_pages(written)?;
+    Ok(root)
 }
 
 fn update_node(
@@ -52,6 +64,7 @@ fn update_node(
     level: u32,
     base: u64,
     changes: &[(u64, Digest)],
+    written: &mut Vec<(Digest, Vec<Digest>)>,
 ) -> Result<Digest> {
     if changes.is_empty() {
         return Ok(node);
@@ -62,26 +75,68 @@ fn update_node(
         io.load_page(&node)?
     };
     let span = child_span(level);
-    let mut rest = changes;
-    while let Some(&(first, _)) = rest.first() {
-        let slot = (first - base) / span;
-        let slot_end = base + (slot + 1) * span;
-        let n = rest.partition_point(|(i, _)| *i < slot_end);
-        let (group, tail) = rest.split_at(n);
-        entries[slot as usize] = if level == 1 {
+    for (slot, group) in by_slot(changes, base, span) {
+        entries[slot] = if level == 1 {
             group[group.len() - 1].1
         } else {
-            update_node(
-                io,
-                entries[slot as usize],
-                level - 1,
-                base + slot * span,
-                group,
-            )?
+            let child_base = base + slot as u64 * span;
+            update_node(io, entries[slot], level - 1, child_base, group, written)?
         };
-        rest = tail;
     }
-    io.store_page(&entries)
+    let addr = io.page_address(&entries);
+    if addr != ZERO {
+        written.push((addr, entries));
+    }
+    Ok(addr)
+}
+
+/// Fetches the existing pages on the paths to `changes`, each level's pages at once.
+fn prefetch_paths(
+    io: &dyn PageIo,
+    root: Digest,
+    depth: u32,
+    changes: &[(u64, Digest)],
+) -> Result<()> {
+    let mut nodes = vec![(root, 0, changes)];
+    for level in (1..=depth).rev() {
+        nodes.retain(|(node, _, changes)| *node != ZERO && !changes.is_empty());
+        let addrs: Vec<Digest> = nodes.iter().map(|(node, _, _)| *node).collect();
+        if addrs.is_empty() {
+            break;
+        }
+        io.prefetch(&addrs)?;
+        if level == 1 {
+            break;
+        }
+        let span = child_span(level);
+        let mut below = Vec::new();
+        for (node, base, changes) in nodes {
+            let entries = io.load_page(&node)?;
+            for (slot, group) in by_slot(changes, base, span) {
+                below.push((entries[slot], base + slot as u64 * span, group));
+            }
+        }
+        nodes = below;
+    }
+    Ok(())
+}
+
+/// `changes` (sorted) split by the entry they fall under in a page whose first chunk is
+/// `base` and whose entries cover `span` chunks each.
+fn by_slot(
+    changes: &[(u64, Digest)],
+    base: u64,
+    span: u64,
+) -> impl Iterator<Item = (usize, &[(u64, Digest)])> {
+    let mut rest = changes;
+    std::iter::from_fn(move || {
+        let &(first, _) = rest.first()?;
+        let slot = (first - base) / span;
+        let n = rest.partition_point(|(i, _)| *i < base + (slot + 1) * span);
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        Some((slot as usize, group))
+    })
 }
 
 /// The entry for chunk `index`.
@@ -166,21 +221,32 @@ mod tests {
     struct MemPages {
         pages: RefCell<HashMap<Digest, Vec<u8>>>,
         stored: RefCell<usize>,
+        /// Pages asked for by each `prefetch`.
+        prefetched: RefCell<Vec<usize>>,
     }
 
     impl PageIo for MemPages {
         fn load_page(&self, addr: &Digest) -> Result<Vec<Digest>> {
             Ok(page_entries(&self.pages.borrow()[addr]).unwrap())
         }
-        fn store_page(&self, entries: &[Digest]) -> Result<Digest> {
+        fn prefetch(&self, addrs: &[Digest]) -> Result<()> {
+            self.prefetched.borrow_mut().push(addrs.len());
+            Ok(())
+        }
+        fn page_address(&self, entries: &[Digest]) -> Digest {
             let bytes = page_bytes(entries);
-            if bytes.is_empty() {
-                return Ok(ZERO);
+            match bytes.is_empty() {
+                true => ZERO,
+                false => *blake3::hash(&bytes).as_bytes(),
             }
-            let a = *blake3::hash(&bytes).as_bytes();
-            *self.stored.borrow_mut() += 1;
-            self.pages.borrow_mut().insert(a, bytes);
-            Ok(a)
+        }
+        fn store_pages(&self, pages: Vec<(Digest, Vec<Digest>)>) -> Result<()> {
+            *self.stored.borrow_mut() += pages.len();
+            for (a, entries) in pages {
+                assert_eq!(a, self.page_address(&entries));
+                self.pages.borrow_mut().insert(a, page_bytes(&entries));
+            }
+            Ok(())
         }
     }
 
@@ -202,14 +268,21 @@ mod tests {
         model.extend(first.iter().cloned());
         let root = update(&io, ZERO, depth, &first).unwrap();
         *io.stored.borrow_mut() = 0;
-        let second = vec![(5, ZERO), (6, addr(66))];
+        io.prefetched.borrow_mut().clear();
+        let second = vec![(5, ZERO), (6, addr(66)), (2 * FANOUT * FANOUT + 4, addr(7))];
         model.remove(&5);
         model.insert(6, addr(66));
+        model.insert(2 * FANOUT * FANOUT + 4, addr(7));
         let root2 = update(&io, root, depth, &second).unwrap();
         assert_eq!(
             *io.stored.borrow(),
-            depth as usize,
-            "one page per level rewritten"
+            2 * depth as usize - 1,
+            "the root and the pages on the two changed paths rewritten"
+        );
+        assert_eq!(
+            *io.prefetched.borrow(),
+            vec![1, 2, 2],
+            "each level's pages on the changed paths fetched at once"
         );
         assert_eq!(
             update(&io, root2, depth, &[]).unwrap(),
