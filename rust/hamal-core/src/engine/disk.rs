@@ -386,10 +386,12 @@ impl DiskRun<'_> {
             Some(s) => s.writers().max(t.writers),
             None => t.writers,
         };
-        // Buffers for every request in flight: a chunk sink's writer handles one chunk at a time.
-        let in_flight = match local {
-            true => reading,
-            false => reading * t.queue_depth + writers * writer_batch(target, t),
+        // Buffers for every request in flight. A chunk sink's writers hold one only while they
+        // encode a chunk, not while it uploads: fewer buffers, reused while still warm.
+        let in_flight = match (local, target.as_chunk_sink()) {
+            (true, _) => reading,
+            (false, Some(_)) => reading * t.queue_depth,
+            (false, None) => reading * t.queue_depth + writers * t.queue_depth,
         };
         let buffers = (self.memory_budget / t.chunk_size).clamp(2, u64::from(in_flight + 2));
         let (size, count) = (t.chunk_size as usize, buffers as usize);
@@ -531,7 +533,7 @@ impl DiskRun<'_> {
             None => Some(target.writer(t.queue_depth)?),
         };
         loop {
-            let mut batch: Vec<Filled> = {
+            let batch: Vec<Filled> = {
                 let rx = rx.lock().unwrap();
                 let Ok(first) = rx.recv() else { return Ok(()) };
                 let mut b = vec![first];
@@ -551,15 +553,19 @@ impl DiskRun<'_> {
                 let sink = sink.expect("a target without a writer is a chunk sink");
                 // Whole chunks by name; zero chunks are recorded, not stored, and journaled
                 // with the all-zero name.
-                for Filled { buf, chunk: c } in &mut batch {
+                for Filled { buf, chunk: mut c } in batch {
                     let len = c.work.len();
-                    if c.zero {
-                        target.zero_range(c.work.first_offset(), len)?;
-                    } else {
-                        c.stored = sink.put(c.work.index, &buf[..len as usize], &c.digest)?;
+                    let prepared = match c.zero {
+                        true => target.zero_range(c.work.first_offset(), len).map(|_| None),
+                        false => sink.prepare(c.work.index, &buf[..len as usize], &c.digest),
+                    };
+                    // Encoded: the buffer is free for the next read while the chunk uploads.
+                    pool.put(buf);
+                    if let Some(p) = prepared? {
+                        c.stored = p.send()?;
                     }
+                    self.finish_chunks([c], durable, true);
                 }
-                self.finish_chunks(recycle(batch, pool), durable, true);
                 continue;
             };
             let mut reqs = Vec::new();

@@ -219,26 +219,32 @@ impl Store {
         self.backend.exists(&Self::chunk_key(a))
     }
 
-    /// Stores a chunk unless the store has a whole copy; returns the bytes uploaded (0 when
-    /// present). Where the backend shows an object's size (`dir:`), a truncated copy is moved
-    /// to the quarantine and the chunk uploaded again.
-    pub fn put_chunk(&self, a: &Digest, plain: &[u8]) -> Result<u64> {
+    /// A chunk's object, ready to upload; `None` when the store has a whole copy. Where the
+    /// backend shows an object's size (`dir:`), a truncated copy is moved to the quarantine and
+    /// the chunk encoded to be uploaded again.
+    pub fn encode_chunk(&self, a: &Digest, plain: &[u8]) -> Result<Option<Bytes>> {
         let key = Self::chunk_key(a);
         match self.backend.peek(&key, codec::HEAD)? {
             Peek::Missing => {}
-            Peek::Present => return Ok(0),
+            Peek::Present => return Ok(None),
             Peek::Head { head, size } => match codec::declared_len(&head) {
                 Some(want) if want != size => {
                     self.quarantine_chunk(a, &format!("truncated: {size} of {want} bytes"))?
                 }
-                _ => return Ok(0),
+                _ => return Ok(None),
             },
         }
         let mut obj = self.spares.take(self.codec.max_len(plain.len()));
         let n = self.codec.encode_into(plain, &mut obj);
         obj.set_len(n);
-        self.backend.put(&key, self.spares.lend(obj))?;
-        Ok(n as u64)
+        Ok(Some(self.spares.lend(obj)))
+    }
+
+    /// Uploads the object `encode_chunk` made for chunk `a`; returns its size.
+    pub fn upload_chunk(&self, a: &Digest, obj: Bytes) -> Result<u64> {
+        let n = obj.len() as u64;
+        self.backend.put(&Self::chunk_key(a), obj)?;
+        Ok(n)
     }
 
     /// Moves a damaged chunk object out of `chunks/` so nothing trusts it again; the next sync

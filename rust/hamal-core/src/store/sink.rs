@@ -8,8 +8,9 @@ use super::version::{check_disk_id, new_version_id, Version, VersionStats, FORMA
 use super::{StoreOptions, StoreUri};
 use crate::checksum::{ChunkHasher, Digest};
 use crate::holder::Holder;
-use crate::target::{ChunkSink, CommitInfo, Done, Target, TargetWriter};
+use crate::target::{ChunkSink, CommitInfo, Done, Prepared, Target, TargetWriter};
 use crate::{Error, Result};
+use bytes::Bytes;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -129,8 +130,42 @@ impl StoreTarget {
         })
     }
 
+    /// A store error with the disk and offset of the chunk it happened to.
+    fn at_chunk(&self, index: u64, e: Error) -> Error {
+        match e {
+            Error::Store(m) => Error::Store(format!(
+                "{m} (disk '{}' offset {})",
+                self.disk,
+                index * self.chunk_size
+            )),
+            e => e,
+        }
+    }
+
     fn chunk_range(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
         offset / self.chunk_size..(offset + len).div_ceil(self.chunk_size)
+    }
+}
+
+/// A chunk's object on its way into the store.
+struct Upload<'a> {
+    target: &'a StoreTarget,
+    index: u64,
+    name: Digest,
+    obj: Bytes,
+}
+
+impl Prepared for Upload<'_> {
+    fn send(self: Box<Self>) -> Result<u64> {
+        let t = self.target;
+        let stored = t
+            .store
+            .upload_chunk(&self.name, self.obj)
+            .map_err(|e| t.at_chunk(self.index, e))?;
+        t.chunks_new.fetch_add(1, Relaxed);
+        t.bytes_stored.fetch_add(stored, Relaxed);
+        t.changes.lock().unwrap().insert(self.index, self.name);
+        Ok(stored)
     }
 }
 
@@ -235,21 +270,25 @@ impl ChunkSink for StoreTarget {
         self.upload_threads
     }
 
-    fn put(&self, index: u64, data: &[u8], name: &Digest) -> Result<u64> {
-        let stored = self.store.put_chunk(name, data).map_err(|e| match e {
-            Error::Store(m) => Error::Store(format!(
-                "{m} (disk '{}' offset {})",
-                self.disk,
-                index * self.chunk_size
-            )),
-            e => e,
-        })?;
-        if stored > 0 {
-            self.chunks_new.fetch_add(1, Relaxed);
-            self.bytes_stored.fetch_add(stored, Relaxed);
+    fn prepare(
+        &self,
+        index: u64,
+        data: &[u8],
+        name: &Digest,
+    ) -> Result<Option<Box<dyn Prepared + '_>>> {
+        match self.store.encode_chunk(name, data) {
+            Err(e) => Err(self.at_chunk(index, e)),
+            Ok(None) => {
+                self.changes.lock().unwrap().insert(index, *name);
+                Ok(None)
+            }
+            Ok(Some(obj)) => Ok(Some(Box::new(Upload {
+                target: self,
+                index,
+                name: *name,
+                obj,
+            }))),
         }
-        self.changes.lock().unwrap().insert(index, *name);
-        Ok(stored)
     }
 
     fn resume(&self, done: &[Done]) -> Result<bool> {

@@ -48,9 +48,15 @@ pub trait ChunkSink: Sync {
     fn hasher(&self) -> ChunkHasher;
     /// Writer (upload) threads the engine should run for this target.
     fn writers(&self) -> u32;
-    /// Stores chunk `index` (its whole bytes) named `name`; returns the bytes it stored (0 when
-    /// the target already had that content).
-    fn put(&self, index: u64, data: &[u8], name: &Digest) -> Result<u64>;
+    /// Readies chunk `index` (its whole bytes) named `name` for the target: `None` when the
+    /// target already has that content (the chunk is recorded), else what `Prepared::send`
+    /// stores. The engine reuses `data`'s buffer as soon as this returns.
+    fn prepare(
+        &self,
+        index: u64,
+        data: &[u8],
+        name: &Digest,
+    ) -> Result<Option<Box<dyn Prepared + '_>>>;
     /// Takes back the chunks an interrupted run journaled (zero chunks have the all-zero
     /// name). Returns false when one of them is gone from the target; the run then starts over.
     fn resume(&self, done: &[Done]) -> Result<bool>;
@@ -70,6 +76,12 @@ pub trait ChunkSink: Sync {
     fn base(&self) -> String;
     /// Makes the run a version (the commit point) after everything is flushed; returns its id.
     fn commit(&self, info: &CommitInfo) -> Result<String>;
+}
+
+/// A chunk encoded for a chunk sink, not stored yet.
+pub trait Prepared: Send {
+    /// Stores it and records the chunk; returns the bytes stored.
+    fn send(self: Box<Self>) -> Result<u64>;
 }
 
 /// A chunk made durable, as the journal keeps it.
