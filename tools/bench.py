@@ -103,15 +103,19 @@ def timed_cpu(cmd: list[str]) -> tuple[float, int, float]:
 
 def run_cases(cases: list[tuple[str, list[str]]], dst: Path, runs: int, expect: str) -> list[dict]:
     """Runs every case once untimed, checking its output, then `runs` times, interleaved round
-    by round so drift in the machine's disk speed hits every tool alike. The untimed round
-    takes the cost of first touching memory: on a VM whose free pages go back to the host it
-    is ~0.5 ms per MiB, and it fell on whichever tool ran first (up to 2.5x its later time)."""
+    by round so drift in the machine's disk speed hits every tool alike, each round in another
+    order. The untimed round takes the cost of first touching memory: on a VM whose free pages
+    go back to the host it is ~0.5 ms per MiB, and it fell on whichever tool ran first (up to
+    2.5x its later time)."""
     times: dict[str, list[float]] = {name: [] for name, _ in cases}
     cpu: dict[str, list[float]] = {name: [] for name, _ in cases}
     rss: dict[str, int] = {name: 0 for name, _ in cases}
     ok: dict[str, bool] = {}
     for round_ in range(runs + 1):
-        for name, cmd in cases:
+        # Each round starts with the next tool, so none always follows the same one (the one
+        # before leaves its freed memory and deleted blocks behind).
+        shift = round_ % len(cases)
+        for name, cmd in cases[shift:] + cases[:shift]:
             if dst.is_block_device():  # zeroed, so a tool that wrote nothing cannot pass
                 subprocess.run(["blkdiscard", str(dst)], check=True)
             else:
