@@ -11,6 +11,8 @@ use crate::Result;
 
 pub const FANOUT: u64 = 1024;
 pub const ZERO: Digest = [0; 32];
+/// New pages a commit holds before it writes them (64 pages of up to 32 KiB).
+const PAGES_AT_ONCE: usize = 64;
 
 /// Loads and stores index pages (the chunk store, or a map in tests).
 pub trait PageIo {
@@ -86,6 +88,10 @@ fn update_node(
     let addr = io.page_address(&entries);
     if addr != ZERO {
         written.push((addr, entries));
+        // Bounded memory for a commit that rewrites thousands of pages (a large full sync).
+        if written.len() >= PAGES_AT_ONCE {
+            io.store_pages(std::mem::take(written))?;
+        }
     }
     Ok(addr)
 }
@@ -223,6 +229,8 @@ mod tests {
         stored: RefCell<usize>,
         /// Pages asked for by each `prefetch`.
         prefetched: RefCell<Vec<usize>>,
+        /// Pages written by each `store_pages`.
+        batches: RefCell<Vec<usize>>,
     }
 
     impl PageIo for MemPages {
@@ -242,6 +250,7 @@ mod tests {
         }
         fn store_pages(&self, pages: Vec<(Digest, Vec<Digest>)>) -> Result<()> {
             *self.stored.borrow_mut() += pages.len();
+            self.batches.borrow_mut().push(pages.len());
             for (a, entries) in pages {
                 assert_eq!(a, self.page_address(&entries));
                 self.pages.borrow_mut().insert(a, page_bytes(&entries));
@@ -252,6 +261,21 @@ mod tests {
 
     fn addr(i: u64) -> Digest {
         *blake3::hash(&i.to_le_bytes()).as_bytes()
+    }
+
+    #[test]
+    fn a_large_commit_writes_its_pages_in_bounded_batches() {
+        let io = MemPages::default();
+        let depth = 2;
+        let changes: Vec<_> = (0..200).map(|l| (l * FANOUT + 1, addr(l))).collect();
+        let root = update(&io, ZERO, depth, &changes).unwrap();
+        assert_eq!(*io.stored.borrow(), 201, "200 leaves and the root");
+        let batches = io.batches.borrow().clone();
+        assert!(batches.iter().all(|&n| n <= 64), "{batches:?}");
+        assert_eq!(batches.iter().sum::<usize>(), 201);
+        for (i, a) in &changes {
+            assert_eq!(lookup(&io, root, depth, *i).unwrap(), *a);
+        }
     }
 
     #[test]
