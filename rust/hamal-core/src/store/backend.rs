@@ -27,6 +27,11 @@ pub enum Peek {
 pub trait Backend: Send + Sync {
     /// The store URI, for messages.
     fn describe(&self) -> String;
+    /// Whether the place the store lives in exists (S3: its bucket), asked when the store's own
+    /// objects are missing; an error that says so if not.
+    fn check_location(&self) -> Result<()> {
+        Ok(())
+    }
     /// Writes a whole object; when this returns, a reader sees all of it or (before) nothing.
     fn put(&self, key: &str, data: Bytes) -> Result<()>;
     /// Writes several whole objects (concurrently where the backend can); stops at a failure.

@@ -114,7 +114,13 @@ impl Store {
             None => None,
         };
         let bad = |m: String| Error::Store(format!("store {text}: {m}"));
-        let config = match backend.get(CONFIG_KEY)? {
+        // The first request: a store that exists answers it, so it is also the check of the
+        // location and the credentials (one round trip less than asking for the bucket first).
+        let config = backend.get(CONFIG_KEY)?;
+        if config.is_none() {
+            backend.check_location()?;
+        }
+        let config = match config {
             Some(bytes) => serde_json::from_slice::<StoreConfig>(&bytes)
                 .map_err(|e| bad(format!("{CONFIG_KEY} is damaged: {e}")))?,
             None if create => {

@@ -60,6 +60,7 @@ pub struct S3Backend {
     /// Where the trusted CA is set, for TLS failure messages.
     ca_hint: String,
     max_retries: usize,
+    bucket: String,
     prefix: String,
     text: String,
     rt: tokio::runtime::Runtime,
@@ -145,16 +146,18 @@ impl S3Backend {
                         .to_string())
             ),
             max_retries: o.max_retries,
+            bucket: bucket.to_owned(),
             prefix: prefix.trim_matches('/').to_owned(),
             text: text.to_owned(),
             rt,
         };
-        me.check_bucket(bucket)?;
         Ok(me)
     }
 
-    /// One listing request, so a missing bucket or bad credentials fail before any upload.
-    fn check_bucket(&self, bucket: &str) -> Result<()> {
+    /// One listing request: whether the bucket exists (a read of a missing object and one from
+    /// a missing bucket both answer 404).
+    fn check_bucket(&self) -> Result<()> {
+        let bucket = &self.bucket;
         let prefix = self.path("");
         let r = self
             .rt
@@ -236,6 +239,10 @@ impl S3Backend {
 impl Backend for S3Backend {
     fn describe(&self) -> String {
         self.text.clone()
+    }
+
+    fn check_location(&self) -> Result<()> {
+        self.check_bucket()
     }
 
     fn put(&self, key: &str, data: Bytes) -> Result<()> {
