@@ -425,25 +425,32 @@ impl PageIo for Store {
         self.page_from(addr, obj)
     }
 
-    fn prefetch(&self, addrs: &[Digest]) -> Result<()> {
-        let missing: Vec<Digest> = {
+    fn load_pages(&self, addrs: &[Digest]) -> Result<Vec<Vec<Digest>>> {
+        let cached: Vec<Option<Vec<Digest>>> = {
             let cache = self.pages.lock().unwrap();
             addrs
                 .iter()
-                .filter(|a| !cache.contains_key(*a))
-                .copied()
+                .map(|a| cache.get(a).map(|p| p.as_ref().clone()))
                 .collect()
         };
-        // More than the cache keeps would push out pages before they are used: those are
-        // loaded one at a time instead.
-        if missing.len() > PAGE_CACHE / 2 {
-            return Ok(());
-        }
-        let keys: Vec<String> = missing.iter().map(Self::page_key).collect();
-        for (addr, obj) in missing.iter().zip(self.backend.get_many(&keys)) {
-            self.page_from(addr, obj?)?;
-        }
-        Ok(())
+        let missing: Vec<&Digest> = addrs
+            .iter()
+            .zip(&cached)
+            .filter(|(_, c)| c.is_none())
+            .map(|(a, _)| a)
+            .collect();
+        let keys: Vec<String> = missing.iter().map(|a| Self::page_key(a)).collect();
+        let mut fetched = missing.into_iter().zip(self.backend.get_many(&keys));
+        cached
+            .into_iter()
+            .map(|c| match c {
+                Some(entries) => Ok(entries),
+                None => {
+                    let (addr, obj) = fetched.next().expect("one answer per missing page");
+                    self.page_from(addr, obj?)
+                }
+            })
+            .collect()
     }
 
     fn page_address(&self, entries: &[Digest]) -> Digest {

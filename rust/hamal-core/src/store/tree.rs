@@ -11,16 +11,16 @@ use crate::Result;
 
 pub const FANOUT: u64 = 1024;
 pub const ZERO: Digest = [0; 32];
-/// New pages a commit holds before it writes them (64 pages of up to 32 KiB).
+/// Pages a commit reads, or holds before it writes them, at once (64 pages of up to 32 KiB).
 const PAGES_AT_ONCE: usize = 64;
 
 /// Loads and stores index pages (the chunk store, or a map in tests).
 pub trait PageIo {
     /// The page's entries, padded with zero entries to `FANOUT`.
     fn load_page(&self, addr: &Digest) -> Result<Vec<Digest>>;
-    /// Fetches pages that `load_page` is about to be asked for, at once where the store can.
-    fn prefetch(&self, _addrs: &[Digest]) -> Result<()> {
-        Ok(())
+    /// Several pages' entries in the order of `addrs`, fetched at once where the store can.
+    fn load_pages(&self, addrs: &[Digest]) -> Result<Vec<Vec<Digest>>> {
+        addrs.iter().map(|a| self.load_page(a)).collect()
     }
     /// The address of a page with these entries (trailing zeros trimmed), or `ZERO` when every
     /// entry is zero.
@@ -45,45 +45,56 @@ fn child_span(level: u32) -> u64 {
 }
 
 /// The tree `root` with `changes` (sorted by chunk index) applied; returns the new root.
-/// The pages on the changed paths are read a level at a time and the new pages written
-/// together: one at a time, an incremental on a large disk waited a round trip per page.
+/// A page's changed children are read `PAGES_AT_ONCE` at a time and the new pages written as
+/// many at a time: one at a time, an incremental on a large disk waited a round trip per page.
 pub fn update(
     io: &dyn PageIo,
     root: Digest,
     depth: u32,
     changes: &[(u64, Digest)],
 ) -> Result<Digest> {
-    prefetch_paths(io, root, depth, changes)?;
+    if changes.is_empty() {
+        return Ok(root);
+    }
+    let page = match root {
+        ZERO => None,
+        r => Some(io.load_page(&r)?),
+    };
     let mut written = Vec::new();
-    let root = update_node(io, root, depth, 0, changes, &mut written)?;
+    let root = update_node(io, page, depth, 0, changes, &mut written)?;
     io.store_pages(written)?;
     Ok(root)
 }
 
+/// Applies `changes` (not empty) to a node whose page is `page` (`None`: all zeros).
 fn update_node(
     io: &dyn PageIo,
-    node: Digest,
+    page: Option<Vec<Digest>>,
     level: u32,
     base: u64,
     changes: &[(u64, Digest)],
     written: &mut Vec<(Digest, Vec<Digest>)>,
 ) -> Result<Digest> {
-    if changes.is_empty() {
-        return Ok(node);
-    }
-    let mut entries = if node == ZERO {
-        vec![ZERO; FANOUT as usize]
-    } else {
-        io.load_page(&node)?
-    };
+    let mut entries = page.unwrap_or_else(|| vec![ZERO; FANOUT as usize]);
     let span = child_span(level);
-    for (slot, group) in by_slot(changes, base, span) {
-        entries[slot] = if level == 1 {
-            group[group.len() - 1].1
-        } else {
+    let groups: Vec<_> = by_slot(changes, base, span).collect();
+    if level == 1 {
+        for &(slot, group) in &groups {
+            entries[slot] = group[group.len() - 1].1;
+        }
+    }
+    for window in groups.chunks(PAGES_AT_ONCE).filter(|_| level > 1) {
+        let existing: Vec<Digest> = window
+            .iter()
+            .map(|&(slot, _)| entries[slot])
+            .filter(|child| *child != ZERO)
+            .collect();
+        let mut pages = io.load_pages(&existing)?.into_iter();
+        for &(slot, group) in window {
+            let child = (entries[slot] != ZERO).then(|| pages.next().expect("one page per child"));
             let child_base = base + slot as u64 * span;
-            update_node(io, entries[slot], level - 1, child_base, group, written)?
-        };
+            entries[slot] = update_node(io, child, level - 1, child_base, group, written)?;
+        }
     }
     let addr = io.page_address(&entries);
     if addr != ZERO {
@@ -94,37 +105,6 @@ fn update_node(
         }
     }
     Ok(addr)
-}
-
-/// Fetches the existing pages on the paths to `changes`, each level's pages at once.
-fn prefetch_paths(
-    io: &dyn PageIo,
-    root: Digest,
-    depth: u32,
-    changes: &[(u64, Digest)],
-) -> Result<()> {
-    let mut nodes = vec![(root, 0, changes)];
-    for level in (1..=depth).rev() {
-        nodes.retain(|(node, _, changes)| *node != ZERO && !changes.is_empty());
-        let addrs: Vec<Digest> = nodes.iter().map(|(node, _, _)| *node).collect();
-        if addrs.is_empty() {
-            break;
-        }
-        io.prefetch(&addrs)?;
-        if level == 1 {
-            break;
-        }
-        let span = child_span(level);
-        let mut below = Vec::new();
-        for (node, base, changes) in nodes {
-            let entries = io.load_page(&node)?;
-            for (slot, group) in by_slot(changes, base, span) {
-                below.push((entries[slot], base + slot as u64 * span, group));
-            }
-        }
-        nodes = below;
-    }
-    Ok(())
 }
 
 /// `changes` (sorted) split by the entry they fall under in a page whose first chunk is
@@ -227,7 +207,7 @@ mod tests {
     struct MemPages {
         pages: RefCell<HashMap<Digest, Vec<u8>>>,
         stored: RefCell<usize>,
-        /// Pages asked for by each `prefetch`.
+        /// Pages asked for by each `load_pages`.
         prefetched: RefCell<Vec<usize>>,
         /// Pages written by each `store_pages`.
         batches: RefCell<Vec<usize>>,
@@ -237,9 +217,9 @@ mod tests {
         fn load_page(&self, addr: &Digest) -> Result<Vec<Digest>> {
             Ok(page_entries(&self.pages.borrow()[addr]).unwrap())
         }
-        fn prefetch(&self, addrs: &[Digest]) -> Result<()> {
+        fn load_pages(&self, addrs: &[Digest]) -> Result<Vec<Vec<Digest>>> {
             self.prefetched.borrow_mut().push(addrs.len());
-            Ok(())
+            addrs.iter().map(|a| self.load_page(a)).collect()
         }
         fn page_address(&self, entries: &[Digest]) -> Digest {
             let bytes = page_bytes(entries);
@@ -276,6 +256,14 @@ mod tests {
         for (i, a) in &changes {
             assert_eq!(lookup(&io, root, depth, *i).unwrap(), *a);
         }
+        // The 200 leaves changed again: read 64 at a time, not one by one.
+        io.prefetched.borrow_mut().clear();
+        let again: Vec<_> = (0..200).map(|l| (l * FANOUT + 2, addr(l + 500))).collect();
+        let root2 = update(&io, root, depth, &again).unwrap();
+        assert_eq!(*io.prefetched.borrow(), vec![64, 64, 64, 8]);
+        for (i, a) in changes.iter().chain(&again) {
+            assert_eq!(lookup(&io, root2, depth, *i).unwrap(), *a);
+        }
     }
 
     #[test]
@@ -305,8 +293,8 @@ mod tests {
         );
         assert_eq!(
             *io.prefetched.borrow(),
-            vec![1, 2, 2],
-            "each level's pages on the changed paths fetched at once"
+            vec![2, 1, 1],
+            "a page's changed children fetched at once"
         );
         assert_eq!(
             update(&io, root2, depth, &[]).unwrap(),
