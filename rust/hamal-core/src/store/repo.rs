@@ -4,7 +4,7 @@ use super::backend::{Backend, Peek};
 use super::codec::{self, hex, parse_digest, Codec, Keys};
 use super::dir::DirBackend;
 use super::s3::S3Backend;
-use super::tree::{self, PageIo, ZERO};
+use super::tree::{self, PageIo};
 use super::version::{Version, FORMAT};
 use super::{StoreLocation, StoreOptions, StoreUri};
 use crate::checksum::Digest;
@@ -418,11 +418,8 @@ impl Store {
 
 impl PageIo for Store {
     fn load_page(&self, addr: &Digest) -> Result<Vec<Digest>> {
-        if let Some(p) = self.pages.lock().unwrap().get(addr) {
-            return Ok(p.as_ref().clone());
-        }
-        let obj = self.backend.get(&Self::page_key(addr))?;
-        self.page_from(addr, obj)
+        let mut pages = self.load_pages(std::slice::from_ref(addr))?;
+        Ok(pages.pop().expect("one page asked for"))
     }
 
     fn load_pages(&self, addrs: &[Digest]) -> Result<Vec<Vec<Digest>>> {
@@ -453,23 +450,16 @@ impl PageIo for Store {
             .collect()
     }
 
-    fn page_address(&self, entries: &[Digest]) -> Digest {
-        let bytes = tree::page_bytes(entries);
-        match bytes.is_empty() {
-            true => ZERO,
-            false => self.codec.address(&bytes),
-        }
+    fn page_address(&self, bytes: &[u8]) -> Digest {
+        self.codec.address(bytes)
     }
 
     /// Written without asking first whether each exists: a rewritten page is new nearly
     /// always, and writing one that exists puts the same bytes there.
-    fn store_pages(&self, pages: Vec<(Digest, Vec<Digest>)>) -> Result<()> {
+    fn store_pages(&self, pages: Vec<(Digest, Vec<u8>)>) -> Result<()> {
         let objects = pages
             .into_iter()
-            .map(|(a, entries)| {
-                let obj = self.codec.encode(&tree::page_bytes(&entries));
-                (Self::page_key(&a), Bytes::from(obj))
-            })
+            .map(|(a, bytes)| (Self::page_key(&a), Bytes::from(self.codec.encode(&bytes))))
             .collect();
         self.backend.put_many(objects)
     }

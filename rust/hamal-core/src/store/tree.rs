@@ -22,11 +22,10 @@ pub trait PageIo {
     fn load_pages(&self, addrs: &[Digest]) -> Result<Vec<Vec<Digest>>> {
         addrs.iter().map(|a| self.load_page(a)).collect()
     }
-    /// The address of a page with these entries (trailing zeros trimmed), or `ZERO` when every
-    /// entry is zero.
-    fn page_address(&self, entries: &[Digest]) -> Digest;
-    /// Stores pages under their `page_address`, at once where the store can.
-    fn store_pages(&self, pages: Vec<(Digest, Vec<Digest>)>) -> Result<()>;
+    /// The address of a page's bytes (`page_bytes`, not empty).
+    fn page_address(&self, bytes: &[u8]) -> Digest;
+    /// Stores pages' bytes under their `page_address`, at once where the store can.
+    fn store_pages(&self, pages: Vec<(Digest, Vec<u8>)>) -> Result<()>;
 }
 
 /// Levels of a tree for `chunks` chunks (a leaf is level 1).
@@ -73,36 +72,40 @@ fn update_node(
     level: u32,
     base: u64,
     changes: &[(u64, Digest)],
-    written: &mut Vec<(Digest, Vec<Digest>)>,
+    written: &mut Vec<(Digest, Vec<u8>)>,
 ) -> Result<Digest> {
     let mut entries = page.unwrap_or_else(|| vec![ZERO; FANOUT as usize]);
     let span = child_span(level);
     let groups: Vec<_> = by_slot(changes, base, span).collect();
     if level == 1 {
-        for &(slot, group) in &groups {
+        for (slot, group) in groups {
             entries[slot] = group[group.len() - 1].1;
         }
-    }
-    for window in groups.chunks(PAGES_AT_ONCE).filter(|_| level > 1) {
-        let existing: Vec<Digest> = window
-            .iter()
-            .map(|&(slot, _)| entries[slot])
-            .filter(|child| *child != ZERO)
-            .collect();
-        let mut pages = io.load_pages(&existing)?.into_iter();
-        for &(slot, group) in window {
-            let child = (entries[slot] != ZERO).then(|| pages.next().expect("one page per child"));
-            let child_base = base + slot as u64 * span;
-            entries[slot] = update_node(io, child, level - 1, child_base, group, written)?;
+    } else {
+        for window in groups.chunks(PAGES_AT_ONCE) {
+            let existing: Vec<Digest> = window
+                .iter()
+                .map(|&(slot, _)| entries[slot])
+                .filter(|child| *child != ZERO)
+                .collect();
+            let mut pages = io.load_pages(&existing)?.into_iter();
+            for &(slot, group) in window {
+                let child =
+                    (entries[slot] != ZERO).then(|| pages.next().expect("one page per child"));
+                let child_base = base + slot as u64 * span;
+                entries[slot] = update_node(io, child, level - 1, child_base, group, written)?;
+            }
         }
     }
-    let addr = io.page_address(&entries);
-    if addr != ZERO {
-        written.push((addr, entries));
-        // Bounded memory for a commit that rewrites thousands of pages (a large full sync).
-        if written.len() >= PAGES_AT_ONCE {
-            io.store_pages(std::mem::take(written))?;
-        }
+    let bytes = page_bytes(&entries);
+    if bytes.is_empty() {
+        return Ok(ZERO);
+    }
+    let addr = io.page_address(&bytes);
+    written.push((addr, bytes));
+    // Bounded memory for a commit that rewrites thousands of pages (a large full sync).
+    if written.len() >= PAGES_AT_ONCE {
+        io.store_pages(std::mem::take(written))?;
     }
     Ok(addr)
 }
@@ -221,19 +224,15 @@ mod tests {
             self.prefetched.borrow_mut().push(addrs.len());
             addrs.iter().map(|a| self.load_page(a)).collect()
         }
-        fn page_address(&self, entries: &[Digest]) -> Digest {
-            let bytes = page_bytes(entries);
-            match bytes.is_empty() {
-                true => ZERO,
-                false => *blake3::hash(&bytes).as_bytes(),
-            }
+        fn page_address(&self, bytes: &[u8]) -> Digest {
+            *blake3::hash(bytes).as_bytes()
         }
-        fn store_pages(&self, pages: Vec<(Digest, Vec<Digest>)>) -> Result<()> {
+        fn store_pages(&self, pages: Vec<(Digest, Vec<u8>)>) -> Result<()> {
             *self.stored.borrow_mut() += pages.len();
             self.batches.borrow_mut().push(pages.len());
-            for (a, entries) in pages {
-                assert_eq!(a, self.page_address(&entries));
-                self.pages.borrow_mut().insert(a, page_bytes(&entries));
+            for (a, bytes) in pages {
+                assert_eq!(a, self.page_address(&bytes));
+                self.pages.borrow_mut().insert(a, bytes);
             }
             Ok(())
         }
