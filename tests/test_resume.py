@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import MIB, make_image, run_hamal, sha256
 
 JOURNAL_HEADER = 48  # magic, plan fingerprint, start time
@@ -21,11 +24,13 @@ def journal_records(journal: Path) -> int:
     return max(0, journal.stat().st_size - JOURNAL_HEADER) if journal.exists() else 0
 
 
-def kill_mid_sync(src: Path, dst: Path, bwlimit: str, min_chunks: int) -> None:
+def kill_mid_sync(
+    src: Path, dst: Path, bwlimit: str, min_chunks: int, journal: Path | None = None, conf: str = ""
+) -> None:
     """Starts a slowed ``hamal sync`` (1 MiB chunks, flushed every 0.1 s) and SIGKILLs it once
-    the journal lists at least ``min_chunks`` chunks."""
-    journal = Path(str(dst) + ".hamal-journal")
-    env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
+    the journal (by default ``DST.hamal-journal``) lists at least ``min_chunks`` chunks."""
+    journal = journal or Path(str(dst) + ".hamal-journal")
+    env = {**os.environ, "HAMAL_CONF": conf or "/nonexistent/hamal.conf"}
     cmd = [sys.executable, "-m", "hamal", "sync", str(src), str(dst), "--bwlimit", bwlimit]
     cmd += ["--fsync-period", "0.1", "--chunk-size", "1M", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -77,3 +82,38 @@ def test_changed_source_invalidates_the_journal(tmp_path: Path) -> None:
     assert r.code == 0, r.err
     assert json.loads(r.out)["bytes_resumed"] == 0
     assert sha256(src) == sha256(dst)
+
+
+def test_a_block_device_keeps_its_journal_under_hamal_lib_dir_and_resumes(tmp_path: Path) -> None:
+    """Not ``/dev/loopN.hamal-journal``: /dev is a tmpfs, and a reboot would lose the journal."""
+    if os.geteuid() != 0 or not shutil.which("losetup"):
+        pytest.skip("needs root and losetup (util-linux) for a loop device")
+    src, back = tmp_path / "src.raw", tmp_path / "back.img"
+    make_image(src, 64 * MIB, seed=8, fill=0.7)
+    with open(back, "wb") as f:
+        f.truncate(64 * MIB)
+    lib, conf = tmp_path / "lib", tmp_path / "hamal.conf"
+    conf.write_text(f"[DEFAULT]\nhamal_lib_dir = {lib}\n")
+    dev = Path(
+        subprocess.run(
+            ["losetup", "-f", "--show", str(back)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    try:
+        journal = (
+            lib / "journal" / f"_dev_{dev.name}-{hashlib.sha256(str(dev).encode()).hexdigest()[:8]}.journal"
+        )
+        kill_mid_sync(src, dev, "8M", min_chunks=8, journal=journal, conf=str(conf))
+        assert journal_records(journal) > 0, "the kill came before anything was journaled"
+        assert not Path(f"{dev}.hamal-journal").exists()
+
+        r = run_hamal(
+            "sync", str(src), str(dev), "--chunk-size", "1M", "--json", env={"HAMAL_CONF": str(conf)}
+        )
+        assert r.code == 0, r.err
+        s = json.loads(r.out)
+        assert s["bytes_resumed"] >= 8 * MIB, s  # resumed from the journal under hamal_lib_dir
+        assert sha256(dev) == sha256(src)
+        assert not journal.exists(), "the journal is removed at commit"
+    finally:
+        subprocess.run(["losetup", "-d", str(dev)], check=False)

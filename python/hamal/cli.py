@@ -165,7 +165,10 @@ def _add_sync(sub: Any) -> None:
         metavar="S",
         help="flush cadence, 0.05 to 3600 s (default fsync_period_frequency)",
     )
-    s.add_argument("--journal", help="resume journal (default TARGET.hamal-journal, or under hamal_lib_dir)")
+    s.add_argument(
+        "--journal",
+        help="resume journal (default TARGET.hamal-journal beside a file, else under hamal_lib_dir)",
+    )
     s.add_argument("--json", action="store_true", help="print a machine-readable summary")
     s.add_argument(
         "--json-lines",
@@ -182,7 +185,10 @@ def _add_restore(sub: Any) -> None:
     r.add_argument("--disk", required=True, help="disk id in the store")
     r.add_argument("--version", dest="store_version", help="version id (default: the newest)")
     r.add_argument("--key-file", help="encryption key of the store")
-    r.add_argument("--journal", help="resume journal (default TARGET.hamal-journal, or under hamal_lib_dir)")
+    r.add_argument(
+        "--journal",
+        help="resume journal (default TARGET.hamal-journal beside a file, else under hamal_lib_dir)",
+    )
     r.add_argument("--json", action="store_true")
     r.add_argument("--no-progress", action="store_true")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 from hamal import _native
 from hamal.errors import PlanError
@@ -108,8 +109,22 @@ def is_remote(uri: str) -> bool:
     return is_store(uri) or ("://" in uri and not uri.startswith("file://"))
 
 
+def is_block_device(uri: str) -> bool:
+    """True for a local target (``file:PATH`` or a plain path) that is a block device."""
+    if is_remote(uri):
+        return False
+    path = uri[len("file://") :] if uri.startswith("file://") else uri
+    path = path[len("file:") :] if path.startswith("file:") else path
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def journal_path(cfg: _native.Config, disk_id: str) -> str:
-    """Resume journal of a disk whose target is not a local file: under ``hamal_lib_dir``."""
+    """Resume journal of a disk whose target is not a regular file (an NBD export, a store or
+    a block device, whose ``TARGET.hamal-journal`` would land in /dev, a tmpfs that a reboot
+    empties): under ``hamal_lib_dir``."""
     import hashlib  # here: its OpenSSL load costs every `hamal sync` ~5 ms of start-up
 
     lib_dir = cfg.as_dict()["DEFAULT"]["hamal_lib_dir"]
@@ -127,7 +142,7 @@ def start(
 ) -> _native.Job:
     """Starts a job; the returned handle has ``progress()``, ``wait(timeout)`` and ``cancel()``."""
     for d in disks:
-        if d.get("journal") is None and is_remote(d["target"]):
+        if d.get("journal") is None and (is_remote(d["target"]) or is_block_device(d["target"])):
             key = f"{d['target']}#{d['disk_id']}" if is_store(d["target"]) else d["disk_id"]
             d["journal"] = journal_path(cfg, key)
     return _native.start_sync(disks, cfg, **(options or SyncOptions()).overrides())
