@@ -209,7 +209,7 @@ class OpenStack:
         self.cinder_conf = conf
         for service in ("cinder-scheduler", "cinder-volume", "cinder-api"):
             self._spawn(service, [service, "--config-file", str(conf)])
-        wait_for("Cinder", lambda: self._volume_service_up(), timeout=120)
+        wait_for("Cinder", lambda: self._volume_service_up() and self._backend_known(), timeout=120)
 
     def stop_service(self, name: str) -> None:
         p = self.procs.pop(name)
@@ -229,6 +229,11 @@ class OpenStack:
             return False
         states = {s["binary"]: s["state"] for s in body["services"]}
         return states.get("cinder-volume") == "up" and states.get("cinder-scheduler") == "up"
+
+    def _backend_known(self) -> bool:
+        """The scheduler has the volume service's capabilities. A service can be up before it
+        has them, and a volume created then fails with NoValidBackend (seen in CI)."""
+        return bool(self.volumes_api("GET", "scheduler-stats/get_pools")["pools"])
 
     def project_id(self, token: str | None = None) -> str:
         token = token or self.token()
@@ -254,8 +259,14 @@ class OpenStack:
 
     def create_volume(self, name: str, size_gib: int = 1) -> str:
         vol = self.volumes_api("POST", "volumes", {"volume": {"name": name, "size": size_gib}})["volume"]
-        wait_for(f"volume {name}", lambda: self.volumes_api("GET", f"volumes/{vol['id']}")["volume"]["status"]
-                 == "available", timeout=120)  # fmt: skip
+
+        def available() -> bool:
+            status = self.volumes_api("GET", f"volumes/{vol['id']}")["volume"]["status"]
+            if status == "error":  # final: say so now, not after the timeout
+                raise AssertionError(f"Cinder could not create volume {name}: see {self.root}/cinder/*.log")
+            return status == "available"
+
+        wait_for(f"volume {name}", available, timeout=120)
         return str(vol["id"])
 
     def attach(self, vid: str, server: str) -> None:
