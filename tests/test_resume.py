@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MIB, make_image, run_hamal, sha256
+from hamal import load_config, sync
 
 JOURNAL_HEADER = 48  # magic, plan fingerprint, start time
 JOURNAL_RECORD = 48  # chunk index, digest, bytes stored
@@ -100,9 +100,8 @@ def test_a_block_device_keeps_its_journal_under_hamal_lib_dir_and_resumes(tmp_pa
         ).stdout.strip()
     )
     try:
-        journal = (
-            lib / "journal" / f"_dev_{dev.name}-{hashlib.sha256(str(dev).encode()).hexdigest()[:8]}.journal"
-        )
+        journal = Path(sync.journal_path(load_config(str(conf)), str(dev)))
+        assert journal.parent == lib / "journal"
         kill_mid_sync(src, dev, "8M", min_chunks=8, journal=journal, conf=str(conf))
         assert journal_records(journal) > 0, "the kill came before anything was journaled"
         assert not Path(f"{dev}.hamal-journal").exists()

@@ -110,13 +110,10 @@ def is_remote(uri: str) -> bool:
 
 
 def is_block_device(uri: str) -> bool:
-    """True for a local target (``file:PATH`` or a plain path) that is a block device."""
-    if is_remote(uri):
-        return False
-    path = uri[len("file://") :] if uri.startswith("file://") else uri
-    path = path[len("file:") :] if path.startswith("file:") else path
+    """True for a local target (``file:PATH``, ``file://PATH`` or a plain path) that is a block
+    device; False for anything else, remote URIs included (they name no local path)."""
     try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
+        return stat.S_ISBLK(os.stat(re.sub(r"^file:(//)?", "", uri)).st_mode)
     except OSError:
         return False
 

@@ -211,7 +211,7 @@ mod tests {
         pages: RefCell<HashMap<Digest, Vec<u8>>>,
         stored: RefCell<usize>,
         /// Pages asked for by each `load_pages`.
-        prefetched: RefCell<Vec<usize>>,
+        loaded: RefCell<Vec<usize>>,
         /// Pages written by each `store_pages`.
         batches: RefCell<Vec<usize>>,
     }
@@ -221,7 +221,7 @@ mod tests {
             Ok(page_entries(&self.pages.borrow()[addr]).unwrap())
         }
         fn load_pages(&self, addrs: &[Digest]) -> Result<Vec<Vec<Digest>>> {
-            self.prefetched.borrow_mut().push(addrs.len());
+            self.loaded.borrow_mut().push(addrs.len());
             addrs.iter().map(|a| self.load_page(a)).collect()
         }
         fn page_address(&self, bytes: &[u8]) -> Digest {
@@ -256,10 +256,10 @@ mod tests {
             assert_eq!(lookup(&io, root, depth, *i).unwrap(), *a);
         }
         // The 200 leaves changed again: read 64 at a time, not one by one.
-        io.prefetched.borrow_mut().clear();
+        io.loaded.borrow_mut().clear();
         let again: Vec<_> = (0..200).map(|l| (l * FANOUT + 2, addr(l + 500))).collect();
         let root2 = update(&io, root, depth, &again).unwrap();
-        assert_eq!(*io.prefetched.borrow(), vec![64, 64, 64, 8]);
+        assert_eq!(*io.loaded.borrow(), vec![64, 64, 64, 8]);
         for (i, a) in changes.iter().chain(&again) {
             assert_eq!(lookup(&io, root2, depth, *i).unwrap(), *a);
         }
@@ -279,7 +279,7 @@ mod tests {
         model.extend(first.iter().cloned());
         let root = update(&io, ZERO, depth, &first).unwrap();
         *io.stored.borrow_mut() = 0;
-        io.prefetched.borrow_mut().clear();
+        io.loaded.borrow_mut().clear();
         let second = vec![(5, ZERO), (6, addr(66)), (2 * FANOUT * FANOUT + 4, addr(7))];
         model.remove(&5);
         model.insert(6, addr(66));
@@ -291,7 +291,7 @@ mod tests {
             "the root and the pages on the two changed paths rewritten"
         );
         assert_eq!(
-            *io.prefetched.borrow(),
+            *io.loaded.borrow(),
             vec![2, 1, 1],
             "a page's changed children fetched at once"
         );
