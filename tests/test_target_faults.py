@@ -1,10 +1,14 @@
-"""A target whose writes fail only at write-back (the page cache took them): a loop device over
-a file on a tiny tmpfs, so the device returns EIO once the tmpfs is full. The sync must fail
-and say so; it must not commit. Needs root, mount and losetup (skipped, saying why, elsewhere)."""
+"""A target that fails once it is full: a loop device over a file on a tiny tmpfs, so the device
+returns EIO once the tmpfs is full. Aligned writes go to the device with O_DIRECT and fail
+themselves; unaligned ones go through the page cache and fail only at write-back. Either way the
+sync must fail and say so; it must not commit. Needs root, mount and losetup (skipped, saying
+why, elsewhere)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -48,12 +52,28 @@ def failing_device(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
-def test_a_write_back_error_fails_the_sync(failing_device: Path, tmp_path: Path) -> None:
+# The loop driver passes the tmpfs's ENOSPC to a direct write; write-back sees only EIO, in the
+# writer's wait for its oldest ranges or in the commit's fsync, whichever comes first.
+@pytest.mark.parametrize(
+    "writes, failure",
+    [
+        ("direct", r"write failed at offset \d+: No space left on device"),
+        ("write-back", r"(write-back|fsync) failed.*: Input/output error"),
+    ],
+)
+def test_a_full_device_fails_the_sync(
+    failing_device: Path, tmp_path: Path, writes: str, failure: str
+) -> None:
     src = tmp_path / "src.raw"
     src.write_bytes(os.urandom(96 * MIB))
     journal = tmp_path / "journal"
-    r = run_hamal("sync", str(src), str(failing_device), "--journal", str(journal), "--no-progress")
+    args = ["sync", str(src), str(failing_device), "--journal", str(journal), "--no-progress"]
+    if writes == "write-back":  # every MiB but its first byte: no write is block-aligned
+        changed = tmp_path / "changed.json"
+        changed.write_text(json.dumps([[m * MIB + 1, MIB - 1] for m in range(96)]))
+        args += ["--changed", str(changed)]
+    r = run_hamal(*args)
     line = one_error_line(r.err)
-    assert r.code != 0 and str(failing_device) in line and "Input/output error" in line, r.err
+    assert r.code != 0 and re.search(f"target {failing_device}: {failure}", line), r.err
     # Not committed: the journal stays for a rerun instead of being removed by a commit.
     assert journal.exists()

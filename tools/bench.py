@@ -120,6 +120,9 @@ def run_cases(cases: list[tuple[str, list[str]]], dst: Path, runs: int, expect: 
                 subprocess.run(["blkdiscard", str(dst)], check=True)
             else:
                 dst.unlink(missing_ok=True)
+            # The blocks just freed are discarded at the file system's next commit (mounted with
+            # `discard` on these VMs): in the next tool's time, at random, unless synced first.
+            os.sync()
             t, r, c = timed_cpu(cmd)
             rss[name] = max(rss[name], r)
             if round_ == 0:

@@ -129,7 +129,8 @@ def _add_sync(sub: Any) -> None:
         "--writers",
         type=_in_range(_whole, 1, 64),
         default=1,
-        help="writer threads, 1 to 64 (default 1; a local copy's threads, each reading and writing)",
+        help="writer threads, 1 to 64 (default 1; a local copy's threads, each reading and writing;"
+        " at least 2 onto a block device)",
     )
     s.add_argument(
         "--queue-depth",

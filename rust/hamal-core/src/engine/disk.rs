@@ -377,10 +377,16 @@ impl DiskRun<'_> {
         let t = self.tuning;
         // Local file to local file: each copy thread reads and writes (copy.rs). Writes to one
         // file or device take its inode lock in turn, so threads beyond `writers` would spin on
-        // it: one thread by default, as fast as two (the kernel reads ahead) at less CPU.
+        // it: one thread by default, as fast as two (the kernel reads ahead) at less CPU. A
+        // target written with O_DIRECT takes no lock but makes each write wait for the device:
+        // two threads at least, one reading while the other waits.
         let local = source.local_io() && target.local_io();
         // Threads that read: the reader threads, or the copy threads of a local copy.
-        let reading = if local { t.writers } else { t.readers };
+        let reading = match local {
+            true if target.joins_writes() => t.writers.max(2),
+            true => t.writers,
+            false => t.readers,
+        };
         let writers = match target.as_chunk_sink() {
             _ if local => 0,
             Some(s) => s.writers().max(t.writers),

@@ -32,6 +32,11 @@ pub trait Target: Send + Sync {
     fn local_io(&self) -> bool {
         false
     }
+    /// Each write waits for the device (`O_DIRECT`): the local copy then writes a chunk's
+    /// contiguous data at once instead of piece by piece.
+    fn joins_writes(&self) -> bool {
+        false
+    }
     /// A writer for one engine thread, with up to `depth` writes in flight.
     fn writer(&self, depth: u32) -> Result<Box<dyn TargetWriter>>;
     /// The chunk-store face of a target that keeps whole chunks by name instead of writing
