@@ -165,3 +165,21 @@ def test_demo_runs_the_service_end_to_end(tmp_path: Path) -> None:
     assert {"hamal-period.log", "vm-web-demo-web.log", "vm-db-demo-db.log"} <= {
         p.name for p in (work / "log").iterdir()
     }
+
+
+def test_a_quiet_sync_never_imports_logging_yet_warnings_show(image: Path, tmp_path: Path) -> None:
+    """Python's logging is imported only once something is logged (it was a fifth of a short
+    sync's start-up); the engine's warnings still reach stderr in the CLI's format."""
+    conf = tmp_path / "hamal.conf"
+    conf.write_text("")  # no "hamal.conf not found" warning
+    env = {"HAMAL_CONF": str(conf), "PYTHONPROFILEIMPORTTIME": "1"}
+    r = run_hamal("sync", str(image), str(tmp_path / "a.raw"), "--no-progress", env=env)
+    assert r.code == 0, r.err
+    imported = {ln.rsplit("|", 1)[1].strip() for ln in r.err.splitlines() if ln.startswith("import time:")}
+    assert "hamal._native" in imported and "logging" not in imported, sorted(imported)
+
+    larger = tmp_path / "larger.raw"
+    larger.write_bytes(bytes(os.path.getsize(image) + MIB))
+    r = run_hamal("sync", str(image), str(larger), "--no-progress", env=env)
+    assert r.code == 0, r.err
+    assert "hamal: WARNING: target is larger than the source" in r.err, r.err

@@ -40,13 +40,15 @@ def change(disk: Path, list_file: Path, seed: int) -> None:
 
 
 class Tool:
-    """One tool's three steps, as commands."""
+    """One tool's three steps, as commands, and the restored files (one per disk)."""
 
-    def __init__(self, name: str, first: list[str], again: list[str], restore: list[str], out: Path) -> None:
-        self.name, self.first, self.again, self.restore, self.out = name, first, again, restore, out
+    def __init__(self, name: str, first: list[str], again: list[str], restore: list[str], outs: list[Path]):
+        self.name, self.first, self.again, self.restore, self.outs = name, first, again, restore, outs
 
 
-def tools(hamal: str, work: Path, disk: Path, changed: Path, s3: dict | None) -> list[Tool]:
+def tools(hamal: str, work: Path, disks: list[Path], changes: list[Path], s3: dict | None) -> list[Tool]:
+    """One disk: the `hamal` CLI. Several: one hamal job over all of them (tools/bench_job.py),
+    against one restic or borg run over all the files, as each would be used."""
     key = work / "bench.key"
     key.write_text("ab" * 32)
     r = work / "repos"
@@ -57,31 +59,28 @@ def tools(hamal: str, work: Path, disk: Path, changed: Path, s3: dict | None) ->
     else:
         store = f"s3://{s3['bucket']}/hamal"
         restic_repo = f"s3:{s3['endpoint']}/{s3['bucket']}/restic"
-    h = [hamal, "sync", str(disk), store, "--disk", "d", "--key-file", str(key), "--no-progress"]
-    hamal_tool = Tool(
-        "hamal",
-        h,
-        [*h, "--changed", str(changed)],
-        [
-            hamal,
-            "restore",
-            store,
-            str(out / "hamal.raw"),
-            "--disk",
-            "d",
-            "--key-file",
-            str(key),
-            "--no-progress",
-        ],
-        out / "hamal.raw",
-    )
+    if len(disks) == 1:
+        h = [hamal, "sync", str(disks[0]), store, "--disk", "d0", "--key-file", str(key), "--no-progress"]
+        restore = [hamal, "restore", store, str(out / "hamal" / "d0.raw"), "--disk", "d0"]
+        steps = (h, [*h, "--changed", str(changes[0])], [*restore, "--key-file", str(key), "--no-progress"])
+    else:
+        job = [str(Path(hamal).parent / "python"), str(Path(__file__).parent / "bench_job.py")]
+        files = [str(d) for d in disks]
+        steps = (
+            [*job, "backup", store, str(key), *files],
+            [*job, "again", store, str(key), *files, "--", *map(str, changes)],
+            [*job, "restore", store, str(key), str(out / "hamal"), str(len(disks))],
+        )
+    (out / "hamal").mkdir(parents=True, exist_ok=True)
+    hamal_tool = Tool("hamal", *steps, [out / "hamal" / f"d{i}.raw" for i in range(len(disks))])
+    files = [str(d) for d in disks]
     restic = ["restic", "-q", "-r", restic_repo, "--compression", "auto"]
     restic_tool = Tool(
         "restic",
-        [*restic, "backup", str(disk)],
-        [*restic, "backup", str(disk)],
+        [*restic, "backup", *files],
+        [*restic, "backup", *files],
         [*restic, "restore", "latest", "--target", str(out / "restic")],
-        out / "restic" / str(disk).lstrip("/"),
+        [out / "restic" / f.lstrip("/") for f in files],
     )
     result = [hamal_tool, restic_tool]
     if s3 is None:
@@ -90,14 +89,14 @@ def tools(hamal: str, work: Path, disk: Path, changed: Path, s3: dict | None) ->
         result.append(
             Tool(
                 "borg",
-                [*borg, f"{borg_repo}::one", str(disk)],
-                [*borg, f"{borg_repo}::two", str(disk)],
+                [*borg, f"{borg_repo}::one", *files],
+                [*borg, f"{borg_repo}::two", *files],
                 [
                     "sh",
                     "-c",
                     f"mkdir -p {out / 'borg'} && cd {out / 'borg'} && borg extract {borg_repo}::two",
                 ],
-                out / "borg" / str(disk).lstrip("/"),
+                [out / "borg" / f.lstrip("/") for f in files],
             )
         )
     return result
@@ -138,13 +137,20 @@ def init_repos(work: Path, s3: dict | None) -> None:
         )
 
 
-def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None) -> list[dict]:
+def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None, count: int = 1) -> list[dict]:
+    """One 2 GiB disk (0.8 GiB data), or `count` disks of 1 GiB (0.4 GiB data each) at once."""
     os.environ.update({"RESTIC_PASSWORD": PASSWORD, "BORG_PASSPHRASE": PASSWORD})
     base = work / "backup"
     base.mkdir(exist_ok=True)
-    pristine = work / "bk-2g.raw"
-    make_image(pristine, 2 * GIB, 820 * MIB, seed=21)
-    disk, changed = base / "disk.raw", base / "changed.json"
+    if count == 1:
+        pristine = [work / "bk-2g.raw"]
+        make_image(pristine[0], 2 * GIB, 820 * MIB, seed=21)
+    else:
+        pristine = [work / f"bk-1g-{i}.raw" for i in range(count)]
+        for i, p in enumerate(pristine):
+            make_image(p, GIB, 410 * MIB, seed=31 + i)
+    disks = [base / f"disk{i}.raw" for i in range(count)]
+    changes = [base / f"changed{i}.json" for i in range(count)]
     steps = ("first", "incremental", "restore")
     rows: dict[str, dict] = {}
     floor: list[float] = []
@@ -152,22 +158,24 @@ def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None) -> list
         if bucket is not None:
             bucket.empty("")
         init_repos(base, s3)
-        subprocess.run(["cp", "--sparse=always", str(pristine), str(disk)], check=True)
-        warm(disk)
-        ts = tools(hamal, base, disk, changed, s3)
+        for p, d in zip(pristine, disks):
+            subprocess.run(["cp", "--sparse=always", str(p), str(d)], check=True)
+            warm(d)
+        ts = tools(hamal, base, disks, changes, s3)
         for t in ts:  # first backups, every tool on the same content
             _note(rows, t.name, "first", timed_cpu(t.first))
-        change(disk, changed, seed=i)
-        warm(disk)
-        expect = digest(disk)
+        for n, (d, c) in enumerate(zip(disks, changes)):
+            change(d, c, seed=i * 100 + n)
+            warm(d)
+        expect = [digest(d) for d in disks]
         for t in ts:
             _note(rows, t.name, "incremental", timed_cpu(t.again))
-        if bucket is not None:
-            floor.append(puts_alone(bucket, disk, changed, i))
+        if bucket is not None and count == 1:
+            floor.append(puts_alone(bucket, disks[0], changes[0], i))
         for t in ts:
             _note(rows, t.name, "restore", timed_cpu(t.restore))
             rows[f"{t.name} restore"]["ok"] = (
-                rows[f"{t.name} restore"].get("ok", True) and digest(t.out) == expect
+                rows[f"{t.name} restore"].get("ok", True) and [digest(o) for o in t.outs] == expect
             )
         if s3 is None:
             for t in ts:
@@ -190,7 +198,8 @@ def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None) -> list
             }
         )
     where = "radosgw (S3)" if s3 else "a local directory"
-    print(f"\nBackup tools into {where}: 2 GiB image, 0.8 GiB data, then {CHANGED // MIB} MiB changed")
+    what = "2 GiB image, 0.8 GiB data" if count == 1 else f"{count} images of 1 GiB, 0.4 GiB data each"
+    print(f"\nBackup tools into {where}: {what}, then {CHANGED // MIB} MiB changed in each")
     print(
         f"{'case':<24} {'median s':>9} {'hamal/it':>9} {'peak RSS MiB':>13} {'CPU s':>7} {'stored MiB':>11}"
     )
@@ -207,7 +216,7 @@ def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None) -> list
         f = statistics.median(floor)
         h = statistics.median(rows["hamal incremental"]["times"])
         print(
-            f"radosgw alone, the same {CHANGED // MIB} MiB as {len(json.loads(changed.read_text()))} PUTs "
+            f"radosgw alone, the same {CHANGED // MIB} MiB as {len(json.loads(changes[0].read_text()))} PUTs "
             f"from memory (boto3, 8 threads): {f:.3f} s; hamal's incremental {h / f:.2f}x that"
         )
         out.append({"name": "PUTs alone incremental", "median_s": f, "times": floor, "ok": True})
@@ -223,7 +232,7 @@ def _note(rows: dict[str, dict], tool: str, step: str, measured: tuple[float, in
 
 
 def backup_benches(hamal: str, work: Path, runs: int) -> dict[str, list[dict]]:
-    out = {"backup_dir": run(hamal, work, runs, None)}
+    out = {"backup_dir": run(hamal, work, runs, None), "backup_dir_8": run(hamal, work, runs, None, count=8)}
     from bench_store import Bucket, write_conf
     from ceph_cluster import ACCESS_KEY, SECRET_KEY, CephCluster
 
@@ -236,6 +245,7 @@ def backup_benches(hamal: str, work: Path, runs: int) -> dict[str, list[dict]]:
         os.environ.pop("AWS_CA_BUNDLE", None)
         s3 = {"endpoint": cluster.endpoint, "bucket": "hamal-backup"}
         out["backup_s3"] = run(hamal, work, runs, s3, bucket)
+        out["backup_s3_8"] = run(hamal, work, runs, s3, bucket, count=8)
     finally:
         cluster.stop()
     return out

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
-from hamal import _native, sync
+from hamal import _native, log, sync
 from hamal.config import load_config
 from hamal.errors import ConfigError, HamalError, PlanError, StateError, SyncCancelled
 from hamal.progress import wait_with_progress
@@ -28,6 +27,8 @@ if TYPE_CHECKING:
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISMATCH, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 #: Commands whose interruption leaves a resumable journal.
 JOURNALED = {"sync", "restore", "kvm"}
+#: Commands run by the engine alone: Python's logging is imported only if something is logged.
+DATA_COMMANDS = {"sync", "restore", "versions", "prune", "verify", "map"}
 
 
 def _in_range(kind: Any, lo: float, hi: float, shown: tuple[str, str] | None = None) -> Any:
@@ -332,11 +333,6 @@ def _command_in(argv: list[str]) -> str | None:
     return None
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="hamal: %(levelname)s: %(message)s", stream=sys.stderr)
-
-
 def _changed(path: str | None) -> list[tuple[int, int]] | None:
     return _native.load_changed_file(path) if path else None
 
@@ -631,7 +627,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(_command_in(argv)).parse_args(argv)
-    _setup_logging(args.verbose)
+    log.cli(args.verbose, lazy=args.command in DATA_COMMANDS)
     handle_sigterm()
     resume = " (finished chunks are journaled; rerun to resume)" if args.command in JOURNALED else ""
     try:

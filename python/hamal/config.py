@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-
-from hamal import _native
-
-log = logging.getLogger("hamal.config")
+from hamal import _native, log
 
 
 def load_config(path: str | None = None) -> _native.Config:
@@ -17,7 +13,7 @@ def load_config(path: str | None = None) -> _native.Config:
     """
     cfg = _native.load_config(path)
     if not cfg.found:
-        log.warning("%s not found; using the default configuration", cfg.path)
+        log.get("hamal.config").warning("%s not found; using the default configuration", cfg.path)
     for w in cfg.warnings:
-        log.warning("%s", w)
+        log.get("hamal.config").warning("%s", w)
     return cfg

@@ -12,6 +12,7 @@ mod errors;
 mod fc;
 mod interrupt;
 mod job;
+mod log_bridge;
 mod store;
 
 use pyo3::prelude::*;
@@ -31,15 +32,8 @@ fn io_uring_status() -> Option<String> {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    // Log records from Rust go to Python's logging; `Caching::Nothing` keeps Python-side level
-    // changes effective at once (hamal logs little on hot paths).
-    // rustls logs a refused certificate as an ERROR; hamal says why in the error it raises.
-    let logger = pyo3_log::Logger::new(m.py(), pyo3_log::Caching::Nothing)?
-        .set_prefix("hamal")
-        .filter_target("rustls".to_owned(), log::LevelFilter::Off)
-        .filter_target("rustls_platform_verifier".to_owned(), log::LevelFilter::Off);
-    let _ = logger.install(); // already installed when the module is re-imported
-                              // VDDK never loads into this process: the engine starts this interpreter as its worker.
+    log_bridge::install();
+    // VDDK never loads into this process: the engine starts this interpreter as its worker.
     let python: String = m.py().import("sys")?.getattr("executable")?.extract()?;
     hamal_core::vddk::set_worker_command(vec![python, "-m".into(), "hamal._vddk_worker".into()]);
     m.add_class::<job::Job>()?;

@@ -387,11 +387,16 @@ impl DiskRun<'_> {
             true => t.writers,
             false => t.readers,
         };
+        // Everything chunk-sized in flight shares the disk's memory budget: the engine's
+        // buffers, a chunk sink's objects (one per upload, so at most half the budget) and what
+        // the source's reads hold of their own. A job of 8 disks into a store took 516 MiB.
+        let budget = (self.memory_budget / t.chunk_size).max(2);
         let writers = match target.as_chunk_sink() {
             _ if local => 0,
-            Some(s) => s.writers().max(t.writers),
+            Some(s) => s.writers().max(t.writers).min((budget / 2) as u32),
             None => t.writers,
         };
+        let objects = target.as_chunk_sink().map_or(0, |_| u64::from(writers));
         // Buffers for every request in flight. A chunk sink's writers hold one only while they
         // encode a chunk, not while it uploads: fewer buffers, reused while still warm.
         let in_flight = match (local, target.as_chunk_sink()) {
@@ -399,7 +404,8 @@ impl DiskRun<'_> {
             (false, Some(_)) => reading * t.queue_depth,
             (false, None) => reading * t.queue_depth + writers * t.queue_depth,
         };
-        let buffers = (self.memory_budget / t.chunk_size).clamp(2, u64::from(in_flight + 2));
+        let buffers = ((budget - objects) / (1 + source.buffers_per_read()))
+            .clamp(2, u64::from(in_flight + 2));
         let (size, count) = (t.chunk_size as usize, buffers as usize);
         let pool = match source.shared_buffers(size * count)? {
             Some(mem) => BufferPool::shared(size, count, mem),

@@ -51,6 +51,11 @@ pub trait Source: Send + Sync {
     fn shared_buffers(&self, _bytes: usize) -> Result<Option<Arc<SharedMem>>> {
         Ok(None)
     }
+    /// Chunk-sized buffers of its own a read holds besides the engine's (a chunk store's
+    /// object and its plaintext): they count against the disk's memory budget.
+    fn buffers_per_read(&self) -> u64 {
+        0
+    }
 }
 
 pub trait SourceReader: Send {

@@ -60,6 +60,11 @@ impl StoreSource {
 }
 
 impl Source for StoreSource {
+    /// The object fetched and the chunk decoded from it.
+    fn buffers_per_read(&self) -> u64 {
+        2
+    }
+
     fn describe(&self) -> String {
         format!(
             "{} disk {} version {}",
