@@ -12,8 +12,11 @@ def load_config(path: str | None = None) -> _native.Config:
     a bad value raises ``ConfigError`` naming file, section, key, value and what was expected.
     """
     cfg = _native.load_config(path)
+    if cfg.found and not cfg.warnings:
+        return cfg  # nothing to say: `logging` stays unimported
+    logger = log.get("hamal.config")
     if not cfg.found:
-        log.get("hamal.config").warning("%s not found; using the default configuration", cfg.path)
+        logger.warning("%s not found; using the default configuration", cfg.path)
     for w in cfg.warnings:
-        log.get("hamal.config").warning("%s", w)
+        logger.warning("%s", w)
     return cfg

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import logging
+    from types import ModuleType
 
 _waiting: int | None = None  # the CLI's level, not applied yet
 
@@ -23,19 +24,17 @@ def cli(verbose: int, lazy: bool) -> None:
         ready()
 
 
-def ready() -> None:
-    """Imports ``logging`` and applies the set-up that waited, if any."""
+def ready() -> ModuleType:
+    """Imports ``logging``, applies the set-up that waited, if any, and returns the module."""
     global _waiting
     import logging
 
     if _waiting is not None:
         level, _waiting = _waiting, None
         logging.basicConfig(level=level, format="hamal: %(levelname)s: %(message)s", stream=sys.stderr)
+    return logging
 
 
 def get(name: str) -> logging.Logger:
     """The logger ``name``, set up."""
-    ready()
-    import logging
-
-    return logging.getLogger(name)
+    return ready().getLogger(name)

@@ -10,9 +10,9 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 use pyo3::prelude::*;
 use std::sync::OnceLock;
 
-/// Targets whose records never reach Python: rustls logs a refused certificate as an ERROR,
-/// and hamal says why in the error it raises.
-const SILENT: [&str; 2] = ["rustls", "rustls_platform_verifier"];
+/// Targets starting with this never reach Python (rustls, rustls_platform_verifier): rustls
+/// logs a refused certificate as an ERROR, and hamal says why in the error it raises.
+const SILENT: &str = "rustls";
 
 struct LazyBridge {
     bridge: OnceLock<pyo3_log::Logger>,
@@ -41,12 +41,10 @@ impl LazyBridge {
         }
         // `Caching::Nothing` keeps Python-side level changes effective at once (hamal logs
         // little on hot paths).
-        let mut logger = pyo3_log::Logger::new(py, pyo3_log::Caching::Nothing)
+        // `enabled` has filtered SILENT already.
+        let logger = pyo3_log::Logger::new(py, pyo3_log::Caching::Nothing)
             .ok()?
             .set_prefix("hamal");
-        for target in SILENT {
-            logger = logger.filter_target(target.to_owned(), LevelFilter::Off);
-        }
         Some(self.bridge.get_or_init(|| logger))
     }
 }
@@ -60,8 +58,7 @@ fn logging_imported(py: Python<'_>) -> bool {
 
 impl Log for LazyBridge {
     fn enabled(&self, metadata: &Metadata) -> bool {
-        metadata.level() <= LevelFilter::Debug
-            && !SILENT.iter().any(|t| metadata.target().starts_with(t))
+        metadata.level() <= LevelFilter::Debug && !metadata.target().starts_with(SILENT)
     }
 
     fn log(&self, record: &Record) {

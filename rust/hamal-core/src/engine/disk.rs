@@ -391,15 +391,16 @@ impl DiskRun<'_> {
         // buffers, a chunk sink's objects (one per upload, so at most half the budget) and what
         // the source's reads hold of their own. A job of 8 disks into a store took 516 MiB.
         let budget = (self.memory_budget / t.chunk_size).max(2);
-        let writers = match target.as_chunk_sink() {
+        let sink = target.as_chunk_sink();
+        let writers = match sink {
             _ if local => 0,
             Some(s) => s.writers().max(t.writers).min((budget / 2) as u32),
             None => t.writers,
         };
-        let objects = target.as_chunk_sink().map_or(0, |_| u64::from(writers));
+        let objects = sink.map_or(0, |_| u64::from(writers));
         // Buffers for every request in flight. A chunk sink's writers hold one only while they
         // encode a chunk, not while it uploads: fewer buffers, reused while still warm.
-        let in_flight = match (local, target.as_chunk_sink()) {
+        let in_flight = match (local, sink) {
             (true, _) => reading,
             (false, Some(_)) => reading * t.queue_depth,
             (false, None) => reading * t.queue_depth + writers * t.queue_depth,
