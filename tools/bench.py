@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -349,6 +350,14 @@ def main() -> int:
     a = ap.parse_args()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    # One bench per work directory: two would overwrite each other's images mid-case (a peer
+    # that rescans its input then backs up the other run's content and fails the check).
+    lock = open(work / ".bench.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"tools/bench: another bench is running in {work}; wait for it or pass --work", file=sys.stderr)
+        return 2
     os.environ["HAMAL_CONF"] = str(work / "hamal.conf")  # defaults; keeps /etc out of it
     (work / "hamal.conf").write_text("")
     file_cases, nbd_cases = a.only in (None, "file"), a.only in (None, "nbd")

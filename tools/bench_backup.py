@@ -149,8 +149,9 @@ def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None, count: 
         pristine = [work / f"bk-1g-{i}.raw" for i in range(count)]
         for i, p in enumerate(pristine):
             make_image(p, GIB, 410 * MIB, seed=31 + i)
-    disks = [base / f"disk{i}.raw" for i in range(count)]
-    changes = [base / f"changed{i}.json" for i in range(count)]
+    # Names of their own per case: nothing of the other case's disks is ever read as this one's.
+    disks = [base / f"disk{i}-of-{count}.raw" for i in range(count)]
+    changes = [base / f"changed{i}-of-{count}.json" for i in range(count)]
     steps = ("first", "incremental", "restore")
     rows: dict[str, dict] = {}
     floor: list[float] = []
@@ -174,9 +175,10 @@ def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None, count: 
             floor.append(puts_alone(bucket, disks[0], changes[0], i))
         for t in ts:
             _note(rows, t.name, "restore", timed_cpu(t.restore))
-            rows[f"{t.name} restore"]["ok"] = (
-                rows[f"{t.name} restore"].get("ok", True) and [digest(o) for o in t.outs] == expect
-            )
+            bad = [o.name for o, e in zip(t.outs, expect) if digest(o) != e]
+            if bad:  # which run and which disks, to tell a flaw from a disturbed run
+                print(f"{t.name} restore, run {i + 1}: {', '.join(bad)} differ from the source", flush=True)
+            rows[f"{t.name} restore"]["ok"] = rows[f"{t.name} restore"].get("ok", True) and not bad
         if s3 is None:
             for t in ts:
                 rows[f"{t.name} first"].setdefault("stored", []).append(du(base / "repos" / t.name))

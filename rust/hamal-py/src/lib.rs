@@ -33,6 +33,7 @@ fn io_uring_status() -> Option<String> {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     log_bridge::install();
+    hamal_core::io::return_large_frees();
     // VDDK never loads into this process: the engine starts this interpreter as its worker.
     let python: String = m.py().import("sys")?.getattr("executable")?.extract()?;
     hamal_core::vddk::set_worker_command(vec![python, "-m".into(), "hamal._vddk_worker".into()]);

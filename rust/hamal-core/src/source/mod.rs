@@ -52,7 +52,7 @@ pub trait Source: Send + Sync {
         Ok(None)
     }
     /// Chunk-sized buffers of its own a read holds besides the engine's (a chunk store's
-    /// object and its plaintext): they count against the disk's memory budget.
+    /// object): they count against the disk's memory budget.
     fn buffers_per_read(&self) -> u64 {
         0
     }

@@ -156,13 +156,52 @@ impl Codec {
         mut obj: Vec<u8>,
         max_len: usize,
     ) -> Result<Vec<u8>, String> {
+        let (start, end, zstd) = self.open(&mut obj)?;
+        let plain = if zstd {
+            zstd::bulk::decompress(&obj[start..end], max_len).map_err(|e| format!("zstd: {e}"))?
+        } else {
+            obj.copy_within(start..end, 0);
+            obj.truncate(end - start);
+            obj
+        };
+        self.check(address, &plain)?;
+        Ok(plain)
+    }
+
+    /// Decodes an object named `address` straight into `out`, whose length is the plaintext's
+    /// (a restore's chunk lands in the engine's buffer: no plaintext buffer, no copy of it).
+    pub fn decode_into(
+        &self,
+        address: &Digest,
+        mut obj: Vec<u8>,
+        out: &mut [u8],
+    ) -> Result<(), String> {
+        let (start, end, zstd) = self.open(&mut obj)?;
+        let body = &obj[start..end];
+        let n = if zstd {
+            // A body that inflates beyond `out` fails here: the bound of `decode`'s max_len.
+            zstd::bulk::decompress_to_buffer(body, out).map_err(|e| format!("zstd: {e}"))?
+        } else {
+            let n = body.len().min(out.len());
+            out[..n].copy_from_slice(&body[..n]);
+            body.len()
+        };
+        if n != out.len() {
+            return Err(format!("{n} bytes long, expected {}", out.len()));
+        }
+        self.check(address, out)
+    }
+
+    /// Checks the header of `obj` and decrypts its body in place: where the body lies and
+    /// whether it is compressed.
+    fn open(&self, obj: &mut [u8]) -> Result<(usize, usize, bool), String> {
         if obj.len() < 5 || &obj[..4] != MAGIC {
             return Err("not a hamal object (bad header)".into());
         }
         let flags = obj[4];
         let (mut start, mut end) = (5, obj.len());
         if flags & SIZED != 0 {
-            let want = declared_len(&obj).ok_or("truncated header")?;
+            let want = declared_len(obj).ok_or("truncated header")?;
             if want != obj.len() as u64 {
                 return Err(format!("truncated: {} of {want} bytes", obj.len()));
             }
@@ -187,17 +226,14 @@ impl Codec {
         } else if self.keys.is_some() {
             return Err("object is not encrypted in an encrypted store".into());
         }
-        let plain = if flags & ZSTD != 0 {
-            zstd::bulk::decompress(&obj[start..end], max_len).map_err(|e| format!("zstd: {e}"))?
-        } else {
-            obj.copy_within(start..end, 0);
-            obj.truncate(end - start);
-            obj
-        };
-        if &self.address(&plain) != address {
-            return Err("content does not match its hash".into());
+        Ok((start, end, flags & ZSTD != 0))
+    }
+
+    fn check(&self, address: &Digest, plain: &[u8]) -> Result<(), String> {
+        match &self.address(plain) == address {
+            true => Ok(()),
+            false => Err("content does not match its hash".into()),
         }
-        Ok(plain)
     }
 }
 
@@ -266,6 +302,49 @@ mod tests {
         let obj = enc.encode(&data);
         let e = other
             .decode(&enc.address(&data), obj, data.len())
+            .unwrap_err();
+        assert!(e.contains("wrong key"), "{e}");
+    }
+
+    /// `decode_into` gives what `decode` gives, compressed or raw, and refuses a plaintext of
+    /// another length than its buffer's, damage and the wrong key.
+    #[test]
+    fn decode_into_fills_the_buffer_or_refuses() {
+        let packed: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
+        let mut noise = vec![0u8; 50_000];
+        getrandom::getrandom(&mut noise).unwrap();
+        for keys in [None, Some(Keys::from_master(&[9; 32]))] {
+            let c = Codec { level: 3, keys };
+            for data in [&packed, &noise] {
+                let (a, obj) = (c.address(data), c.encode(data));
+                let mut out = vec![7u8; data.len()];
+                c.decode_into(&a, obj.clone(), &mut out).unwrap();
+                assert_eq!(&out, data);
+                for len in [data.len() - 1, data.len() + 1] {
+                    let e = c
+                        .decode_into(&a, obj.clone(), &mut vec![0; len])
+                        .unwrap_err();
+                    assert!(e.contains("expected") || e.starts_with("zstd"), "{e}");
+                }
+                let mut bad = obj.clone();
+                bad[HEAD + 20] ^= 1;
+                assert!(c.decode_into(&a, bad, &mut out).is_err());
+            }
+        }
+        let enc = Codec {
+            level: 3,
+            keys: Some(Keys::from_master(&[1; 32])),
+        };
+        let other = Codec {
+            level: 3,
+            keys: Some(Keys::from_master(&[2; 32])),
+        };
+        let e = other
+            .decode_into(
+                &enc.address(&packed),
+                enc.encode(&packed),
+                &mut vec![0; packed.len()],
+            )
             .unwrap_err();
         assert!(e.contains("wrong key"), "{e}");
     }

@@ -291,6 +291,19 @@ impl Store {
             .map_err(|e| format!("damaged: {e}"))
     }
 
+    /// Decodes a chunk's object straight into `out`, the chunk's length, or what is wrong.
+    pub fn decode_chunk_into(
+        &self,
+        a: &Digest,
+        obj: Option<Vec<u8>>,
+        out: &mut [u8],
+    ) -> Result<(), String> {
+        let obj = obj.ok_or("missing")?;
+        self.codec
+            .decode_into(a, obj, out)
+            .map_err(|e| format!("damaged: {e}"))
+    }
+
     /// Every version record, checked.
     pub fn records(&self, disk: Option<&str>) -> Result<Records> {
         let prefix = match disk {

@@ -60,9 +60,9 @@ impl StoreSource {
 }
 
 impl Source for StoreSource {
-    /// The object fetched and the chunk decoded from it.
+    /// The object fetched (the chunk is decoded into the engine's buffer).
     fn buffers_per_read(&self) -> u64 {
-        2
+        1
     }
 
     fn describe(&self) -> String {
@@ -117,58 +117,59 @@ struct StoreReader {
     lock: Option<Arc<Lock>>,
 }
 
+/// A chunk's name and its object as fetched (`None`: missing).
+type Fetched = (Digest, Option<Vec<u8>>);
+
 impl StoreReader {
-    /// Fetches chunks `indexes` at once and decodes them; errors name the disk offset.
-    fn fetch(&self, indexes: &[u64]) -> Result<HashMap<u64, Vec<u8>>> {
+    /// Fetches the objects of chunks `indexes` at once: by index, with the chunk's name (a
+    /// chunk of zeros has no object and is not there).
+    fn fetch(&self, indexes: &[u64]) -> Result<HashMap<u64, Fetched>> {
         let v = &self.version;
         if let Some(lock) = &self.lock {
             lock.refresh()?;
         }
-        let mut names = Vec::new();
+        let mut wanted = Vec::new();
         for &i in indexes {
-            names.push(tree::lookup(&*self.store, self.root, v.depth, i)?);
+            let name = tree::lookup(&*self.store, self.root, v.depth, i)?;
+            if name != ZERO {
+                wanted.push((i, name));
+            }
         }
-        let wanted: Vec<(u64, Digest)> = indexes
-            .iter()
-            .copied()
-            .zip(names)
-            .filter(|(_, n)| *n != ZERO)
-            .collect();
         let keys: Vec<String> = wanted.iter().map(|(_, n)| Store::chunk_key(n)).collect();
         let objects = self.store.backend.get_many(&keys);
         let mut out = HashMap::new();
         for ((i, name), obj) in wanted.into_iter().zip(objects) {
-            let len = v.chunk_size.min(v.size - i * v.chunk_size) as usize;
-            let plain = self
-                .store
-                .decode_chunk(&name, obj?, len)
-                .map_err(|problem| {
-                    Error::Mismatch(format!(
-                        "store {} disk '{}' version {}: chunk at disk offset {} ({}) is {problem}",
-                        self.store.uri.text,
-                        v.disk,
-                        v.version,
-                        i * v.chunk_size,
-                        Store::chunk_key(&name)
-                    ))
-                })?;
-            if plain.len() != len {
-                return Err(Error::Mismatch(format!(
-                    "store {} disk '{}' version {}: chunk at disk offset {} has {} bytes, expected {len}",
+            out.insert(i, (name, obj?));
+        }
+        Ok(out)
+    }
+
+    fn chunk_len(&self, i: u64) -> usize {
+        let v = &self.version;
+        v.chunk_size.min(v.size - i * v.chunk_size) as usize
+    }
+
+    /// Decodes chunk `i` into `out` (its whole length), naming the disk offset on failure.
+    fn decode(&self, i: u64, (name, obj): Fetched, out: &mut [u8]) -> Result<()> {
+        let v = &self.version;
+        self.store
+            .decode_chunk_into(&name, obj, out)
+            .map_err(|problem| {
+                Error::Mismatch(format!(
+                    "store {} disk '{}' version {}: chunk at disk offset {} ({}) is {problem}",
                     self.store.uri.text,
                     v.disk,
                     v.version,
                     i * v.chunk_size,
-                    plain.len()
-                )));
-            }
-            out.insert(i, plain);
-        }
-        Ok(out)
+                    Store::chunk_key(&name)
+                ))
+            })
     }
 }
 
 impl SourceReader for StoreReader {
+    /// A request's whole chunk is decoded straight into its buffer; a chunk that requests share
+    /// (not aligned to chunks) is decoded once into a buffer of its own and copied from there.
     fn read_batch(&mut self, reqs: &mut [ReadReq<'_>]) -> Result<()> {
         let cs = self.version.chunk_size;
         let mut indexes: Vec<u64> = reqs
@@ -176,16 +177,29 @@ impl SourceReader for StoreReader {
             .flat_map(|r| r.offset / cs..(r.offset + r.buf.len() as u64).div_ceil(cs))
             .collect();
         indexes.dedup();
-        let chunks = self.fetch(&indexes)?;
+        let mut objects = self.fetch(&indexes)?;
+        let mut shared: HashMap<u64, Vec<u8>> = HashMap::new();
         for r in reqs.iter_mut() {
             let mut pos = 0usize;
             while pos < r.buf.len() {
                 let off = r.offset + pos as u64;
                 let (i, within) = (off / cs, (off % cs) as usize);
-                let n = (r.buf.len() - pos).min(cs as usize - within);
-                match chunks.get(&i) {
-                    Some(c) => r.buf[pos..pos + n].copy_from_slice(&c[within..within + n]),
-                    None => r.buf[pos..pos + n].fill(0),
+                let len = self.chunk_len(i);
+                let n = (r.buf.len() - pos).min(len - within);
+                let piece = &mut r.buf[pos..pos + n];
+                if let Some(plain) = shared.get(&i) {
+                    piece.copy_from_slice(&plain[within..within + n]);
+                } else if let Some(obj) = objects.remove(&i) {
+                    if n == len {
+                        self.decode(i, obj, piece)?;
+                    } else {
+                        let mut plain = vec![0u8; len];
+                        self.decode(i, obj, &mut plain)?;
+                        piece.copy_from_slice(&plain[within..within + n]);
+                        shared.insert(i, plain);
+                    }
+                } else {
+                    piece.fill(0);
                 }
                 pos += n;
             }
