@@ -46,6 +46,15 @@ pub trait Backend: Send + Sync {
     fn get_many(&self, keys: &[String]) -> Vec<Result<Option<Vec<u8>>>> {
         keys.iter().map(|k| self.get(k)).collect()
     }
+    /// As `get_many`, reading into `spares` (buffers of earlier objects) where the backend can:
+    /// a fresh 4 MiB buffer per chunk costs its first-touch page faults.
+    fn get_many_reusing(
+        &self,
+        keys: &[String],
+        _spares: &mut Vec<Vec<u8>>,
+    ) -> Vec<Result<Option<Vec<u8>>>> {
+        self.get_many(keys)
+    }
     fn exists(&self, key: &str) -> Result<bool>;
     /// Whether `key` exists, with its size and first `n` bytes where that is cheap.
     fn peek(&self, key: &str, _n: usize) -> Result<Peek> {

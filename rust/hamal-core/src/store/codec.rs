@@ -170,13 +170,14 @@ impl Codec {
 
     /// Decodes an object named `address` straight into `out`, whose length is the plaintext's
     /// (a restore's chunk lands in the engine's buffer: no plaintext buffer, no copy of it).
+    /// Decrypts in `obj`, which the caller may reuse afterwards.
     pub fn decode_into(
         &self,
         address: &Digest,
-        mut obj: Vec<u8>,
+        obj: &mut [u8],
         out: &mut [u8],
     ) -> Result<(), String> {
-        let (start, end, zstd) = self.open(&mut obj)?;
+        let (start, end, zstd) = self.open(obj)?;
         let body = &obj[start..end];
         let n = if zstd {
             // A body that inflates beyond `out` fails here: the bound of `decode`'s max_len.
@@ -318,17 +319,17 @@ mod tests {
             for data in [&packed, &noise] {
                 let (a, obj) = (c.address(data), c.encode(data));
                 let mut out = vec![7u8; data.len()];
-                c.decode_into(&a, obj.clone(), &mut out).unwrap();
+                c.decode_into(&a, &mut obj.clone(), &mut out).unwrap();
                 assert_eq!(&out, data);
                 for len in [data.len() - 1, data.len() + 1] {
                     let e = c
-                        .decode_into(&a, obj.clone(), &mut vec![0; len])
+                        .decode_into(&a, &mut obj.clone(), &mut vec![0; len])
                         .unwrap_err();
                     assert!(e.contains("expected") || e.starts_with("zstd"), "{e}");
                 }
                 let mut bad = obj.clone();
                 bad[HEAD + 20] ^= 1;
-                assert!(c.decode_into(&a, bad, &mut out).is_err());
+                assert!(c.decode_into(&a, &mut bad, &mut out).is_err());
             }
         }
         let enc = Codec {
@@ -342,7 +343,7 @@ mod tests {
         let e = other
             .decode_into(
                 &enc.address(&packed),
-                enc.encode(&packed),
+                &mut enc.encode(&packed),
                 &mut vec![0; packed.len()],
             )
             .unwrap_err();

@@ -229,7 +229,7 @@ impl S3Backend {
             .retrying(|| async { self.store.get(&path).await?.bytes().await })
             .await;
         match got {
-            Ok(b) => Ok(Some(b.to_vec())),
+            Ok(b) => Ok(Some(Vec::from(b))), // the body's own buffer: no copy
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.err("cannot read", key, e)),
         }

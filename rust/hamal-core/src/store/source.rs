@@ -12,7 +12,7 @@ use crate::io::ReadReq;
 use crate::source::{Source, SourceReader};
 use crate::{Error, Result};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 pub struct StoreSource {
     store: Arc<Store>,
@@ -20,7 +20,13 @@ pub struct StoreSource {
     root: Digest,
     /// Keeps garbage collection away while the version is read (none with read-only access).
     lock: Option<Arc<Lock>>,
+    spares: Spares,
 }
+
+/// Buffers of objects already decoded, read into again (see `Backend::get_many_reusing`).
+/// Shared by the readers: a buffer is taken for a read and given back once it is decoded, so
+/// there are never more than the objects in flight at once, which the memory budget counts.
+type Spares = Arc<Mutex<Vec<Vec<u8>>>>;
 
 impl StoreSource {
     /// Opens version `version` (default: the newest) of `disk`.
@@ -51,6 +57,7 @@ impl StoreSource {
             version,
             root,
             lock,
+            spares: Spares::default(),
         })
     }
 
@@ -106,6 +113,7 @@ impl Source for StoreSource {
             version: self.version.clone(),
             root: self.root,
             lock: self.lock.clone(),
+            spares: self.spares.clone(),
         }))
     }
 }
@@ -115,6 +123,7 @@ struct StoreReader {
     version: Version,
     root: Digest,
     lock: Option<Arc<Lock>>,
+    spares: Spares,
 }
 
 /// A chunk's name and its object as fetched (`None`: missing).
@@ -136,7 +145,13 @@ impl StoreReader {
             }
         }
         let keys: Vec<String> = wanted.iter().map(|(_, n)| Store::chunk_key(n)).collect();
-        let objects = self.store.backend.get_many(&keys);
+        let mut spares = {
+            let mut all = self.spares.lock().unwrap();
+            let n = all.len().saturating_sub(keys.len());
+            all.split_off(n)
+        };
+        let objects = self.store.backend.get_many_reusing(&keys, &mut spares);
+        self.spares.lock().unwrap().append(&mut spares);
         let mut out = HashMap::new();
         for ((i, name), obj) in wanted.into_iter().zip(objects) {
             out.insert(i, (name, obj?));
@@ -149,21 +164,22 @@ impl StoreReader {
         v.chunk_size.min(v.size - i * v.chunk_size) as usize
     }
 
-    /// Decodes chunk `i` into `out` (its whole length), naming the disk offset on failure.
-    fn decode(&self, i: u64, (name, obj): Fetched, out: &mut [u8]) -> Result<()> {
+    /// Decodes chunk `i` into `out` (its whole length), naming the disk offset on failure; the
+    /// object's buffer is kept for the next read.
+    fn decode(&self, i: u64, (name, mut obj): Fetched, out: &mut [u8]) -> Result<()> {
         let v = &self.version;
-        self.store
-            .decode_chunk_into(&name, obj, out)
-            .map_err(|problem| {
-                Error::Mismatch(format!(
-                    "store {} disk '{}' version {}: chunk at disk offset {} ({}) is {problem}",
-                    self.store.uri.text,
-                    v.disk,
-                    v.version,
-                    i * v.chunk_size,
-                    Store::chunk_key(&name)
-                ))
-            })
+        let decoded = self.store.decode_chunk_into(&name, obj.as_mut(), out);
+        self.spares.lock().unwrap().extend(obj);
+        decoded.map_err(|problem| {
+            Error::Mismatch(format!(
+                "store {} disk '{}' version {}: chunk at disk offset {} ({}) is {problem}",
+                self.store.uri.text,
+                v.disk,
+                v.version,
+                i * v.chunk_size,
+                Store::chunk_key(&name)
+            ))
+        })
     }
 }
 
