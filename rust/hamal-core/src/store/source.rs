@@ -150,8 +150,9 @@ impl StoreReader {
             let n = all.len().saturating_sub(keys.len());
             all.split_off(n)
         };
+        // Spares the backend did not read into are dropped (S3 bodies come in buffers of their
+        // own): kept, they would pile up with every object decoded.
         let objects = self.store.backend.get_many_reusing(&keys, &mut spares);
-        self.spares.lock().unwrap().append(&mut spares);
         let mut out = HashMap::new();
         for ((i, name), obj) in wanted.into_iter().zip(objects) {
             out.insert(i, (name, obj?));
