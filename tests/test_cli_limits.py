@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULT_CONF, MIB, make_image, one_error_line, run_hamal
+from conftest import MIB, make_image, one_error_line, run_hamal
 from nbd_servers import Server
 
-ENV = {**os.environ, "HAMAL_CONF": str(DEFAULT_CONF)}
+ENV = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
 
 
 def hamal(*args: str, **kw) -> subprocess.Popen[str]:
