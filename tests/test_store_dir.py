@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DEFAULT_CONF, MIB, make_image, one_error_line, run_hamal, sha256, wait_until
+from conftest import MIB, make_image, one_error_line, run_hamal, sha256, wait_until
 
 
 def start_slow_sync(src: Path, store: str, journal: Path) -> subprocess.Popen[str]:
     args = [sys.executable, "-m", "hamal", "sync", str(src), store, "--disk", "d0", "--bwlimit", "16M"]
     args += ["--journal", str(journal), "--fsync-period", "0.2"]
-    env = {**os.environ, "HAMAL_CONF": str(DEFAULT_CONF)}
+    env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
     return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -118,7 +118,7 @@ def test_eight_disks_into_a_store_and_back_stay_in_the_memory_budget(tmp_path: P
     for i, s in enumerate(srcs):
         make_image(s, 48 * MIB, seed=40 + i, fill=1.0)
     store = f"dir:{tmp_path / 'store'}"
-    env = {**os.environ, "HAMAL_CONF": str(DEFAULT_CONF)}
+    env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
     outs = [tmp_path / f"out{i}.raw" for i in range(8)]
     for kind, files in (("backup", srcs), ("restore", outs)):
         p = subprocess.run(
