@@ -221,7 +221,8 @@ def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None, count: 
         f = statistics.median(floor)
         h = statistics.median(rows["hamal incremental"]["times"])
         print(
-            f"radosgw alone, the same {count} x {CHANGED // MIB} MiB as {count * 20} PUTs "
+            f"radosgw alone, the same {count} x {CHANGED // MIB} MiB as "
+            f"{sum(len(json.loads(c.read_text())) for c in changes)} PUTs "
             f"from memory (boto3): {f:.3f} s; hamal's incremental {h / f:.2f}x that"
         )
         out.append({"name": "PUTs alone incremental", "median_s": f, "times": floor, "ok": True})

@@ -26,6 +26,22 @@ const TMP_MARK: &str = ".tmp-";
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl DirBackend {
+    /// The object `key` read into `buf` (its old content dropped), `None` when it is missing.
+    fn read_into(&self, key: &str, mut buf: Vec<u8>) -> Result<Option<Vec<u8>>> {
+        buf.clear();
+        let fill = |mut f: File| {
+            // Room for the whole object at once: growing by doubling would leave twice that.
+            let len = f.metadata()?.len() as usize;
+            buf.reserve_exact(len);
+            f.read_to_end(&mut buf)
+        };
+        match File::open(self.path(key)).and_then(fill) {
+            Ok(_) => Ok(Some(buf)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err("cannot read", key, e)),
+        }
+    }
+
     pub fn open(root: &Path, text: &str, create: bool) -> Result<DirBackend> {
         let err = |what: &str, e: std::io::Error| {
             Error::Store(format!("store {text}: {what} {}: {e}", root.display()))
@@ -150,11 +166,7 @@ impl Backend for DirBackend {
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        match fs::read(self.path(key)) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.err("cannot read", key, e)),
-        }
+        self.read_into(key, Vec::new())
     }
 
     fn get_many_reusing(
@@ -162,22 +174,8 @@ impl Backend for DirBackend {
         keys: &[String],
         spares: &mut Vec<Vec<u8>>,
     ) -> Vec<Result<Option<Vec<u8>>>> {
-        let read = |key: &String, mut buf: Vec<u8>| {
-            buf.clear();
-            let fill = |mut f: File| {
-                // Room for the whole object at once: growing by doubling would leave twice that.
-                let len = f.metadata()?.len() as usize;
-                buf.reserve_exact(len);
-                f.read_to_end(&mut buf)
-            };
-            match File::open(self.path(key)).and_then(fill) {
-                Ok(_) => Ok(Some(buf)),
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(self.err("cannot read", key, e)),
-            }
-        };
         keys.iter()
-            .map(|k| read(k, spares.pop().unwrap_or_default()))
+            .map(|k| self.read_into(k, spares.pop().unwrap_or_default()))
             .collect()
     }
 
