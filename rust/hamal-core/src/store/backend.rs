@@ -46,14 +46,19 @@ pub trait Backend: Send + Sync {
     fn get_many(&self, keys: &[String]) -> Vec<Result<Option<Vec<u8>>>> {
         keys.iter().map(|k| self.get(k)).collect()
     }
-    /// As `get_many`, reading into `spares` (buffers of earlier objects) where the backend can:
-    /// a fresh 4 MiB buffer per chunk costs its first-touch page faults.
+    /// As `get_many`, reading into `spares` (buffers of earlier objects) where the backend can
+    /// (`reuses_buffers`): a fresh 4 MiB buffer per chunk costs its first-touch page faults.
     fn get_many_reusing(
         &self,
         keys: &[String],
         _spares: &mut Vec<Vec<u8>>,
     ) -> Vec<Result<Option<Vec<u8>>>> {
         self.get_many(keys)
+    }
+    /// Whether `get_many_reusing` reads into the spares it is given: only then are buffers of
+    /// decoded objects worth keeping (S3 bodies come in buffers of their own).
+    fn reuses_buffers(&self) -> bool {
+        false
     }
     fn exists(&self, key: &str) -> Result<bool>;
     /// Whether `key` exists, with its size and first `n` bytes where that is cheap.

@@ -179,6 +179,10 @@ impl Backend for DirBackend {
             .collect()
     }
 
+    fn reuses_buffers(&self) -> bool {
+        true
+    }
+
     fn exists(&self, key: &str) -> Result<bool> {
         match fs::metadata(self.path(key)) {
             Ok(_) => Ok(true),

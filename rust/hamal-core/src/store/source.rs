@@ -150,8 +150,6 @@ impl StoreReader {
             let n = all.len().saturating_sub(keys.len());
             all.split_off(n)
         };
-        // Spares the backend did not read into are dropped (S3 bodies come in buffers of their
-        // own): kept, they would pile up with every object decoded.
         let objects = self.store.backend.get_many_reusing(&keys, &mut spares);
         let mut out = HashMap::new();
         for ((i, name), obj) in wanted.into_iter().zip(objects) {
@@ -166,11 +164,13 @@ impl StoreReader {
     }
 
     /// Decodes chunk `i` into `out` (its whole length), naming the disk offset on failure; the
-    /// object's buffer is kept for the next read.
+    /// object's buffer is kept for the next read where the backend reads into it.
     fn decode(&self, i: u64, (name, mut obj): Fetched, out: &mut [u8]) -> Result<()> {
         let v = &self.version;
         let decoded = self.store.decode_chunk_into(&name, obj.as_mut(), out);
-        self.spares.lock().unwrap().extend(obj);
+        if self.store.backend.reuses_buffers() {
+            self.spares.lock().unwrap().extend(obj);
+        }
         decoded.map_err(|problem| {
             Error::Mismatch(format!(
                 "store {} disk '{}' version {}: chunk at disk offset {} ({}) is {problem}",
