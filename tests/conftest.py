@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,17 @@ from pathlib import Path
 import pytest
 
 MIB = 1 << 20
+
+# The defaults, except where runs keep their locks and journals: a folder of this test session,
+# not the machine's /var/lib/hamal. Runs that need no config of their own use this one, also
+# those started without naming one (HAMAL_CONF is inherited).
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="hamal-tests-"))
+atexit.register(shutil.rmtree, _SESSION_DIR, True)
+DEFAULT_CONF = _SESSION_DIR / "hamal.conf"
+DEFAULT_CONF.write_text(
+    f"[DEFAULT]\nhamal_lib_dir = {_SESSION_DIR / 'lib'}\nhamal_info_path = {_SESSION_DIR / 'hamal_info'}\n"
+)
+os.environ.setdefault("HAMAL_CONF", str(DEFAULT_CONF))
 
 
 def make_image(path: Path, size: int, seed: int = 1, fill: float = 0.5) -> None:
@@ -49,9 +63,9 @@ class Result:
 def run_hamal(
     *args: str, env: dict[str, str] | None = None, timeout: float = 120, wrap: list[str] | None = None
 ) -> Result:
-    """Runs ``python -m hamal ARGS`` (the installed package) with no config file unless given;
+    """Runs ``python -m hamal ARGS`` (the installed package) with the defaults unless given;
     ``wrap`` is a command prefix such as ``setpriv ...``."""
-    full_env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf", **(env or {})}
+    full_env = {**os.environ, "HAMAL_CONF": str(DEFAULT_CONF), **(env or {})}
     p = subprocess.run(
         [*(wrap or []), sys.executable, "-m", "hamal", *args],
         capture_output=True,

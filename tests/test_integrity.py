@@ -12,10 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import MIB, make_image, one_error_line, run_hamal, sha256, wait_until
+from conftest import DEFAULT_CONF, MIB, make_image, one_error_line, run_hamal, sha256, wait_until
 from nbd_servers import qemu_nbd
 
-ENV = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
+ENV = {**os.environ, "HAMAL_CONF": str(DEFAULT_CONF)}
 
 
 def start_sync(*args: str) -> subprocess.Popen[str]:

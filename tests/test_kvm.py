@@ -9,7 +9,7 @@ from pathlib import Path
 
 import hamal
 import pytest
-from conftest import MIB, run_hamal, sha256
+from conftest import DEFAULT_CONF, MIB, run_hamal, sha256
 from hamal.platforms import kvm
 from nbd_servers import qemu_io
 
@@ -28,7 +28,7 @@ def image(tmp_path: Path) -> Path:
 
 
 def run_cycle(image: Path, target: Path, state: Path, **kw) -> dict:
-    cfg = hamal.load_config("/nonexistent/hamal.conf")
+    cfg = hamal.load_config(str(DEFAULT_CONF))
     return kvm.sync_image(str(image), str(target), cfg, state_dir=str(state), **kw)
 
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MIB, make_image, one_error_line, run_hamal, sha256
+from conftest import DEFAULT_CONF, MIB, make_image, one_error_line, run_hamal, sha256
 from nbd_servers import merged, nbdinfo_map, nbdkit_file, qemu_io, qemu_nbd
 
 
@@ -107,7 +107,7 @@ def test_server_killed_mid_sync_fails_cleanly_then_rerun_completes(tmp_path, ser
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "HAMAL_CONF": "/nonexistent"},
+        env={**os.environ, "HAMAL_CONF": str(DEFAULT_CONF)},
     )
     deadline = time.monotonic() + 30
     while not (out.exists() and out.stat().st_blocks > 0):  # the sync is writing

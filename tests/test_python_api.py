@@ -11,12 +11,12 @@ from pathlib import Path
 
 import hamal
 import pytest
-from conftest import MIB, make_image, sha256
+from conftest import DEFAULT_CONF, MIB, make_image, sha256
 from hamal import _native, sync
 
 
 def defaults() -> _native.Config:
-    return hamal.load_config("/nonexistent/hamal.conf")
+    return hamal.load_config(str(DEFAULT_CONF))
 
 
 def test_job_handle_progress_and_wait(image: Path, tmp_path: Path) -> None:

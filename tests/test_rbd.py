@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from ceph_cluster import CephCluster, free_port, missing_programs
-from conftest import MIB, one_error_line, run_hamal
+from conftest import DEFAULT_CONF, MIB, one_error_line, run_hamal
 from hamal import _native
 from hamal.errors import CephError
 
@@ -295,7 +295,7 @@ def test_hung_osd_fails_the_sync_in_bounded_time_and_a_rerun_resumes(cephx_env: 
     target = tmp_path / "disk.raw"
     uri = cephx_env.uri(img, "s1", timeout="4")
     cmd = [sys.executable, "-m", "hamal", "sync", uri, str(target), "--bwlimit", "8M", "--no-progress"]
-    env = {**os.environ, "HAMAL_CONF": "/nonexistent/hamal.conf"}
+    env = {**os.environ, "HAMAL_CONF": str(DEFAULT_CONF)}
     journal = Path(f"{target}.hamal-journal")
     osd = cephx_env.cluster.pid_of("osd.0")
     with subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) as p:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MIB, make_image, run_hamal, sha256
+from conftest import DEFAULT_CONF, MIB, make_image, run_hamal, sha256
 from hamal import load_config, sync
 
 JOURNAL_HEADER = 48  # magic, plan fingerprint, start time
@@ -30,7 +30,7 @@ def kill_mid_sync(
     """Starts a slowed ``hamal sync`` (1 MiB chunks, flushed every 0.1 s) and SIGKILLs it once
     the journal (by default ``DST.hamal-journal``) lists at least ``min_chunks`` chunks."""
     journal = journal or Path(str(dst) + ".hamal-journal")
-    env = {**os.environ, "HAMAL_CONF": conf or "/nonexistent/hamal.conf"}
+    env = {**os.environ, "HAMAL_CONF": conf or str(DEFAULT_CONF)}
     cmd = [sys.executable, "-m", "hamal", "sync", str(src), str(dst), "--bwlimit", bwlimit]
     cmd += ["--fsync-period", "0.1", "--chunk-size", "1M", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import MIB, make_image, one_error_line, run_hamal, sha256
+from conftest import DEFAULT_CONF, MIB, make_image, one_error_line, run_hamal, sha256
 from fake_vddk import PASSWORD, FakeVm, build_variants, make_vm
 from hamal import _native
 from hamal import sync as hsync
@@ -304,7 +304,7 @@ def test_a_crash_mid_sync_then_a_rerun_resumes(libs, vm, tmp_path):
     """The CLI's sync dies with the worker (abort at sector 80000, ~40 MiB in); finished chunks
     are journaled, so the rerun reads only the rest and ends identical."""
     uri, out = vm.uri(libs["v8"]), tmp_path / "disk.raw"
-    env = {**os.environ, **vm.env(FAKE_VDDK_FAIL="abort:80000"), "HAMAL_CONF": "/nonexistent/hamal.conf"}
+    env = {**os.environ, **vm.env(FAKE_VDDK_FAIL="abort:80000"), "HAMAL_CONF": str(DEFAULT_CONF)}
     cmd = [sys.executable, "-m", "hamal", "sync", uri, str(out), "--no-progress"]
     p = subprocess.run(
         [*cmd, "--bwlimit", "8M", "--fsync-period", "0.3", "--readers", "1"],
@@ -332,7 +332,7 @@ def test_workers_clean_up_when_the_engine_is_killed(libs, vm, tmp_path):
     """SIGKILL of the syncing process: its workers see the pipe close and still Close,
     Disconnect and Exit."""
     uri, out = vm.uri(libs["v8"]), tmp_path / "disk.raw"
-    env = {**os.environ, **vm.env(), "HAMAL_CONF": "/nonexistent/hamal.conf"}
+    env = {**os.environ, **vm.env(), "HAMAL_CONF": str(DEFAULT_CONF)}
     cmd = [sys.executable, "-m", "hamal", "sync", uri, str(out), "--no-progress", "--bwlimit", "4M"]
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
