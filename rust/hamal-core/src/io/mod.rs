@@ -2,6 +2,7 @@
 //! `pread`/`pwrite` otherwise. All unsafe code of the data path lives in this module.
 
 mod blocking;
+pub mod direct;
 mod huge;
 pub mod shm;
 mod uring;

@@ -3,6 +3,7 @@
 //! whose entries changed.
 
 use super::backend::{Backend, Listed, Peek};
+use crate::io::direct;
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -10,7 +11,7 @@ use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 pub struct DirBackend {
@@ -18,6 +19,15 @@ pub struct DirBackend {
     text: String,
     /// Folders with new or removed entries since the last `sync`.
     dirty: Mutex<HashSet<PathBuf>>,
+    /// Whether objects are written with `O_DIRECT` (until the file system refuses it).
+    direct: AtomicBool,
+}
+
+/// `data` into the new file `path`, through the page cache.
+fn write_cached(path: &Path, data: &[u8]) -> std::io::Result<File> {
+    let mut f = File::create(path)?;
+    f.write_all(data)?;
+    Ok(f)
 }
 
 const TMP_MARK: &str = ".tmp-";
@@ -69,6 +79,7 @@ impl DirBackend {
             root: root.to_owned(),
             text: text.to_owned(),
             dirty: Mutex::new(HashSet::new()),
+            direct: AtomicBool::new(true),
         })
     }
 
@@ -150,8 +161,17 @@ impl Backend for DirBackend {
             std::process::id()
         ));
         let write = || -> std::io::Result<()> {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&data)?;
+            let f = match self.direct.load(Relaxed) && direct::fits(&data) {
+                true => match direct::write_new(&tmp, &data) {
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        tracing::debug!(store = %self.text, "no O_DIRECT here ({e}): objects go through the page cache");
+                        self.direct.store(false, Relaxed);
+                        write_cached(&tmp, &data)?
+                    }
+                    written => written?,
+                },
+                false => write_cached(&tmp, &data)?,
+            };
             f.sync_data()?;
             // Clean now: the next objects reuse its pages warm.
             crate::io::drop_cached(f.as_raw_fd(), 0, 0);
@@ -275,6 +295,35 @@ mod tests {
         });
         assert_eq!(a.get("hamal-store.json").unwrap().unwrap().len(), 4);
         assert!(a.list_temporaries().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_object_reads_back_whole_written_directly_or_through_the_cache() {
+        let d = tempfile::tempdir().unwrap();
+        let be = DirBackend::open(&d.path().join("store"), "s", true).unwrap();
+        let len = (4 << 20) + 45; // an encrypted chunk's object: a partial last block
+        let mut obj = crate::io::HugeBuf::zeroed(len);
+        obj.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i % 253) as u8);
+        let want = obj.to_vec();
+        let obj = Bytes::from_owner(obj);
+        for direct in [true, false] {
+            be.direct.store(direct, Relaxed);
+            let key = format!("chunks/ab/direct-{direct}");
+            be.put(&key, obj.clone()).unwrap();
+            assert!(be.get(&key).unwrap().unwrap() == want, "direct: {direct}");
+            if direct {
+                // Still direct unless the file system refused it.
+                assert_eq!(be.direct.load(Relaxed), direct_supported(d.path()));
+            }
+        }
+    }
+
+    /// Whether the file system at `dir` takes `O_DIRECT` (tmpfs before Linux 6.6 does not).
+    fn direct_supported(dir: &Path) -> bool {
+        let buf = crate::io::HugeBuf::zeroed(1 << 20);
+        crate::io::direct::write_new(&dir.join("probe"), &buf).is_ok()
     }
 
     #[test]
