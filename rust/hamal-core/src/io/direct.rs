@@ -1,6 +1,7 @@
-//! New files written around the page cache (`O_DIRECT`). Fresh page-cache pages cost a page
-//! fault each on the VMs measured, and a chunk store's object is written once and read back
-//! only by a restore: its 4 MiB went through the cache only to be flushed and dropped.
+//! Whole files written and read around the page cache (`O_DIRECT`). Fresh page-cache pages
+//! cost a page fault each on the VMs measured, and a chunk store's object is written once and
+//! read back only by a restore: its 4 MiB went through the cache only to be flushed and
+//! dropped, and a restore copied it from the cache into its own buffer.
 
 use super::HugeBuf;
 use std::fs::{File, OpenOptions};
@@ -43,6 +44,55 @@ pub fn write_new(path: &Path, data: &[u8]) -> io::Result<File> {
     Ok(f)
 }
 
+/// The whole file `path`, read with `O_DIRECT` where the file system allows it (else through
+/// the cache) into `spare`, or into a new buffer when that is missing or too small.
+pub fn read_whole(path: &Path, spare: Option<HugeBuf>) -> io::Result<HugeBuf> {
+    let direct = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path);
+    let f = match direct {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => File::open(path)?,
+        f => f?,
+    };
+    let len = f.metadata()?.len() as usize;
+    // Whole blocks: a direct read fills them up to the end of the file.
+    let room = len.div_ceil(BLOCK) * BLOCK;
+    let mut buf = match spare {
+        Some(b) if b.capacity() >= room => b,
+        // Pages are touched only as they are read into: room for a 4 MiB chunk's object costs
+        // nothing until it is used, and spares then fit the next objects.
+        _ => HugeBuf::zeroed(room.max((4 << 20) + BLOCK)),
+    };
+    buf.set_len(room);
+    let got = match fill(&f, &mut buf, len) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            fill(&File::open(path)?, &mut buf, len)?
+        }
+        got => got?,
+    };
+    if got != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{got} of {len} bytes (the file changed while it was read)"),
+        ));
+    }
+    buf.set_len(len);
+    Ok(buf)
+}
+
+/// Reads `f` from its start into `buf` until `len` bytes or its end; the bytes read.
+fn fill(f: &File, buf: &mut [u8], len: usize) -> io::Result<usize> {
+    let mut got = 0;
+    while got < len {
+        match f.read_at(&mut buf[got..], got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(got)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +112,12 @@ mod tests {
                 r => drop(r.unwrap()),
             }
             assert_eq!(std::fs::read(&p).unwrap(), &buf[..], "{len} bytes");
+            let small = HugeBuf::zeroed(BLOCK);
+            assert_eq!(
+                &read_whole(&p, Some(small)).unwrap()[..],
+                &buf[..],
+                "{len} bytes"
+            );
         }
     }
 

@@ -1,8 +1,10 @@
 //! Where a chunk store keeps its objects: a blocking key/value interface over a local directory
 //! or an S3 bucket. Keys are `/`-separated relative names such as `chunks/ab/abcd...`.
 
+use crate::io::HugeBuf;
 use crate::Result;
 use bytes::Bytes;
+use std::ops::{Deref, DerefMut};
 use std::time::SystemTime;
 
 /// One listed object.
@@ -22,6 +24,31 @@ pub enum Peek {
         head: Vec<u8>,
         size: u64,
     },
+}
+
+/// An object as read: in a buffer of its own, or in a reusable aligned one.
+pub enum ObjectBuf {
+    Vec(Vec<u8>),
+    Huge(HugeBuf),
+}
+
+impl Deref for ObjectBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            ObjectBuf::Vec(v) => v,
+            ObjectBuf::Huge(b) => b,
+        }
+    }
+}
+
+impl DerefMut for ObjectBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            ObjectBuf::Vec(v) => v,
+            ObjectBuf::Huge(b) => b,
+        }
+    }
 }
 
 pub trait Backend: Send + Sync {
@@ -46,19 +73,16 @@ pub trait Backend: Send + Sync {
     fn get_many(&self, keys: &[String]) -> Vec<Result<Option<Vec<u8>>>> {
         keys.iter().map(|k| self.get(k)).collect()
     }
-    /// As `get_many`, reading into `spares` (buffers of earlier objects) where the backend can
-    /// (`reuses_buffers`): a fresh 4 MiB buffer per chunk costs its first-touch page faults.
+    /// As `get_many`, reading into `spares` (buffers of earlier objects) where the backend can:
+    /// a fresh 4 MiB buffer per chunk costs its first-touch page faults. Objects read into a
+    /// `HugeBuf` are worth keeping as spares; S3 bodies come in buffers of their own.
     fn get_many_reusing(
         &self,
         keys: &[String],
-        _spares: &mut Vec<Vec<u8>>,
-    ) -> Vec<Result<Option<Vec<u8>>>> {
-        self.get_many(keys)
-    }
-    /// Whether `get_many_reusing` reads into the spares it is given: only then are buffers of
-    /// decoded objects worth keeping (S3 bodies come in buffers of their own).
-    fn reuses_buffers(&self) -> bool {
-        false
+        _spares: &mut Vec<HugeBuf>,
+    ) -> Vec<Result<Option<ObjectBuf>>> {
+        let objects = self.get_many(keys).into_iter();
+        objects.map(|o| o.map(|o| o.map(ObjectBuf::Vec))).collect()
     }
     fn exists(&self, key: &str) -> Result<bool>;
     /// Whether `key` exists, with its size and first `n` bytes where that is cheap.

@@ -2,8 +2,8 @@
 //! renames it into place, so an object is either whole or absent; `sync` fsyncs the folders
 //! whose entries changed.
 
-use super::backend::{Backend, Listed, Peek};
-use crate::io::direct;
+use super::backend::{Backend, Listed, ObjectBuf, Peek};
+use crate::io::{direct, HugeBuf};
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -36,22 +36,6 @@ const TMP_MARK: &str = ".tmp-";
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 impl DirBackend {
-    /// The object `key` read into `buf` (its old content dropped), `None` when it is missing.
-    fn read_into(&self, key: &str, mut buf: Vec<u8>) -> Result<Option<Vec<u8>>> {
-        buf.clear();
-        let fill = |mut f: File| {
-            // Room for the whole object at once: growing by doubling would leave twice that.
-            let len = f.metadata()?.len() as usize;
-            buf.reserve_exact(len);
-            f.read_to_end(&mut buf)
-        };
-        match File::open(self.path(key)).and_then(fill) {
-            Ok(_) => Ok(Some(buf)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(self.err("cannot read", key, e)),
-        }
-    }
-
     pub fn open(root: &Path, text: &str, create: bool) -> Result<DirBackend> {
         let err = |what: &str, e: std::io::Error| {
             Error::Store(format!("store {text}: {what} {}: {e}", root.display()))
@@ -186,21 +170,24 @@ impl Backend for DirBackend {
     }
 
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        self.read_into(key, Vec::new())
+        match fs::read(self.path(key)) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err("cannot read", key, e)),
+        }
     }
 
     fn get_many_reusing(
         &self,
         keys: &[String],
-        spares: &mut Vec<Vec<u8>>,
-    ) -> Vec<Result<Option<Vec<u8>>>> {
-        keys.iter()
-            .map(|k| self.read_into(k, spares.pop().unwrap_or_default()))
-            .collect()
-    }
-
-    fn reuses_buffers(&self) -> bool {
-        true
+        spares: &mut Vec<HugeBuf>,
+    ) -> Vec<Result<Option<ObjectBuf>>> {
+        let read = |key: &String| match direct::read_whole(&self.path(key), spares.pop()) {
+            Ok(buf) => Ok(Some(ObjectBuf::Huge(buf))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err("cannot read", key, e)),
+        };
+        keys.iter().map(read).collect()
     }
 
     fn exists(&self, key: &str) -> Result<bool> {

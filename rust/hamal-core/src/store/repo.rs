@@ -295,7 +295,7 @@ impl Store {
     pub fn decode_chunk_into(
         &self,
         a: &Digest,
-        obj: Option<&mut Vec<u8>>,
+        obj: Option<&mut [u8]>,
         out: &mut [u8],
     ) -> Result<(), String> {
         let obj = obj.ok_or("missing")?;

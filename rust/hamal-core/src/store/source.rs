@@ -1,5 +1,6 @@
 //! A version in the chunk store as a sync source: what `hamal restore` reads.
 
+use super::backend::ObjectBuf;
 use super::lock::{self, Lock, LockKind};
 use super::repo::Store;
 use super::tree::{self, ZERO};
@@ -8,7 +9,7 @@ use super::{StoreOptions, StoreUri};
 use crate::checksum::Digest;
 use crate::extent::{Extent, ExtentMap};
 use crate::holder::Holder;
-use crate::io::ReadReq;
+use crate::io::{HugeBuf, ReadReq};
 use crate::source::{Source, SourceReader};
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -26,7 +27,7 @@ pub struct StoreSource {
 /// Buffers of objects already decoded, read into again (see `Backend::get_many_reusing`).
 /// Shared by the readers: a buffer is taken for a read and given back once it is decoded, so
 /// there are never more than the objects in flight at once, which the memory budget counts.
-type Spares = Arc<Mutex<Vec<Vec<u8>>>>;
+type Spares = Arc<Mutex<Vec<HugeBuf>>>;
 
 impl StoreSource {
     /// Opens version `version` (default: the newest) of `disk`.
@@ -127,7 +128,7 @@ struct StoreReader {
 }
 
 /// A chunk's name and its object as fetched (`None`: missing).
-type Fetched = (Digest, Option<Vec<u8>>);
+type Fetched = (Digest, Option<ObjectBuf>);
 
 impl StoreReader {
     /// Fetches the objects of chunks `indexes` at once: by index, with the chunk's name (a
@@ -167,9 +168,9 @@ impl StoreReader {
     /// object's buffer is kept for the next read where the backend reads into it.
     fn decode(&self, i: u64, (name, mut obj): Fetched, out: &mut [u8]) -> Result<()> {
         let v = &self.version;
-        let decoded = self.store.decode_chunk_into(&name, obj.as_mut(), out);
-        if self.store.backend.reuses_buffers() {
-            self.spares.lock().unwrap().extend(obj);
+        let decoded = self.store.decode_chunk_into(&name, obj.as_deref_mut(), out);
+        if let Some(ObjectBuf::Huge(buf)) = obj {
+            self.spares.lock().unwrap().push(buf);
         }
         decoded.map_err(|problem| {
             Error::Mismatch(format!(
