@@ -1,6 +1,7 @@
 //! `dir:/path` backend: one file per object. A put writes a temporary file, fsyncs it and
 //! renames it into place, so an object is either whole or absent; `sync` fsyncs the folders
-//! whose entries changed.
+//! whose entries changed. Chunk objects are written and read around the page cache
+//! (`io::direct`) where the file system allows it.
 
 use super::backend::{Backend, Listed, ObjectBuf, Peek};
 use crate::io::{direct, HugeBuf};
@@ -157,7 +158,7 @@ impl Backend for DirBackend {
                 false => write_cached(&tmp, &data)?,
             };
             f.sync_data()?;
-            // Clean now: the next objects reuse its pages warm.
+            // Written through the cache: clean now, so the next objects reuse its pages warm.
             crate::io::drop_cached(f.as_raw_fd(), 0, 0);
             fs::rename(&tmp, &path)
         };
