@@ -5,7 +5,7 @@
 
 use super::HugeBuf;
 use std::fs::{File, OpenOptions};
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -15,17 +15,30 @@ const BLOCK: usize = 4096;
 /// Smaller files (index pages, records) are cheaper through the page cache.
 const MIN_LEN: usize = 256 << 10;
 
-/// Whether `write_new` takes `data`: large, and starting on a page boundary (object buffers
-/// are `HugeBuf`s).
-pub fn fits(data: &[u8]) -> bool {
+/// Whether `data` can be written directly: large, and starting on a page boundary (object
+/// buffers are `HugeBuf`s).
+fn fits(data: &[u8]) -> bool {
     data.len() >= MIN_LEN && (data.as_ptr() as usize) % BLOCK == 0
 }
 
-/// Creates (or empties) `path` and writes `data` into it with `O_DIRECT`: the whole blocks
-/// straight from `data`, the last partial one from a zero-padded copy, then the file is cut to
-/// `data.len()`. Not synced. `EINVAL` means the file system (tmpfs, say) or the alignment does
-/// not allow it; the caller then writes the file through the cache.
+/// Creates (or empties) `path` and writes `data` into it, not synced: with `O_DIRECT` where
+/// `data` fits and the file system allows it (tmpfs before Linux 6.6 does not), else through
+/// the page cache.
 pub fn write_new(path: &Path, data: &[u8]) -> io::Result<File> {
+    if fits(data) {
+        match write_direct(path, data) {
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            written => return written,
+        }
+    }
+    let mut f = File::create(path)?;
+    f.write_all(data)?;
+    Ok(f)
+}
+
+/// `write_new` with `O_DIRECT`: the whole blocks straight from `data`, the last partial one
+/// from a zero-padded copy, then the file is cut to `data.len()`.
+fn write_direct(path: &Path, data: &[u8]) -> io::Result<File> {
     let f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -107,10 +120,7 @@ mod tests {
                 .for_each(|(i, b)| *b = (i * 7 % 251) as u8);
             assert!(fits(&buf));
             let p = d.path().join(format!("o{len}"));
-            match write_new(&p, &buf) {
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return, // no O_DIRECT here
-                r => drop(r.unwrap()),
-            }
+            drop(write_new(&p, &buf).unwrap());
             assert_eq!(std::fs::read(&p).unwrap(), &buf[..], "{len} bytes");
             let small = HugeBuf::zeroed(BLOCK);
             assert_eq!(

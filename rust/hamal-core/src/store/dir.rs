@@ -9,10 +9,10 @@ use crate::{Error, Result};
 use bytes::Bytes;
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
 pub struct DirBackend {
@@ -20,15 +20,6 @@ pub struct DirBackend {
     text: String,
     /// Folders with new or removed entries since the last `sync`.
     dirty: Mutex<HashSet<PathBuf>>,
-    /// Whether objects are written with `O_DIRECT` (until the file system refuses it).
-    direct: AtomicBool,
-}
-
-/// `data` into the new file `path`, through the page cache.
-fn write_cached(path: &Path, data: &[u8]) -> std::io::Result<File> {
-    let mut f = File::create(path)?;
-    f.write_all(data)?;
-    Ok(f)
 }
 
 const TMP_MARK: &str = ".tmp-";
@@ -64,7 +55,6 @@ impl DirBackend {
             root: root.to_owned(),
             text: text.to_owned(),
             dirty: Mutex::new(HashSet::new()),
-            direct: AtomicBool::new(true),
         })
     }
 
@@ -146,17 +136,7 @@ impl Backend for DirBackend {
             std::process::id()
         ));
         let write = || -> std::io::Result<()> {
-            let f = match self.direct.load(Relaxed) && direct::fits(&data) {
-                true => match direct::write_new(&tmp, &data) {
-                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        tracing::debug!(store = %self.text, "no O_DIRECT here ({e}): objects go through the page cache");
-                        self.direct.store(false, Relaxed);
-                        write_cached(&tmp, &data)?
-                    }
-                    written => written?,
-                },
-                false => write_cached(&tmp, &data)?,
-            };
+            let f = direct::write_new(&tmp, &data)?;
             f.sync_data()?;
             // Written through the cache: clean now, so the next objects reuse its pages warm.
             crate::io::drop_cached(f.as_raw_fd(), 0, 0);
@@ -290,28 +270,17 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let be = DirBackend::open(&d.path().join("store"), "s", true).unwrap();
         let len = (4 << 20) + 45; // an encrypted chunk's object: a partial last block
-        let mut obj = crate::io::HugeBuf::zeroed(len);
+        let mut obj = HugeBuf::zeroed(len);
         obj.iter_mut()
             .enumerate()
             .for_each(|(i, b)| *b = (i % 253) as u8);
         let want = obj.to_vec();
-        let obj = Bytes::from_owner(obj);
-        for direct in [true, false] {
-            be.direct.store(direct, Relaxed);
+        // An aligned buffer is written directly, a vector through the cache.
+        for (direct, data) in [(true, Bytes::from_owner(obj)), (false, want.clone().into())] {
             let key = format!("chunks/ab/direct-{direct}");
-            be.put(&key, obj.clone()).unwrap();
+            be.put(&key, data).unwrap();
             assert!(be.get(&key).unwrap().unwrap() == want, "direct: {direct}");
-            if direct {
-                // Still direct unless the file system refused it.
-                assert_eq!(be.direct.load(Relaxed), direct_supported(d.path()));
-            }
         }
-    }
-
-    /// Whether the file system at `dir` takes `O_DIRECT` (tmpfs before Linux 6.6 does not).
-    fn direct_supported(dir: &Path) -> bool {
-        let buf = crate::io::HugeBuf::zeroed(1 << 20);
-        crate::io::direct::write_new(&dir.join("probe"), &buf).is_ok()
     }
 
     #[test]
