@@ -236,23 +236,16 @@ def run(hamal: str, work: Path, runs: int, s3: dict | None, bucket=None, count: 
                 f"{r['name']:<24} {r['median_s']:>9.3f} {ratio:>9.2f} {r['peak_rss'] / MIB:>13.1f} "
                 f"{r['cpu_s']:>7.2f} {stored}{'' if r['ok'] else '  MISMATCH'}"
             )
-    if floor:
-        f = statistics.median(floor)
-        h = statistics.median(rows["hamal incremental"]["times"])
-        print(
-            f"radosgw alone, the same {count} x {CHANGED // MIB} MiB as "
-            f"{sum(len(json.loads(c.read_text())) for c in changes)} PUTs "
-            f"from memory (boto3): {f:.3f} s; hamal's incremental {h / f:.2f}x that"
-        )
-        out.append({"name": "PUTs alone incremental", "median_s": f, "times": floor, "ok": True})
-    if get_floor:
-        f = statistics.median(get_floor)
-        h = statistics.median(rows["hamal restore"]["times"])
-        print(
-            f"radosgw alone, the first version's {len(first_chunks)} chunk objects as GETs "
-            f"(boto3, bodies dropped): {f:.3f} s; hamal's restore {h / f:.2f}x that"
-        )
-        out.append({"name": "GETs alone restore", "median_s": f, "times": get_floor, "ok": True})
+    puts = sum(len(json.loads(c.read_text())) for c in changes)
+    changed = f"the same {count} x {CHANGED // MIB} MiB as {puts} PUTs from memory"
+    restored = f"the first version's {len(first_chunks)} chunk objects as GETs"
+    floors = (("PUTs alone", "incremental", floor, changed), ("GETs alone", "restore", get_floor, restored))
+    for name, step, times, what in floors:
+        if times:
+            f = statistics.median(times)
+            h = statistics.median(rows[f"hamal {step}"]["times"])
+            print(f"radosgw alone, {what} (boto3): {f:.3f} s; hamal's {step} {h / f:.2f}x that")
+            out.append({"name": f"{name} {step}", "median_s": f, "times": times, "ok": True})
     return out
 
 
