@@ -1,6 +1,7 @@
 """An HTTP proxy on 127.0.0.1 that forwards to an S3 server but fails some requests on purpose:
 every ``every``-th request gets the next fault of ``faults`` in turn: an error status with an S3
-error body ("503", "429", "400", "403") or "reset" (the connection dropped without an answer).
+error body ("503", "429", "400", "403"), "reset" (the connection dropped without an answer) or
+"cut" (the server's answer, its body cut off halfway: only GETs of objects with a body count).
 The Host header is passed through unchanged, so SigV4 signatures stay valid."""
 
 from __future__ import annotations
@@ -52,8 +53,11 @@ class FaultyProxy:
             def forward(self, n: int) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests += 1
+                cut = False
                 if every and n % every == 0:
                     kind = faults[(n // every - 1) % len(faults)]
+                    cut = kind == "cut"
+                if every and n % every == 0 and not cut:
                     proxy.faults[kind] += 1
                     if kind == "reset":
                         self.close_connection = True
@@ -79,7 +83,13 @@ class FaultyProxy:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if cut and self.command == "GET" and r.status == 200 and len(data) > 1:
+                    proxy.faults["cut"] += 1
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                elif self.command != "HEAD":
                     self.wfile.write(data)
                 conn.close()
 

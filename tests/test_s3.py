@@ -221,6 +221,24 @@ def test_injected_5xx_and_resets_are_retried(s3: S3Env, tmp_path: Path) -> None:
     assert sha256(out) == sha256(src)
 
 
+def test_bodies_cut_short_are_fetched_again(s3: S3Env, tmp_path: Path) -> None:
+    """A GET whose connection drops halfway through the body is sent again, and the object read
+    again from its start: a restore streams bodies into reused buffers."""
+    src = tmp_path / "disk.raw"
+    make_image(src, 40 * MIB, seed=19, fill=0.8)
+    r = run_hamal("sync", str(src), s3.store, "--disk", "cut", env=s3.env())
+    assert r.code == 0, r.err
+    with FaultyProxy(s3.cluster.endpoint, every=3, faults=("cut",)) as proxy:
+        conf = s3.conf("cut.conf")
+        text = conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint)
+        conf.write_text(text.replace("max_retries = 2", "max_retries = 10"))
+        out = tmp_path / "out.raw"
+        r = run_hamal("restore", s3.store, str(out), "--disk", "cut", env=s3.env(conf))
+        assert r.code == 0, r.err
+        assert proxy.faults["cut"] >= 2, proxy.faults
+    assert sha256(out) == sha256(src)
+
+
 def test_retries_follow_the_status(s3: S3Env, tmp_path: Path) -> None:
     src = tmp_path / "disk.raw"
     make_image(src, 16 * MIB, seed=18, fill=1.0)

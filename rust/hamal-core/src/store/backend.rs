@@ -75,7 +75,8 @@ pub trait Backend: Send + Sync {
     }
     /// As `get_many`, reading into `spares` (buffers of earlier objects) where the backend can:
     /// a fresh 4 MiB buffer per chunk costs its first-touch page faults. Objects read into a
-    /// `HugeBuf` are worth keeping as spares; S3 bodies come in buffers of their own.
+    /// `HugeBuf` (`dir:` reads them there with `O_DIRECT`, S3 streams bodies into them) are
+    /// worth keeping as spares.
     fn get_many_reusing(
         &self,
         keys: &[String],
