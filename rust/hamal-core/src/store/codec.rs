@@ -246,10 +246,10 @@ impl Codec {
 /// time as any other and gains nothing: 28% of the CPU samples of a first backup of such data
 /// (`perf record`). 32 samples of 4 KiB spread evenly across the chunk are compressed one by one
 /// (zstd level 1): when together they shrink by less than 2%, the chunk is stored as it is. A
-/// compressible stretch as long as the gap between samples (128 KiB in a 4 MiB chunk) holds one
-/// of them, which alone shrinks the samples by 3% if it packs to nothing. Inputs under 512 KiB
-/// are always tried. (One call over all samples at once misses a compressible sample at the
-/// end: zstd's fast levels skip ahead ever faster through data without matches.)
+/// compressible stretch as long as a sample and the gap to the next (132 KiB in a 4 MiB chunk)
+/// holds one of them, which alone shrinks the samples by 3% if it packs to nothing. Inputs
+/// under 512 KiB are always tried. (One call over all samples at once misses a compressible
+/// sample at the end: zstd's fast levels skip ahead ever faster through data without matches.)
 fn worth_compressing(plain: &[u8]) -> bool {
     if plain.len() < 4 * SAMPLES * SAMPLE {
         return true;
