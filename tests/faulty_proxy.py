@@ -53,11 +53,8 @@ class FaultyProxy:
             def forward(self, n: int) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests += 1
-                cut = False
-                if every and n % every == 0:
-                    kind = faults[(n // every - 1) % len(faults)]
-                    cut = kind == "cut"
-                if every and n % every == 0 and not cut:
+                kind = faults[(n // every - 1) % len(faults)] if every and n % every == 0 else None
+                if kind is not None and kind != "cut":
                     proxy.faults[kind] += 1
                     if kind == "reset":
                         self.close_connection = True
@@ -83,7 +80,7 @@ class FaultyProxy:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if cut and self.command == "GET" and r.status == 200 and len(data) > 1:
+                if kind == "cut" and self.command == "GET" and r.status == 200 and len(data) > 1:
                     proxy.faults["cut"] += 1
                     self.wfile.write(data[: len(data) // 2])
                     self.wfile.flush()

@@ -73,9 +73,7 @@ pub fn read_whole(path: &Path, spare: Option<HugeBuf>) -> io::Result<HugeBuf> {
     let room = len.div_ceil(BLOCK) * BLOCK;
     let mut buf = match spare {
         Some(b) if b.capacity() >= room => b,
-        // Pages are touched only as they are read into: room for a 4 MiB chunk's object costs
-        // nothing until it is used, and spares then fit the next objects.
-        _ => HugeBuf::zeroed(room.max((4 << 20) + BLOCK)),
+        _ => HugeBuf::zeroed(room.max(super::OBJECT_ROOM)),
     };
     buf.set_len(room);
     let got = match fill(&f, &mut buf, len) {

@@ -10,6 +10,11 @@ use std::ops::{Deref, DerefMut};
 
 const HUGE: usize = 2 << 20;
 
+/// The least room a reused object buffer gets: a 4 MiB chunk's object with its header, in
+/// whole 4 KiB blocks. Pages are touched only as they are filled, and spares then fit the next
+/// objects.
+pub const OBJECT_ROOM: usize = (4 << 20) + 4096;
+
 pub struct HugeBuf {
     map: *mut u8,
     map_len: usize,

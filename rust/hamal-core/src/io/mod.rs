@@ -12,7 +12,7 @@ use std::os::fd::RawFd;
 use std::sync::OnceLock;
 
 pub use blocking::{pread_exact, pwrite_all};
-pub use huge::{return_large_frees, HugeBuf};
+pub use huge::{return_large_frees, HugeBuf, OBJECT_ROOM};
 
 /// Which I/O back end a plan asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

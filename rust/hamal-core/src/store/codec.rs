@@ -391,8 +391,8 @@ mod tests {
     }
 
     /// A chunk of random data is stored raw without compressing all of it; any stretch of
-    /// compressible data as long as the gap between samples, wherever it lies, gets the chunk
-    /// compressed; small chunks are always tried.
+    /// compressible data as long as a sample and the gap to the next, wherever it lies, gets
+    /// the chunk compressed; small chunks are always tried.
     #[test]
     fn only_chunks_whose_samples_shrink_are_compressed() {
         const MIB: usize = 1 << 20;

@@ -3,7 +3,7 @@
 //! engine's threads call it through a small tokio runtime owned by the backend.
 
 use super::backend::{Backend, Listed, ObjectBuf};
-use crate::io::HugeBuf;
+use crate::io::{HugeBuf, OBJECT_ROOM};
 use crate::{Error, Result};
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
@@ -248,8 +248,6 @@ impl S3Backend {
                 let len = (answer.range.end - answer.range.start) as usize;
                 let mut buf = match kept.take() {
                     Some(b) if b.capacity() >= len => b,
-                    // Room for a 4 MiB chunk's object: spares then fit the next objects, and
-                    // pages are touched only as the body fills them.
                     _ => HugeBuf::zeroed(len.max(OBJECT_ROOM)),
                 };
                 buf.set_len(len);
@@ -279,9 +277,6 @@ impl S3Backend {
         }
     }
 }
-
-/// The smallest buffer `get_into` allocates: a 4 MiB chunk's object with its header.
-const OBJECT_ROOM: usize = (4 << 20) + 4096;
 
 impl Backend for S3Backend {
     fn describe(&self) -> String {
