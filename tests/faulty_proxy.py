@@ -2,11 +2,13 @@
 every ``every``-th request gets the next fault of ``faults`` in turn: an error status with an S3
 error body ("503", "429", "400", "403"), "reset" (the connection dropped without an answer) or
 "cut" (the server's answer, its body cut off halfway: only GETs of objects with a body count).
-The Host header is passed through unchanged, so SigV4 signatures stay valid."""
+The Host header is passed through unchanged, so SigV4 signatures stay valid. ``payloads``
+counts how PUT bodies were signed: "unsigned", "sha256" (the body's own hash) or "wrong"."""
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import http.client
 import itertools
 import ssl
@@ -35,6 +37,7 @@ class FaultyProxy:
         up = urlparse(upstream)
         counter = itertools.count(1)
         self.faults: collections.Counter[str] = collections.Counter()
+        self.payloads: collections.Counter[str] = collections.Counter()
         self.requests = 0
         proxy = self
 
@@ -53,6 +56,15 @@ class FaultyProxy:
             def forward(self, n: int) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests += 1
+                if self.command == "PUT" and body:
+                    signed = self.headers.get("x-amz-content-sha256", "")
+                    proxy.payloads[
+                        "unsigned"
+                        if signed == "UNSIGNED-PAYLOAD"
+                        else "sha256"
+                        if signed == hashlib.sha256(body).hexdigest()
+                        else "wrong"
+                    ] += 1
                 kind = faults[(n // every - 1) % len(faults)] if every and n % every == 0 else None
                 if kind is not None and kind != "cut":
                     proxy.faults[kind] += 1

@@ -290,6 +290,28 @@ def test_tls_failures_say_why(s3: S3Env, tmp_path: Path) -> None:
             assert why in line and f"[s3] ca_file = {ca_file}" in line and proxy.endpoint in line, line
 
 
+def test_bodies_are_signed_unless_tls_guards_them(s3: S3Env, tmp_path: Path) -> None:
+    """Over plain HTTP every PUT body's SHA-256 is signed (the server checks it: a body damaged
+    on the way is refused); over HTTPS, TLS guards it and the hash is skipped on both sides."""
+    from certs import Ca
+
+    src = tmp_path / "disk.raw"
+    make_image(src, 12 * MIB, seed=23, fill=0.7)
+    ca = Ca(tmp_path)
+    for tls, expect in ((None, "sha256"), (ca.server("s3"), "unsigned")):
+        with FaultyProxy(s3.cluster.endpoint, every=0, tls=tls) as proxy:
+            conf = s3.conf(f"{expect}.conf")
+            text = conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint)
+            conf.write_text(text.replace("[s3]\n", f"[s3]\nca_file = {ca.pem}\n"))
+            r = run_hamal("sync", str(src), s3.store, "--disk", expect, env=s3.env(conf))
+            assert r.code == 0, r.err
+            assert set(proxy.payloads) == {expect} and proxy.payloads[expect] >= 3, proxy.payloads
+            out = tmp_path / f"{expect}.raw"
+            r = run_hamal("restore", s3.store, str(out), "--disk", expect, env=s3.env(conf))
+            assert r.code == 0, r.err
+            assert out.read_bytes() == src.read_bytes()
+
+
 def test_credentials_from_the_environment(s3: S3Env, tmp_path: Path) -> None:
     src = tmp_path / "disk.raw"
     make_image(src, 4 * MIB)

@@ -125,6 +125,15 @@ impl S3Backend {
             // `POST ?delete` gets a body back, which radosgw holds ~40 ms (see `get_many`), and
             // some S3-compatible stores lack it.
             .with_disable_bulk_delete(true)
+            // TLS already guards a body in flight: hashing each one for its signature (here,
+            // and again on the server to check it) is only needed over plain HTTP, where it is
+            // what catches a body damaged on the way. Over HTTPS the payload is left unsigned,
+            // as the AWS SDKs do (an 80 MiB incremental into radosgw: 0.454 -> 0.375 s).
+            .with_unsigned_payload(
+                endpoint
+                    .as_ref()
+                    .is_none_or(|ep| ep.starts_with("https://")),
+            )
             .with_retry(retry);
         if let Some(ep) = &endpoint {
             b = b.with_endpoint(ep.clone());
