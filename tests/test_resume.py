@@ -20,8 +20,18 @@ JOURNAL_RECORD = 48  # chunk index, digest, bytes stored
 
 
 def journal_records(journal: Path) -> int:
-    """Bytes of journal beyond its header (0 when none yet)."""
-    return max(0, journal.stat().st_size - JOURNAL_HEADER) if journal.exists() else 0
+    """Chunks the journal lists in whole batches (each batch: a u32 count, the records, an
+    8-byte check), 0 when there is none yet. Counting bytes instead took 19 chunks in 4 batches
+    for 20."""
+    data = journal.read_bytes() if journal.exists() else b""
+    pos, records = JOURNAL_HEADER, 0
+    while pos + 4 <= len(data):
+        count = int.from_bytes(data[pos : pos + 4], "little")
+        end = pos + 4 + count * JOURNAL_RECORD + 8
+        if end > len(data):
+            break
+        records, pos = records + count, end
+    return records
 
 
 def kill_mid_sync(
@@ -35,7 +45,7 @@ def kill_mid_sync(
     cmd += ["--fsync-period", "0.1", "--chunk-size", "1M", "--no-progress"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
-    while journal_records(journal) < min_chunks * JOURNAL_RECORD and time.monotonic() < deadline:
+    while journal_records(journal) < min_chunks and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
