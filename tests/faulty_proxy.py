@@ -38,6 +38,7 @@ class FaultyProxy:
         counter = itertools.count(1)
         self.faults: collections.Counter[str] = collections.Counter()
         self.payloads: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
         self.requests = 0
         proxy = self
 
@@ -56,6 +57,8 @@ class FaultyProxy:
             def forward(self, n: int) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.requests += 1
+                parts = urlparse(self.path).path.split("/")
+                proxy.calls[(self.command, parts[3] if len(parts) > 4 else "")] += 1
                 if self.command == "PUT" and body:
                     signed = self.headers.get("x-amz-content-sha256", "")
                     proxy.payloads[

@@ -312,6 +312,30 @@ def test_bodies_are_signed_unless_tls_guards_them(s3: S3Env, tmp_path: Path) -> 
             assert out.read_bytes() == src.read_bytes()
 
 
+def test_an_incremental_and_a_restore_read_one_version_record(s3: S3Env, tmp_path: Path) -> None:
+    """However many versions a disk has, an incremental reads the newest record alone and a
+    restore the one it restores: a listing and one GET, not a GET per version."""
+    src = tmp_path / "disk.raw"
+    make_image(src, 8 * MIB, seed=31, fill=0.5)
+    first = sync(s3, src)
+    empty = changed_file(tmp_path, [])
+    with FaultyProxy(s3.cluster.endpoint, every=0) as proxy:
+        conf = s3.conf("counted.conf")
+        conf.write_text(conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint))
+        for _ in range(6):
+            proxy.calls.clear()
+            sync(s3, src, "--changed", empty, env=s3.env(conf))
+            assert proxy.calls[("GET", "versions")] == 1, proxy.calls
+        for version in (first, None):
+            proxy.calls.clear()
+            out = tmp_path / f"restored-{version}.raw"
+            pick = ["--version", version] if version else []
+            r = run_hamal("restore", s3.store, str(out), "--disk", "vm-1", *pick, env=s3.env(conf))
+            assert r.code == 0, r.err
+            assert sha256(out) == sha256(src)
+            assert proxy.calls[("GET", "versions")] == 1, proxy.calls
+
+
 def test_credentials_from_the_environment(s3: S3Env, tmp_path: Path) -> None:
     src = tmp_path / "disk.raw"
     make_image(src, 4 * MIB)

@@ -157,3 +157,48 @@ def test_a_restore_reads_versions_of_another_chunk_size(tmp_path: Path, chunk: s
     r = run_hamal("restore", store, str(out), "--disk", "d0")
     assert r.code == 0, r.err
     assert out.stat().st_size == src.stat().st_size and sha256(out) == sha256(src)
+
+
+def test_a_sync_and_a_restore_read_the_newest_record_alone(tmp_path: Path) -> None:
+    """An incremental builds on the newest record and a restore reads the one it restores: an
+    older record, damaged here, is neither read nor in the way (`verify` and `versions` report
+    it); a damaged newest record stops both, named, and nothing is committed."""
+    src = tmp_path / "src.raw"
+    make_image(src, 16 * MIB, seed=31, fill=0.6)
+    store_dir = tmp_path / "store"
+    store = f"dir:{store_dir}"
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    assert run_hamal("sync", str(src), store, "--disk", "d0").code == 0
+    for _ in range(2):
+        assert run_hamal("sync", str(src), store, "--disk", "d0", "--changed", str(empty)).code == 0
+    v1, v2, v3 = (v["version"] for v in versions(store))
+    records = store_dir / "versions" / "d0"
+    (records / f"{v1}.json").write_text("{ damaged")
+
+    with open(src, "r+b") as f:
+        f.seek(3 * MIB)
+        f.write(b"newer" * 1000)
+    changed = tmp_path / "changed.json"
+    changed.write_text(json.dumps([[3 * MIB, 5000]]))
+    r = run_hamal("sync", str(src), store, "--disk", "d0", "--changed", str(changed), "--json")
+    assert r.code == 0, r.err
+    v4 = json.loads(r.out)["version"]
+    assert json.loads(r.out)["parent"] == v3
+    out = tmp_path / "out.raw"
+    r = run_hamal("restore", store, str(out), "--disk", "d0")
+    assert r.code == 0, r.err
+    assert sha256(out) == sha256(src)
+    r = run_hamal("restore", store, str(out), "--disk", "d0", "--version", v1)
+    assert r.code == 1 and f"versions/d0/{v1}.json" in one_error_line(r.err), r.err
+    r = run_hamal("versions", store, "--json")
+    assert r.code == 3 and [v["version"] for v in json.loads(r.out)["versions"]] == [v2, v3, v4], r.out
+    assert run_hamal("verify", store).code == 3
+
+    (records / f"{v4}.json").write_text("{ damaged")
+    r = run_hamal("sync", str(src), store, "--disk", "d0", "--changed", str(empty))
+    assert r.code == 1 and f"versions/d0/{v4}.json" in one_error_line(r.err), r.err
+    assert "damaged" in r.err or "not a version record" in r.err, r.err
+    r = run_hamal("restore", store, str(out), "--disk", "d0")
+    assert r.code == 1 and f"versions/d0/{v4}.json" in one_error_line(r.err), r.err
+    assert sorted(p.stem for p in records.iterdir()) == [v1, v2, v3, v4], "nothing committed"

@@ -6,8 +6,9 @@ engine's log bridge (Rust) calls :func:`ready` before its first record."""
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
+# For type checkers only: importing `typing` costs every command ~3 ms of its start.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     import logging
     from types import ModuleType

@@ -5,14 +5,14 @@ use super::codec::{self, hex, parse_digest, Codec, Keys};
 use super::dir::DirBackend;
 use super::s3::S3Backend;
 use super::tree::{self, PageIo};
-use super::version::{Version, FORMAT};
+use super::version::{version_key, Version, FORMAT};
 use super::{StoreLocation, StoreOptions, StoreUri};
 use crate::checksum::Digest;
 use crate::io::HugeBuf;
 use crate::{Error, Result};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 const CONFIG_KEY: &str = "hamal-store.json";
@@ -344,43 +344,63 @@ impl Store {
         Ok(out)
     }
 
-    /// The newest version of `disk`; a damaged record of that disk is an error (it could be the
-    /// newest, and an incremental on an older parent would be wrong).
-    pub fn latest(&self, disk: &str) -> Result<Option<Version>> {
-        let mut r = self.records(Some(disk))?;
-        if let Some((key, problem)) = r.damaged.first() {
-            return Err(Error::Mismatch(format!("{key}: {problem}")));
+    /// Version ids of `disk`, oldest first, from listings alone: no record is read.
+    pub fn version_ids(&self, disk: &str) -> Result<Vec<String>> {
+        let prefix = format!("versions/{disk}/");
+        let mut ids = BTreeSet::new();
+        for place in &self.record_places {
+            for item in place.list(&prefix)? {
+                let name = item.key.strip_prefix(&prefix).unwrap_or_default();
+                ids.extend(name.strip_suffix(".json").map(str::to_owned));
+            }
         }
-        Ok(r.good.remove(disk).and_then(|mut v| v.pop()))
+        Ok(ids.into_iter().collect())
+    }
+
+    /// The record of version `id` of `disk` from the first place that holds one (`None`: no
+    /// place does); a damaged record is an error that names it.
+    pub fn read_record(&self, disk: &str, id: &str) -> Result<Option<Version>> {
+        let key = version_key(disk, id);
+        for place in &self.record_places {
+            let Some(bytes) = place.get(&key)? else {
+                continue;
+            };
+            let problem = match Version::parse(&bytes) {
+                Ok(v) if v.key() == key => return Ok(Some(v)),
+                Ok(_) => "record names another disk or version".into(),
+                Err(e) => e,
+            };
+            return Err(Error::Mismatch(format!(
+                "{}: {key}: {problem}",
+                place.describe()
+            )));
+        }
+        Ok(None)
+    }
+
+    /// The newest version of `disk`, its record read alone: a disk with a thousand versions
+    /// costs a listing and one read, not a thousand reads. A damaged newest record is an error
+    /// (an incremental on an older parent would be wrong); older ones are `verify`'s to report.
+    pub fn latest(&self, disk: &str) -> Result<Option<Version>> {
+        for id in self.version_ids(disk)?.iter().rev() {
+            // Gone since the listing (a prune): the next newest.
+            if let Some(v) = self.read_record(disk, id)? {
+                return Ok(Some(v));
+            }
+        }
+        Ok(None)
     }
 
     /// Version `id` of `disk`, or its newest.
     pub fn find_version(&self, disk: &str, id: Option<&str>) -> Result<Version> {
-        let Some(id) = id else {
-            return self.latest(disk)?.ok_or_else(|| {
-                Error::Plan(format!(
-                    "store {}: disk '{disk}' has no version",
-                    self.uri.text
-                ))
-            });
+        let found = match id {
+            Some(id) => self.read_record(disk, id)?,
+            None => self.latest(disk)?,
         };
-        let mut r = self.records(Some(disk))?;
-        if let Some((key, problem)) = r
-            .damaged
-            .iter()
-            .find(|(k, _)| k.ends_with(&format!("/{id}.json")))
-        {
-            return Err(Error::Mismatch(format!("{key}: {problem}")));
-        }
-        r.good
-            .remove(disk)
-            .and_then(|list| list.into_iter().find(|v| v.version == id))
-            .ok_or_else(|| {
-                Error::Plan(format!(
-                    "store {}: disk '{disk}' has no version '{id}'",
-                    self.uri.text
-                ))
-            })
+        found.ok_or_else(|| {
+            let what = id.map_or("no version".into(), |id| format!("no version '{id}'"));
+            Error::Plan(format!("store {}: disk '{disk}' has {what}", self.uri.text))
+        })
     }
 
     /// Writes a version record everywhere records are kept; the write to the store is the

@@ -172,23 +172,21 @@ impl Prepared for Upload<'_> {
 /// The version an incremental applies its changes to, or why none fits.
 fn choose_parent(store: &Store, spec: &StoreSync) -> Result<std::result::Result<Version, String>> {
     let disk = spec.disk;
-    let mut records = store.records(Some(disk))?;
-    if let Some((key, problem)) = records.damaged.first() {
-        return Err(Error::Mismatch(format!("{key}: {problem}")));
-    }
-    let versions = records.good.remove(disk).unwrap_or_default();
-    let newest = versions.last().map(|v| v.version.clone());
     let found = match spec.parent {
-        Some(id) => versions.into_iter().find(|v| v.version == id),
-        None => versions.into_iter().last(),
+        Some(id) => store.read_record(disk, id)?,
+        None => store.latest(disk)?,
     };
     let Some(p) = found else {
+        let newest = match spec.parent {
+            Some(_) => store.version_ids(disk)?.pop(),
+            None => None,
+        };
         return Ok(Err(match (spec.parent, newest) {
             (_, None) => format!("disk '{disk}' has no version yet, so there is nothing to apply changes to"),
             (Some(id), Some(n)) => format!(
                 "the changes are relative to version {id} of disk '{disk}', which is not in the store (its newest is {n})"
             ),
-            (None, Some(_)) => unreachable!("the newest exists"),
+            (None, Some(_)) => unreachable!("asked only for a named parent"),
         }));
     };
     if p.size != spec.size || p.chunk_size != spec.chunk_size {
