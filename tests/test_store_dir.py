@@ -191,6 +191,10 @@ def test_a_sync_and_a_restore_read_the_newest_record_alone(tmp_path: Path) -> No
     assert sha256(out) == sha256(src)
     r = run_hamal("restore", store, str(out), "--disk", "d0", "--version", v1)
     assert r.code == 1 and f"versions/d0/{v1}.json" in one_error_line(r.err), r.err
+    # A version is read by its id alone now: one that is a path names no version.
+    (tmp_path / "outside.json").write_text((records / f"{v2}.json").read_text())
+    r = run_hamal("restore", store, str(out), "--disk", "d0", "--version", "../../../outside")
+    assert r.code == 1 and "has no version '../../../outside'" in one_error_line(r.err), r.err
     r = run_hamal("versions", store, "--json")
     assert r.code == 3 and [v["version"] for v in json.loads(r.out)["versions"]] == [v2, v3, v4], r.out
     assert run_hamal("verify", store).code == 3

@@ -5,7 +5,7 @@ use super::codec::{self, hex, parse_digest, Codec, Keys};
 use super::dir::DirBackend;
 use super::s3::S3Backend;
 use super::tree::{self, PageIo};
-use super::version::{version_key, Version, FORMAT};
+use super::version::{check_disk_id, version_key, Version, FORMAT};
 use super::{StoreLocation, StoreOptions, StoreUri};
 use crate::checksum::Digest;
 use crate::io::HugeBuf;
@@ -358,8 +358,12 @@ impl Store {
     }
 
     /// The record of version `id` of `disk` from the first place that holds one (`None`: no
-    /// place does); a damaged record is an error that names it.
+    /// place does, or `id` could not name one); a damaged record is an error that names it.
     pub fn read_record(&self, disk: &str, id: &str) -> Result<Option<Version>> {
+        // Ids and disks name folders and files: a `..` or `/` must not reach outside `versions/`.
+        if check_disk_id(disk).is_err() || check_disk_id(id).is_err() {
+            return Ok(None);
+        }
         let key = version_key(disk, id);
         for place in &self.record_places {
             let Some(bytes) = place.get(&key)? else {
