@@ -3,7 +3,9 @@ every ``every``-th request gets the next fault of ``faults`` in turn: an error s
 error body ("503", "429", "400", "403"), "reset" (the connection dropped without an answer) or
 "cut" (the server's answer, its body cut off halfway: only GETs of objects with a body count).
 The Host header is passed through unchanged, so SigV4 signatures stay valid. ``payloads``
-counts how PUT bodies were signed: "unsigned", "sha256" (the body's own hash) or "wrong"."""
+counts how PUT bodies were signed: "unsigned", "sha256" (the body's own hash) or "wrong";
+``calls`` counts requests by method and the folder of their key under the store's prefix
+(path-style: ``/bucket/prefix/versions/d0/x.json`` is ``("GET", "versions")``)."""
 
 from __future__ import annotations
 

@@ -329,12 +329,8 @@ impl Store {
         };
         for (key, (place, bytes)) in seen {
             let Some(bytes) = bytes else { continue };
-            match Version::parse(&bytes) {
-                Ok(v) if v.key() == key => out.good.entry(v.disk.clone()).or_default().push(v),
-                Ok(_) => out.damaged.push((
-                    format!("{place}: {key}"),
-                    "record names another disk or version".into(),
-                )),
+            match Version::parse(&key, &bytes) {
+                Ok(v) => out.good.entry(v.disk.clone()).or_default().push(v),
                 Err(e) => out.damaged.push((format!("{place}: {key}"), e)),
             }
         }
@@ -369,15 +365,9 @@ impl Store {
             let Some(bytes) = place.get(&key)? else {
                 continue;
             };
-            let problem = match Version::parse(&bytes) {
-                Ok(v) if v.key() == key => return Ok(Some(v)),
-                Ok(_) => "record names another disk or version".into(),
-                Err(e) => e,
-            };
-            return Err(Error::Mismatch(format!(
-                "{}: {key}: {problem}",
-                place.describe()
-            )));
+            return Version::parse(&key, &bytes)
+                .map(Some)
+                .map_err(|e| Error::Mismatch(format!("{}: {key}: {e}", place.describe())));
         }
         Ok(None)
     }

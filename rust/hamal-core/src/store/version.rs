@@ -62,8 +62,8 @@ impl Version {
         serde_json::to_vec_pretty(self).expect("serializable")
     }
 
-    /// Parses and checks a stored record; the error says what is wrong.
-    pub fn parse(bytes: &[u8]) -> Result<Version, String> {
+    /// Parses and checks the record stored under `key`; the error says what is wrong.
+    pub fn parse(key: &str, bytes: &[u8]) -> Result<Version, String> {
         let v: Version =
             serde_json::from_slice(bytes).map_err(|e| format!("not a version record: {e}"))?;
         if v.format != FORMAT {
@@ -77,6 +77,9 @@ impl Version {
         }
         if v.root_digest().is_none() {
             return Err("version record has a bad root".into());
+        }
+        if v.key() != key {
+            return Err("record names another disk or version".into());
         }
         Ok(v)
     }
