@@ -24,7 +24,7 @@ use crate::{Error, Result};
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 /// What one finished disk sync reports.
@@ -194,7 +194,7 @@ pub(crate) struct DiskRun<'a> {
     pub plan: &'a DiskPlan,
     pub tuning: &'a Tuning,
     pub progress: &'a DiskProgress,
-    pub cancel: &'a AtomicBool,
+    pub cancel: &'a Arc<AtomicBool>,
     pub pacer: &'a Pacer,
     pub memory_budget: u64,
 }
@@ -211,6 +211,7 @@ impl DiskRun<'_> {
             plan.version.as_deref(),
             plan.changed.is_none(),
         )?;
+        source.stop_on(self.cancel);
         let size = source.size();
         let changed = match &plan.changed {
             Some(c) => Some(validate_changed(&c.pairs, size, &c.origin)?),

@@ -17,7 +17,7 @@ struct Shared {
     plan: JobPlan,
     progress: Vec<DiskProgress>,
     outcomes: Mutex<Vec<Option<DiskOutcome>>>,
-    cancel: AtomicBool,
+    cancel: Arc<AtomicBool>,
     finished: Mutex<bool>,
     finished_cv: Condvar,
 }
@@ -50,7 +50,7 @@ impl Job {
         let shared = Arc::new(Shared {
             progress: (0..n).map(|_| DiskProgress::default()).collect(),
             outcomes: Mutex::new(vec![None; n]),
-            cancel: AtomicBool::new(false),
+            cancel: Arc::new(AtomicBool::new(false)),
             finished: Mutex::new(false),
             finished_cv: Condvar::new(),
             plan,

@@ -17,6 +17,7 @@ use crate::extent::ExtentMap;
 use crate::io::shm::SharedMem;
 use crate::io::ReadReq;
 use crate::Result;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 pub trait Source: Send + Sync {
@@ -41,6 +42,9 @@ pub trait Source: Send + Sync {
     fn identity(&self) -> Option<String>;
     /// A reader for one engine thread, with up to `depth` reads in flight.
     fn reader(&self, depth: u32) -> Result<Box<dyn SourceReader>>;
+    /// A flag (the job's cancel) that, once set, ends the source's waits on a peer within a
+    /// second, even while a server says nothing.
+    fn stop_on(&self, _stop: &Arc<AtomicBool>) {}
     /// Reads are plain file I/O on this host (see `Target::local_io`).
     fn local_io(&self) -> bool {
         false

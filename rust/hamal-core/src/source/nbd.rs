@@ -16,13 +16,15 @@ use crate::nbd::{Connection, NbdUri, STATE_ZERO};
 use crate::{Error, Result};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::mpsc::Receiver;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 const ALLOCATION: &str = "base:allocation";
 const DIRTY: u32 = 1;
 /// A server that answers nothing for this long fails the sync instead of hanging it.
 pub const NBD_TIMEOUT: Duration = Duration::from_secs(60);
+/// Extents a block-status map holds at most (16 MiB of them).
+const MAX_MAP_EXTENTS: usize = 1 << 20;
 /// How long a further connection may take to be served before readers share the first one.
 pub const EXTRA_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -33,6 +35,8 @@ pub struct NbdSource {
     size: u64,
     /// The first reader has taken the shared connection.
     shared_taken: AtomicBool,
+    /// The job's cancel: every connection's waits end soon after it is set.
+    stop: OnceLock<Arc<AtomicBool>>,
 }
 
 fn bitmap_context(name: &str) -> String {
@@ -59,25 +63,37 @@ impl NbdSource {
             control: Arc::new(Mutex::new(control)),
             size,
             shared_taken: AtomicBool::new(false),
+            stop: OnceLock::new(),
         })
     }
 
-    /// Extents of a metadata context whose flags satisfy `keep`.
+    /// Extents of a metadata context whose flags satisfy `keep`. However many extents the
+    /// server reports, the map holds at most [`MAX_MAP_EXTENTS`]: past that its extents are
+    /// widened to ever coarser blocks (reading more than changed is safe, less never is).
     fn map(&self, context: &str, keep: impl Fn(u32) -> bool) -> Result<ExtentMap> {
-        let extents = self
-            .control
+        let mut kept = ExtentMap::new();
+        let mut grid = 1u64;
+        let size = self.size;
+        self.control
             .lock()
             .unwrap()
-            .block_status(context, 0, self.size)
+            .block_status(context, 0, size, |e| {
+                if keep(e.flags) {
+                    kept.push(Extent::new(e.offset, e.len));
+                    while kept.extents().len() > MAX_MAP_EXTENTS {
+                        grid = (grid * 2).max(4096);
+                        kept = kept.align_to_grid(grid, size);
+                    }
+                }
+            })
             .map_err(|e| {
                 Error::source_io(&self.uri.text, "block status failed", e.offset, e.error)
             })?;
-        Ok(ExtentMap::from_extents(
-            extents
-                .into_iter()
-                .filter(|e| keep(e.flags))
-                .map(|e| Extent::new(e.offset, e.len)),
-        ))
+        if grid > 1 {
+            tracing::warn!(export = %self.uri.text, context, grid, "the server reported too many extents to keep: whole blocks of {grid} bytes are read instead");
+            kept = kept.align_to_grid(grid, size);
+        }
+        Ok(kept)
     }
 }
 
@@ -108,6 +124,12 @@ impl Source for NbdSource {
         }
     }
 
+    fn stop_on(&self, stop: &Arc<AtomicBool>) {
+        if self.stop.set(stop.clone()).is_ok() {
+            self.control.lock().unwrap().set_stop(stop.clone());
+        }
+    }
+
     /// An export says nothing about which snapshot it serves: a new one may appear at the same
     /// URI, so only the caller's `source_id` makes a journal trustworthy.
     fn identity(&self) -> Option<String> {
@@ -120,23 +142,31 @@ impl Source for NbdSource {
         if !self.shared_taken.swap(true, Relaxed) {
             return Ok(Box::new(NbdReader::Shared(self.control.clone(), uri, None)));
         }
+        let stop = self.stop.get().cloned();
         if self.control.lock().unwrap().info().can_multi_conn() {
-            let conn = Connection::connect(&self.uri, &[], NBD_TIMEOUT)
+            let mut conn = Connection::connect(&self.uri, &[], NBD_TIMEOUT)
                 .map_err(|e| Error::source_io(&uri, "cannot open NBD export", e.offset, e.error))?;
+            if let Some(stop) = stop {
+                conn.set_stop(stop);
+            }
             return Ok(Box::new(NbdReader::Own(conn, uri)));
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let target = self.uri.clone();
-        std::thread::spawn(move || {
-            let probe = Connection::connect(&target, &[], EXTRA_TIMEOUT)
-                .and_then(|c| c.set_timeout(NBD_TIMEOUT).map(|()| c).map_err(Into::into));
-            match probe {
-                Ok(c) => drop(tx.send(c)),
+        std::thread::spawn(
+            move || match Connection::connect(&target, &[], EXTRA_TIMEOUT) {
+                Ok(mut c) => {
+                    c.set_timeout(NBD_TIMEOUT);
+                    if let Some(stop) = &stop {
+                        c.set_stop(stop.clone());
+                    }
+                    drop(tx.send(c))
+                }
                 Err(e) => {
                     tracing::debug!(export = %target.text, "readers share one connection: {}", e.error)
                 }
-            }
-        });
+            },
+        );
         Ok(Box::new(NbdReader::Shared(
             self.control.clone(),
             uri,
