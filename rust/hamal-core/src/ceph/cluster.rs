@@ -2,10 +2,10 @@
 //! bounded by the URI's timeout (librados' mount, monitor and OSD operation timeouts), so an
 //! unreachable cluster fails instead of hanging.
 
-use super::ffi::{self, Api, SnapInfo};
 use super::RbdUri;
 use crate::io::{BatchError, ReadReq};
 use crate::{Error, Result};
+use librbd_sys::{self as ffi, Api, SnapInfo};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io;
 use std::path::Path;

@@ -2,7 +2,6 @@
 //! snapshot helpers the OpenStack adapter uses. The source itself is `source::RbdSource`.
 
 mod cluster;
-mod ffi;
 mod uri;
 
 pub use cluster::{DiffExtent, Pool, RbdImage, Snapshot};

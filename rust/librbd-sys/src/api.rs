@@ -1,25 +1,9 @@
-//! The C API of librados and librbd, loaded with `dlopen` at first use so the wheel installs and
-//! runs on hosts without Ceph. Only the calls hamal makes are listed; signatures follow
-//! `rados/librados.h` and `rbd/librbd.h` (stable C ABI since Luminous).
+//! The symbol table: one list of the functions hamal calls drives the loader.
 
+use crate::types::*;
 use libloading::Library;
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::OnceLock;
-
-pub type Rados = *mut c_void;
-pub type IoCtx = *mut c_void;
-pub type Image = *mut c_void;
-pub type Completion = *mut c_void;
-pub type DiffCallback = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
-pub type CompletionCallback = extern "C" fn(Completion, *mut c_void);
-
-/// `rbd_snap_info_t`.
-#[repr(C)]
-pub struct SnapInfo {
-    pub id: u64,
-    pub size: u64,
-    pub name: *const c_char,
-}
 
 /// The library to load; `HAMAL_LIBRBD` names another file (a test uses a missing one).
 pub const LIBRBD: &str = "librbd.so.1";
