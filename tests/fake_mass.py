@@ -121,6 +121,10 @@ class FakeMass:
         self.fail_next = 0
         self.delay = 0.0
         self.registered = False
+        # Lies: its own answers then break the contract, so they are not checked against it
+        self.lying = False
+        self.forget = False  # every call after registering: "unknown proxy"
+        self.padding = 0  # bytes of filler in the task list's answer
         # What it has and what it received
         self.tasks: list[Any] = []
         self.commands: list[dict[str, Any]] = []
@@ -248,7 +252,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(
         self, status: int, body: Any, op: dict[str, Any] | None, headers: dict[str, str] | None = None
     ) -> None:
-        if op is not None:
+        if op is not None and not self.mass.lying:
             for v in self.mass.contract.check_response(op, status, body):
                 self.mass.violations.append(f"answer {status} to {self.command} {self.path}: {v}")
         raw = b"" if body is None else json.dumps(body).encode()
@@ -296,7 +300,7 @@ class _Handler(BaseHTTPRequestHandler):
         name = op["operationId"]
         if params.get("proxy_id", m.proxy_id) != m.proxy_id:
             return self._send(404, envelope(code="10000404", message="unknown proxy"), op)
-        if name not in ("ping", "publicIp", "register") and not m.registered:
+        if name not in ("ping", "publicIp", "register") and (m.forget or not m.registered):
             return self._send(404, envelope(code="10000404", message="register first"), op)
         status, data, headers = getattr(self, f"op_{name}")(body, params)
         self._send(status, envelope(data) if status == 200 else data, op, headers)
@@ -328,7 +332,10 @@ class _Handler(BaseHTTPRequestHandler):
             tag = m.etag()
             if self.headers.get("If-None-Match") == tag:
                 return 304, None, {"ETag": tag}
-            return 200, {"tasks": list(m.tasks), "commands": list(m.commands)}, {"ETag": tag}
+            data = {"tasks": list(m.tasks), "commands": list(m.commands)}
+            if m.padding:
+                data["padding"] = "x" * m.padding
+            return 200, data, {"ETag": tag}
 
     def _message(self, kind: list[dict[str, Any]], body: Any) -> Any:
         with self.mass.lock:

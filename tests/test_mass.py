@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ def mass(tmp_path: Path):
 
 
 def env_for(tmp_path: Path, mass: FakeMass, **over: Any) -> ServiceEnv:
+    over = {"allowed_target_roots": tmp_path / "svc" / "store", **over}
     env = ServiceEnv(tmp_path / "svc", extra_conf=mass.conf(**over))
     env.write_conf(period="interval = 2\ncycle_retry_delay = 1\ntask_update_wait_time = 1\n")
     return env
@@ -131,6 +133,95 @@ def test_mass_drives_the_service(tmp_path: Path, mass: FakeMass) -> None:
     # The credentials are kept in the state database only, which only its owner reads.
     for f in env.lib.glob("hamal.db*"):
         assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+
+
+def test_tasks_from_mass_write_only_inside_the_allowed_roots(tmp_path: Path, mass: FakeMass) -> None:
+    """Mass could make hamal write anywhere: a target outside the folders, '..', a symbolic link
+    out, a disk name with '/' in it, an existing file that is not the task's. None of it writes."""
+    env = env_for(tmp_path, mass)
+    root = tmp_path / "svc" / "store"
+    (root / "files").mkdir(parents=True)
+    (root / "link").symlink_to(tmp_path / "via-link")
+    kept = root / "files" / "vda.raw"
+    kept.write_bytes(b"\xee" * (64 * MIB))  # someone's file, in the allowed folder
+    tasks = {
+        "outside": {"uri": f"dir:{tmp_path / 'outside'}"},
+        "dots": {"uri": f"dir:{root}/../../dots"},
+        "link": {"uri": f"dir:{root}/link"},
+        "exists": {"uri": f"{root}/files/{{disk}}.raw"},
+    }
+    specs = [kvm_spec(env, tid, "write -P 1 0 1M", target=target) for tid, target in tasks.items()]
+    evil = kvm_spec(env, "disk-name", "write -P 1 0 1M", target={"uri": f"{root}/files/{{disk}}"})
+    evil["connection"]["images"] = {"../../../escaped": evil["connection"]["images"]["vda"]}
+    # An image whose backing file is a host file: its content must not reach the store.
+    secret = tmp_path / "host-secret.raw"
+    secret.write_bytes(b"host secret " * 4096)
+    overlay = tmp_path / "svc" / "img" / "overlay.qcow2"
+    create = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(secret), "-F", "raw", str(overlay)]
+    subprocess.run(create, check=True)
+    backed = kvm_spec(env, "backed", "write -P 3 0 1M")
+    backed["connection"]["images"] = {"vda": str(overlay)}
+    good = kvm_spec(env, "good", "write -P 2 0 1M")
+    mass.set_tasks([*specs, evil, backed, good])
+    p = env.start()
+    try:
+        wait_until(lambda: mass.results_of("good"), "the good task's result", 90)
+        wait_until(lambda: len(mass.rejections) >= 4, "four rejections", 30)
+        wait_until(lambda: mass.results_of("exists"), "the existing file's cycle", 60)
+        wait_until(lambda: mass.results_of("backed"), "the backed image's cycle", 60)
+    finally:
+        env.stop(p)
+    (refused, *_) = mass.results_of("backed")
+    assert refused["state"] == "failed" and "outside its folder" in refused["error"], refused
+    why = {r["task_id"]: r["error"] for r in mass.rejections}
+    for tid in ("outside", "dots", "link"):
+        assert "allowed_target_roots" in why[tid] or "'..'" in why[tid], why
+    assert "not a safe disk name" in why["disk-name"], why
+    (failed, *_) = mass.results_of("exists")
+    assert failed["state"] == "failed" and "never written" in failed["error"], failed
+    assert mass.results_of("good")[0]["state"] == "ok"
+    assert kept.read_bytes() == b"\xee" * (64 * MIB)
+    for escaped in (tmp_path / "outside", tmp_path / "dots", tmp_path / "via-link", tmp_path / "escaped"):
+        assert not escaped.exists(), escaped
+    assert not list(tmp_path.glob("**/escaped*")), "a disk name escaped its folder"
+
+
+def test_a_hostile_mass_is_bounded(tmp_path: Path, mass: FakeMass) -> None:
+    """A Mass that forgets the proxy after every registration, answers with more than hamal
+    reads, or sends a command id that cannot be acknowledged: none of it runs away."""
+    env = env_for(tmp_path, mass)
+    mass.lying = True
+    mass.set_tasks([kvm_spec(env, "vm-a", "write -P 1 0 1M", schedule={"interval": 3600})])
+    mass.command("bad id\r\n2026-12-07 forged ERROR line", "vm-a", "pause")
+    mass.command("c-ok", "vm-a", "sync_now")
+    p = env.start()
+    try:
+        wait_until(lambda: mass.results_of("vm-a"), "vm-a's result", 90)
+        wait_until(lambda: any(a["command_id"] == "c-ok" for a in mass.acks), "the good command's ack", 30)
+        # Re-registering backs off: about 8 in 6 s (it was one every 50 ms: over 100).
+        with mass.lock:
+            mass.forget = True
+            before = len(mass.registrations)
+        time.sleep(6)
+        with mass.lock:
+            mass.forget = False
+            again = len(mass.registrations) - before
+        assert 2 <= again <= 10, again
+        # A task list of more than 64 MiB is refused unread.
+        with mass.lock:
+            mass.padding = 65 << 20
+            mass.tasks = [*mass.tasks]  # a new ETag: the list is fetched again
+            mass.tasks.append(kvm_spec(env, "vm-b", "write -P 2 0 1M"))
+        wait_until(lambda: "more than 67108864 bytes" in env.log_text(), "the refusal", 30)
+        assert task_state(env, "vm-b") is None
+        with mass.lock:
+            mass.padding = 0
+    finally:
+        env.stop(p)
+    text = env.log_text()
+    assert "'bad id\\r\\n2026-12-07 forged ERROR line'" in text, text[-3000:]
+    assert not any(line.startswith("2026-12-07 forged") for line in text.splitlines())
+    assert "bad id" not in "".join(a["command_id"] for a in mass.acks)
 
 
 def test_results_buffered_while_mass_is_down_arrive_once_in_order(tmp_path: Path, mass: FakeMass) -> None:

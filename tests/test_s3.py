@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from ceph_cluster import ACCESS_KEY, SECRET_KEY
 from conftest import MIB, make_image, one_error_line, run_hamal, sha256
 from faulty_proxy import FaultyProxy
@@ -236,6 +237,68 @@ def test_bodies_cut_short_are_fetched_again(s3: S3Env, tmp_path: Path) -> None:
         r = run_hamal("restore", s3.store, str(out), "--disk", "cut", env=s3.env(conf))
         assert r.code == 0, r.err
         assert proxy.faults["cut"] >= 2, proxy.faults
+    assert sha256(out) == sha256(src)
+
+
+def test_verify_deep_reads_a_garbled_chunk_again_and_destroys_nothing(s3: S3Env, tmp_path: Path) -> None:
+    """A chunk whose body arrives with a bit flipped is read again before it is called damaged:
+    one bad answer must not quarantine a healthy chunk (which left every version unrestorable)."""
+    src = tmp_path / "disk.raw"
+    make_image(src, 24 * MIB, seed=23, fill=1.0)
+    assert run_hamal("sync", str(src), s3.store, "--disk", "flip", env=s3.env()).code == 0
+    with FaultyProxy(s3.cluster.endpoint, every=3, faults=("flip",)) as proxy:
+        conf = s3.conf("flip.conf")
+        conf.write_text(conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint))
+        r = run_hamal("verify", s3.store, "--disk", "flip", "--deep", env=s3.env(conf))
+        assert proxy.faults["flip"] >= 2, proxy.faults
+        assert r.code == 0, r.err
+        assert "garbled" in r.err
+        # A restore through the same proxy reads a garbled chunk again too.
+        out = tmp_path / "via-proxy.raw"
+        r = run_hamal("restore", s3.store, str(out), "--disk", "flip", env=s3.env(conf))
+        assert r.code == 0, r.err
+        assert sha256(out) == sha256(src)
+    out = tmp_path / "out.raw"
+    assert run_hamal("restore", s3.store, str(out), "--disk", "flip", env=s3.env()).code == 0
+    assert sha256(out) == sha256(src)
+
+
+@pytest.mark.parametrize(
+    ("lie", "words"),
+    [("list-loop", "pagination loops"), ("list-foreign", "which is not under")],
+)
+def test_a_lying_listing_fails_at_once(s3: S3Env, tmp_path: Path, lie: str, words: str) -> None:
+    """Pagination that never ends hung `versions` and `verify`; a key outside the prefix
+    panicked. Both are now an error naming what the server did."""
+    src = tmp_path / "disk.raw"
+    make_image(src, 4 * MIB, seed=24, fill=1.0)
+    assert run_hamal("sync", str(src), s3.store, "--disk", "d0", env=s3.env()).code == 0
+    with FaultyProxy(s3.cluster.endpoint, every=1, faults=(lie,)) as proxy:
+        conf = s3.conf(f"{lie}.conf")
+        conf.write_text(conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint))
+        for command in (["versions", s3.store], ["verify", s3.store, "--deep"]):
+            r = run_hamal(*command, env=s3.env(conf), timeout=60)
+            assert r.code not in (0, 3) and words in r.err, r.err
+            assert "panicked" not in r.err, r.err
+        assert proxy.faults[lie] >= 2
+
+
+def test_a_put_acknowledged_but_not_stored_commits_nothing(s3: S3Env, tmp_path: Path) -> None:
+    """A gateway that answers PUTs with success but keeps nothing: the sync fails before its
+    version exists, and a rerun through an honest gateway stores everything."""
+    src = tmp_path / "disk.raw"
+    make_image(src, 16 * MIB, seed=25, fill=1.0)
+    with FaultyProxy(s3.cluster.endpoint, every=5, faults=("drop-put",)) as proxy:
+        conf = s3.conf("drop.conf")
+        conf.write_text(conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint))
+        r = run_hamal("sync", str(src), s3.store, "--disk", "d0", env=s3.env(conf))
+        assert proxy.faults["drop-put"] >= 1, proxy.faults
+    assert r.code != 0 and "did not keep what it acknowledged" in r.err, r.err
+    listed = json.loads(run_hamal("versions", s3.store, "--json", env=s3.env()).out)["versions"]
+    assert listed == []
+    assert run_hamal("sync", str(src), s3.store, "--disk", "d0", env=s3.env()).code == 0
+    out = tmp_path / "out.raw"
+    assert run_hamal("restore", s3.store, str(out), "--disk", "d0", env=s3.env()).code == 0
     assert sha256(out) == sha256(src)
 
 

@@ -27,9 +27,9 @@ from typing import Any
 
 from hamal.control.mass import MassClient, hamal_info, lib_free_bytes, message_id, utc_now
 from hamal.errors import MassError
-from hamal.service import logs
+from hamal.service import confine, logs
 from hamal.service.state import State
-from hamal.service.tasks import TaskError, parse_task, secret_values
+from hamal.service.tasks import ID_RE, TaskError, parse_task, secret_values
 
 log = logging.getLogger("hamal.mass")
 
@@ -125,6 +125,8 @@ class MassLink:
         self.wake = threading.Event()
         self.changed = threading.Event()  # tasks or flags changed: the loop reloads
         self.registered = False
+        self.reregisters = 0
+        self.bad_commands: set[str] = set()
         self.public_ip_warned = False
         self.failures = 0
         self.down_reason: str | None = None
@@ -243,6 +245,7 @@ class MassLink:
 
     def _link_up(self, state: State) -> None:
         self.failures = 0
+        self.reregisters = 0
         if self.down_reason is not None or state.meta("mass_link") is None:
             if self.down_reason is not None:
                 log.warning("Mass reachable again; buffered messages delivered")
@@ -253,9 +256,13 @@ class MassLink:
         """Says a change of connectivity once; returns how long to wait before the next try."""
         self.client.close()
         if e.kind == "unknown_proxy":
-            log.warning("Mass does not know this proxy (%s): registering again", e)
+            # At once the first time, then backing off: a Mass that forgets the proxy again
+            # after every registration must not be hammered.
+            wait = min(self.interval, 0.05 * 2**self.reregisters)
+            self.reregisters += 1
+            log.warning("Mass does not know this proxy (%s): registering again in %.1f s", e, wait)
             self.registered = False
-            return 0.05
+            return wait
         # Said once per change: up -> unreachable, unreachable <-> refused; not at every try,
         # nor when only the error's wording changes (refused, reset, timed out...).
         how = "refused" if e.kind in ("auth", "pin") else "unreachable"
@@ -296,6 +303,7 @@ class MassLink:
             label = f"Mass task #{i}" + (f" ({tid})" if tid else "")
             try:
                 task = parse_task(spec, "mass")
+                confine.check_task(task, self.conf)
             except TaskError as e:
                 rejected.append((i, tid, f"{label}: {str(e).removeprefix('mass: ')}"))
                 old = stored.get(tid) if tid else None
@@ -331,6 +339,17 @@ class MassLink:
                 log.error("a command from Mass without id, task_id and action was ignored")
                 continue
             cid, tid, action, why = c["id"], c["task_id"], c["action"], str(c.get("reason") or "")
+            if not (ID_RE.match(cid) and ID_RE.match(tid)):
+                # It could never be acknowledged (the id goes into the route): said once, ignored.
+                if cid not in self.bad_commands:
+                    self.bad_commands.add(cid)
+                    log.error(
+                        "a command from Mass with id %r for task %r was ignored: ids are 1 to 64"
+                        " letters, digits, '.', '_' or '-'",
+                        cid,
+                        tid,
+                    )
+                continue
             if state.command(cid) is not None:
                 continue  # carried out already (Mass resends until it sees the acknowledgement)
             row = state.task_row(tid)

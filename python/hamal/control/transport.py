@@ -25,6 +25,9 @@ from hamal.errors import ConfigError, MassError
 OK_CODE = "00000000"
 AUTH_REJECTED = "10000401"
 UNKNOWN_PROXY = "10000404"
+#: Largest answer read from Mass (a task list of tens of thousands of tasks fits): a bigger one
+#: is refused unread, so a broken or hostile server cannot fill the proxy's memory.
+MAX_ANSWER = 64 << 20
 
 
 def load_pinned_key(path: str) -> bytes:
@@ -187,13 +190,20 @@ class Transport:
         try:
             self.conn.request(method, self.path + path, body=payload, headers=headers)
             resp = self.conn.getresponse()
-            raw = resp.read()
+            declared = resp.getheader("Content-Length", "")
+            if declared.isdigit() and int(declared) > MAX_ANSWER:
+                raw = b"x" * (MAX_ANSWER + 1)  # not read: refused below
+            else:
+                raw = resp.read(MAX_ANSWER + 1)
         except socket.timeout:
             raise MassError("timeout", f"{method} {url}: no answer within {timeout:g} s") from None
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
             raise
         except (OSError, http.client.HTTPException) as e:
             raise MassError("tcp", f"{method} {url}: {e}") from None
+        if len(raw) > MAX_ANSWER:
+            self.close()
+            raise MassError("protocol", f"{method} {url}: an answer of more than {MAX_ANSWER} bytes, refused")
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
         if resp.status == 304:

@@ -155,6 +155,19 @@ def image_size(image: str) -> int:
     return int(info["virtual-size"])
 
 
+def outside_backing_files(image: str) -> list[str]:
+    """The files of ``image``'s backing chain that lie outside its folder (symbolic links
+    resolved): what the image would read from elsewhere on the host."""
+    folder = os.path.realpath(os.path.dirname(image))
+    chain = json.loads(_run("qemu-img", "info", "--backing-chain", "--output=json", "-f", "qcow2", image))
+    out = []
+    for layer in chain[1:] if isinstance(chain, list) else []:
+        real = os.path.realpath(str(layer.get("filename", "")))
+        if os.path.dirname(real) != folder and not real.startswith(folder + "/"):
+            out.append(real)
+    return out
+
+
 @dataclass
 class _Export:
     """The cycle's handle: the exports serving each disk, stopped at commit or abort."""
@@ -170,7 +183,9 @@ class KvmAdapter(AbortByCommit):
     """qcow2 images of a VM whose guest does not write during a cycle (a stopped VM, or a copy).
 
     Task connection: ``images = {disk id = "/path/to/disk.qcow2", ...}``. The cursor of a disk
-    is the name of the persistent bitmap that has tracked writes since its last synced cycle."""
+    is the name of the persistent bitmap that has tracked writes since its last synced cycle.
+    An image whose backing chain reaches outside its folder is refused (it would copy host files
+    into the store) unless the task says ``allow_outside_backing = true``."""
 
     name = "kvm"
 
@@ -188,6 +203,12 @@ class KvmAdapter(AbortByCommit):
         for disk, path in self.images(task).items():
             if not os.path.isfile(path):
                 raise SourceError(f"VM {task.vm_name}: disk {disk}: image {path} does not exist")
+            outside = outside_backing_files(path)
+            if outside and task.connection.get("allow_outside_backing") is not True:
+                raise SourceError(
+                    f"VM {task.vm_name}: disk {disk}: image {path} has backing file {outside[0]} outside its"
+                    " folder: refused (set connection.allow_outside_backing = true if the chain is yours)"
+                )
             disks.append(DiskInfo(id=disk, size=image_size(path), ref={"image": path}))
         return VmInfo(name=task.vm_name, uuid=task.vm_uuid, disks=disks)
 

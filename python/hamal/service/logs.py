@@ -27,24 +27,45 @@ IP_MAPPING = "ip_mapping.backup"
 MASK = "********"
 
 
+#: Control characters (all but tab) in a message: a peer's text with CR, LF or ESC in it must not
+#: forge log lines or terminal sequences.
+CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def escape_controls(text: str) -> str:
+    return CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 class SecretFilter(logging.Filter):
-    """Replaces known secret values in a record's final message."""
+    """Replaces known secret values in a record's final message, and escapes its control
+    characters (a traceback, added by the formatter, keeps its lines)."""
 
     secrets: set[str] = set()
+    #: Secrets too short to mask as bare substrings (they would garble every line): masked
+    #: where they stand alone, between non-alphanumerics.
+    short_secrets: set[str] = set()
+    short: re.Pattern[str] | None = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            msg = record.getMessage()
-            for s in self.secrets:
-                msg = msg.replace(s, MASK)
-            record.msg, record.args = msg, None
+        msg = record.getMessage()
+        for s in sorted(self.secrets, key=len, reverse=True):
+            msg = msg.replace(s, MASK)
+        if self.short is not None:
+            msg = self.short.sub(MASK, msg)
+        record.msg, record.args = escape_controls(msg), None
         return True
 
 
 def add_secret(value: str) -> None:
-    """Masks ``value`` in every log record of this process from now on."""
-    if value and len(value) >= 4:
+    """Masks ``value`` in every log record of this process from now on, whatever its length."""
+    if not value:
+        return
+    if len(value) >= 4:
         SecretFilter.secrets.add(value)
+        return
+    SecretFilter.short_secrets.add(value)
+    alternatives = "|".join(re.escape(v) for v in sorted(SecretFilter.short_secrets, key=len, reverse=True))
+    SecretFilter.short = re.compile(f"(?<![A-Za-z0-9])(?:{alternatives})(?![A-Za-z0-9])")
 
 
 def _handler(conf: dict[str, Any], path: str) -> logging.Handler:

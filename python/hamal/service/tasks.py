@@ -59,6 +59,9 @@ else:  # pragma: no cover - Python 3.9/3.10
 SCHEMA_VERSION = 1
 PLATFORMS = ("kvm", "rbd", "vmware", "openstack", "fusioncompute")
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: A disk's name (from a task or a platform) goes into paths, journal names and store keys:
+#: no '/', no leading '.', no control characters.
+DISK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,127}$")
 HOURS_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 #: Keys that would hold a secret inline; credentials go in files (``password_file``...).
 INLINE_SECRETS = ("password", "secret", "token", "key", "auth_key", "secret_access_key")
@@ -154,28 +157,48 @@ def _rate(value: Any, where: str) -> int:
     return rate
 
 
+def check_disk_id(disk: Any, where: str) -> str:
+    """A disk name that is safe in a path and a store key, or a ``TaskError`` naming it."""
+    if not isinstance(disk, str) or not DISK_ID_RE.match(disk):
+        raise TaskError(
+            f"{where}: {disk!r} is not a safe disk name (1 to 128 letters, digits, '.', '_', ':', '@',"
+            " '+' or '-', starting with a letter or digit)"
+        )
+    return disk
+
+
+def is_secret_key(key: str) -> bool:
+    """A key whose value is a credential: ``password``, ``auth_key``, ``*_secret``,
+    ``*_password``, ``*_token``, ``*_key`` (``*_file`` keys hold paths to them, not secrets)."""
+    k = key.lower()
+    return k in INLINE_SECRETS or any(k.endswith("_" + s) for s in INLINE_SECRETS)
+
+
 def _check_no_inline_secret(conn: dict[str, Any], where: str) -> None:
     for k, v in conn.items():
         if isinstance(v, dict):
             _check_no_inline_secret(v, f"{where}.{k}")
-        elif k.lower() in INLINE_SECRETS:
+        elif is_secret_key(k):
             raise TaskError(f"{where}.{k}: credentials are not written in task files; use {k}_file = PATH")
 
 
 def secret_values(spec: Any) -> list[str]:
-    """The inline credentials of a task (control-plane tasks may carry them), to be masked."""
+    """The inline credentials of a task (control-plane tasks may carry them), to be masked:
+    every value under a secret's key, in tables and lists alike."""
     out: list[str] = []
     conn = spec.get("connection") if isinstance(spec, dict) else None
 
-    def walk(d: Any) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v)
-            elif k.lower() in INLINE_SECRETS and isinstance(v, (str, int)):
-                out.append(str(v))
+    def walk(v: Any, secret: bool) -> None:
+        if isinstance(v, dict):
+            for k, inner in v.items():
+                walk(inner, secret or is_secret_key(str(k)))
+        elif isinstance(v, list):
+            for inner in v:
+                walk(inner, secret)
+        elif secret and isinstance(v, (str, int)) and not isinstance(v, bool):
+            out.append(str(v))
 
-    if isinstance(conn, dict):
-        walk(conn)
+    walk(conn, False)
     return out
 
 
@@ -246,12 +269,21 @@ def parse_task(data: Any, origin: str, default_id: str | None = None) -> Task:
     ids = target.get("disk_ids", {})
     if not isinstance(ids, dict) or not all(isinstance(v, str) for v in ids.values()):
         raise bad("target.disk_ids", "must map disk ids to store disk ids")
+    for k, v in ids.items():
+        check_disk_id(k, f"{origin}: target.disk_ids")
+        check_disk_id(v, f"{origin}: target.disk_ids.{k}")
     task.disk_ids = dict(ids)
+    images = conn.get("images")
+    if isinstance(images, dict):
+        for k in images:
+            check_disk_id(k, f"{origin}: connection.images")
     disks = section("disks")
     known(disks, "disks", {"include", "exclude"})
     for k in ("include", "exclude"):
         if k in disks and not (isinstance(disks[k], list) and all(isinstance(x, str) for x in disks[k])):
             raise bad(f"disks.{k}", "must be a list of disk ids")
+        for disk in disks.get(k, []):
+            check_disk_id(disk, f"{origin}: disks.{k}")
     task.include = disks.get("include")
     task.exclude = disks.get("exclude", [])
     sched = section("schedule")

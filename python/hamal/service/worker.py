@@ -31,9 +31,9 @@ from hamal import _native, platforms, sync
 from hamal.config import load_config
 from hamal.errors import HamalError
 from hamal.platforms.base import Cycle, selectable
-from hamal.service import logs
+from hamal.service import confine, logs
 from hamal.service.state import State, db_path
-from hamal.service.tasks import Task, parse_task, secret_values
+from hamal.service.tasks import Task, check_disk_id, parse_task, secret_values
 
 log = logging.getLogger("hamal.cycle")
 
@@ -119,7 +119,10 @@ def run_cycle(
     reporter.update(phase="discover")
     vm = adapter.discover(task)
     skip, flag_mb = platforms.disk_flag_rule(conf, task.platform)
+    for d in vm.disks:
+        check_disk_id(d.id, f"VM {task.vm_name}: a disk the platform reports")
     vm.disks = selectable([d for d in vm.disks if task.wanted(d.id)], skip, flag_mb)
+    confine.check_task(task, conf, [d.id for d in vm.disks], owned=rows)
     if not vm.disks:
         raise HamalError(f"VM {task.vm_name}: no disk to sync (all left out)")
     resync = job.get("resync")

@@ -243,27 +243,49 @@ fn damaged_and_missing_chunks_are_reported_with_their_offset() {
             "{p}"
         );
     }
-    // The damaged chunk was moved aside, and the problem names the version and offset using it.
+    // The damaged chunk was copied to the quarantine (nothing is deleted on a verify's word),
+    // and the problem names the version and offset using it.
     assert_eq!(deep.quarantined, 1);
-    assert!(!chunks[0].exists());
+    assert!(chunks[0].exists());
     assert!(deep.problems[2].contains("uses 1 quarantined chunk(s), at disk offset 2097152"));
     assert_eq!(env.objects("quarantine").len(), 1);
     let e = env.restore(&v, &env.path("out.raw"), &o).unwrap_err();
     assert!(matches!(*e, Error::Mismatch(_)), "{e}");
     assert!(e.to_string().contains("disk offset"), "{e}");
 
-    // A full sync of the same data uploads both chunks again: every version restores.
+    // A full sync of the same data uploads both chunks again (the quarantined one although an
+    // object is there): every version restores, and the healed chunk's quarantine entry goes.
     env.sync(&src, None, &o).unwrap();
     let again = store::verify_store(&env.uri(), &o, None, None, true, &NEVER).unwrap();
     assert!(again.problems.is_empty(), "{:?}", again.problems);
     let out = env.path("healed.raw");
     env.restore(&v, &out, &o).unwrap();
     assert!(same(&out, &src));
-    let pruned = store::prune(&env.uri(), &o, 5, None, true).unwrap();
-    assert_eq!(
-        pruned.removed_quarantined, 1,
-        "the healed chunk's damaged copy goes"
-    );
+    assert!(env.objects("quarantine").is_empty());
+}
+
+#[test]
+fn a_good_chunk_an_older_verify_moved_to_the_quarantine_still_restores() {
+    let env = Env::new();
+    let o = StoreOptions::default();
+    let src = env.path("src.raw");
+    fill(&src, 8 * MIB, &[(2, 1), (6, 2)]);
+    let v = env.sync(&src, None, &o).unwrap();
+    // What an older release's verify did after one garbled read: the whole object moved.
+    let chunk = env.objects("chunks").pop().unwrap();
+    let name = chunk.file_name().unwrap().to_owned();
+    let aside = env
+        .path("store/quarantine")
+        .join(&name.to_str().unwrap()[..2]);
+    std::fs::create_dir_all(&aside).unwrap();
+    std::fs::rename(&chunk, aside.join(&name)).unwrap();
+    let out = env.path("out.raw");
+    env.restore(&v, &out, &o).unwrap();
+    assert!(same(&out, &src));
+    // A sync with the content uploads it to its place again and drops the entry.
+    env.sync(&src, None, &o).unwrap();
+    assert!(chunk.exists());
+    assert!(env.objects("quarantine").is_empty());
 }
 
 #[test]
@@ -291,6 +313,10 @@ fn an_incremental_rereads_chunks_its_parent_has_in_quarantine() {
         env.restore(v, &out, &o).unwrap();
         assert!(same(&out, &src), "version {v}");
     }
+    assert!(
+        env.objects("quarantine").is_empty(),
+        "healed: no entry left"
+    );
 }
 
 #[test]
@@ -331,6 +357,128 @@ fn encrypted_store_needs_its_key() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("the store is encrypted"), "{e}");
+}
+
+/// Rewrites the record of `version` as someone with write access to the store but without its
+/// key can: any field (the MAC too), and a checksum that matches.
+fn forge_record(env: &Env, version: &str, change: impl FnOnce(&mut store::Version)) {
+    let path = env.path(&format!("store/versions/vm1-disk0/{version}.json"));
+    let mut v: store::Version = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    change(&mut v);
+    v.checksum.clear();
+    v.checksum = store::codec::hex(blake3::hash(&serde_json::to_vec(&v).unwrap()).as_bytes());
+    std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn version_records_of_an_encrypted_store_cannot_be_forged_without_the_key() {
+    let env = Env::new();
+    let key = env.path("key");
+    std::fs::write(&key, "11".repeat(32)).unwrap();
+    let o = StoreOptions {
+        key_file: Some(key),
+        ..Default::default()
+    };
+    let src = env.path("src.raw");
+    fill(&src, 4 * MIB, &[(1, 9)]);
+    let v1 = env.sync(&src, None, &o).unwrap();
+    fill(&src, 4 * MIB, &[(1, 7), (2, 7)]);
+    let v2 = env.sync(&src, None, &o).unwrap();
+    let records = env.path("store/versions/vm1-disk0");
+    let read = |id: &str| -> store::Version {
+        serde_json::from_slice(&std::fs::read(records.join(format!("{id}.json"))).unwrap()).unwrap()
+    };
+    assert!(read(&v2).mac.is_some());
+    // The newest record pointed at the older version's content: refused, not restored.
+    let old_root = read(&v1).root;
+    forge_record(&env, &v2, |v| {
+        v.root = old_root;
+        v.mac = None;
+    });
+    let out = env.path("out.raw");
+    let e = env.restore(&v2, &out, &o).unwrap_err().to_string();
+    assert!(e.contains("no MAC"), "{e}");
+    let report = store::verify_store(&env.uri(), &o, None, None, true, &NEVER).unwrap();
+    assert!(
+        report
+            .problems
+            .iter()
+            .any(|p| p.contains(&v2) && p.contains("MAC")),
+        "{:?}",
+        report.problems
+    );
+    // A MAC kept but the content changed: refused too.
+    let mac = read(&v1).mac;
+    forge_record(&env, &v2, |v| {
+        v.mac = mac;
+        v.stats.bytes_read += 1;
+    });
+    let e = env.restore(&v2, &out, &o).unwrap_err().to_string();
+    assert!(e.contains("not authentic"), "{e}");
+}
+
+#[test]
+fn records_written_before_macs_are_read_with_a_warning() {
+    let env = Env::new();
+    let key = env.path("key");
+    std::fs::write(&key, "11".repeat(32)).unwrap();
+    let o = StoreOptions {
+        key_file: Some(key),
+        ..Default::default()
+    };
+    let src = env.path("src.raw");
+    fill(&src, 4 * MIB, &[(1, 9)]);
+    let v = env.sync(&src, None, &o).unwrap();
+    // What a store of an older release holds: no MACs, and no word of them in its config.
+    forge_record(&env, &v, |v| v.mac = None);
+    let config = env.path("store/hamal-store.json");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let old = text.replace(",\n    \"authenticated_records\": true", "");
+    assert_ne!(old, text, "{text}");
+    std::fs::write(&config, old).unwrap();
+    let out = env.path("out.raw");
+    env.restore(&v, &out, &o).unwrap();
+    assert!(same(&out, &src));
+    // New records of that store carry a MAC.
+    let v2 = env.sync(&src, None, &o).unwrap();
+    let path = env.path(&format!("store/versions/vm1-disk0/{v2}.json"));
+    let rec: store::Version = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    assert!(rec.mac.is_some());
+}
+
+#[test]
+fn a_store_that_lost_the_newest_version_this_host_committed_is_not_built_on() {
+    let env = Env::new();
+    let o = StoreOptions {
+        local_metadata: Some(env.path("lib/snapshot_metadata")),
+        ..Default::default()
+    };
+    let src = env.path("src.raw");
+    fill(&src, 4 * MIB, &[(1, 9)]);
+    let v1 = env.sync(&src, None, &o).unwrap();
+    fill(&src, 4 * MIB, &[(2, 5)]);
+    let v2 = env
+        .sync(&src, Some(vec![(2 * MIB as i128, MIB as i128)]), &o)
+        .unwrap();
+    assert!(v2 > v1);
+    // Someone deletes the newest record: the older one must not become the parent in silence.
+    std::fs::remove_file(env.path(&format!("store/versions/vm1-disk0/{v2}.json"))).unwrap();
+    let e = env.sync(&src, Some(vec![]), &o).unwrap_err().to_string();
+    assert!(
+        e.contains(&format!(
+            "version {v2} of disk 'vm1-disk0', which this host committed, is gone"
+        )),
+        "{e}"
+    );
+    let store = DiskUri::parse(&env.store).unwrap();
+    let out = env.path("out.raw");
+    let e = env
+        .run(store, DiskUri::File(out), None, None, &o)
+        .unwrap_err();
+    assert!(e.to_string().contains("is gone"), "{e}");
+    // A full sync is always possible, and it becomes the newest again.
+    env.sync(&src, None, &o).unwrap();
+    env.sync(&src, Some(vec![]), &o).unwrap();
 }
 
 #[test]

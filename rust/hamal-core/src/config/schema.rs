@@ -165,6 +165,9 @@ config_schema! {
         enable_get_public_ips: bool = false;
         get_public_ip_timeout: u64 = 5u64, check::range(1, 600);
         enable_heartbeat_msg: bool = true;
+        /// Folders (or devices) that targets of tasks from Mass may write, comma-separated;
+        /// empty: `hamal_lib_dir` only. Task files may name any path.
+        allowed_target_roots: String = "";
     }
     ["vmware"] vmware: VmwareSection {
         skip_disk_flag: bool = false;

@@ -12,6 +12,7 @@
 mod client;
 mod coverage;
 mod proto;
+mod status;
 mod stream;
 mod tls;
 mod transmit;

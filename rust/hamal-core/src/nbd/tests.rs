@@ -120,3 +120,132 @@ fn a_stop_flag_ends_a_wait_on_a_silent_server_within_a_second() {
     assert_eq!(e.to_string(), super::CANCELLED);
     assert!(stopped_at.elapsed() < Duration::from_secs(1));
 }
+
+/// One structured chunk of a scripted answer to a read at offset 0.
+#[derive(Clone, Debug)]
+enum Chunk {
+    Data(u64, u64),
+    Hole(u64, u64),
+    Unknown,
+}
+
+const READ_LEN: u64 = 4096;
+
+/// What a correct client must conclude from `chunks` (the last one carries DONE): `true` when
+/// they cover the read exactly once.
+fn exact_cover(chunks: &[Chunk]) -> bool {
+    let mut seen = [false; READ_LEN as usize];
+    for c in chunks {
+        let (at, n) = match *c {
+            Chunk::Data(at, n) | Chunk::Hole(at, n) => (at, n),
+            Chunk::Unknown => return false,
+        };
+        if n == 0 || at + n > READ_LEN {
+            return false;
+        }
+        for b in &mut seen[at as usize..(at + n) as usize] {
+            if *b {
+                return false;
+            }
+            *b = true;
+        }
+    }
+    seen.iter().all(|&b| b)
+}
+
+fn content(at: u64) -> u8 {
+    (at % 251) as u8 + 1
+}
+
+fn script(chunks: &[Chunk]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let flags = if i + 1 == chunks.len() {
+            REPLY_FLAG_DONE
+        } else {
+            0
+        };
+        let (kind, payload) = match *c {
+            Chunk::Data(at, n) => {
+                let mut p = at.to_be_bytes().to_vec();
+                p.extend((at..at + n).map(content));
+                (REPLY_TYPE_OFFSET_DATA, p)
+            }
+            Chunk::Hole(at, n) => {
+                let mut p = at.to_be_bytes().to_vec();
+                p.extend_from_slice(&(n as u32).to_be_bytes());
+                (REPLY_TYPE_OFFSET_HOLE, p)
+            }
+            Chunk::Unknown => (0x4007, vec![0; 4]),
+        };
+        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        out.extend_from_slice(&flags.to_be_bytes());
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&1u64.to_be_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        out.extend_from_slice(&payload);
+    }
+    out
+}
+
+fn chunk() -> impl proptest::strategy::Strategy<Value = Chunk> {
+    use proptest::prelude::*;
+    prop_oneof![
+        4 => (0..READ_LEN, 0..READ_LEN).prop_map(|(a, n)| Chunk::Data(a, n.min(READ_LEN - a))),
+        2 => (0..READ_LEN, 0..READ_LEN).prop_map(|(a, n)| Chunk::Hole(a, n.min(READ_LEN - a))),
+        1 => Just(Chunk::Unknown),
+    ]
+}
+
+/// Exact covers cut at random points, in any order, with some pieces holes.
+fn cover() -> impl proptest::strategy::Strategy<Value = Vec<Chunk>> {
+    use proptest::prelude::*;
+    (
+        prop::collection::btree_set(1..READ_LEN, 0..6),
+        prop::collection::vec(any::<bool>(), 7),
+    )
+        .prop_map(|(cuts, holes)| {
+            let mut edges: Vec<u64> = vec![0];
+            edges.extend(cuts);
+            edges.push(READ_LEN);
+            let pieces = edges.windows(2).zip(holes).map(|(w, hole)| match hole {
+                true => Chunk::Hole(w[0], w[1] - w[0]),
+                false => Chunk::Data(w[0], w[1] - w[0]),
+            });
+            pieces.rev().collect()
+        })
+        .prop_shuffle()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+    /// Whatever chunks a server sends, the read fails or its buffer holds exactly the bytes the
+    /// chunks said: a read the chunks do not cover exactly once never succeeds.
+    #[test]
+    fn a_read_succeeds_only_when_its_chunks_cover_it_exactly(
+        chunks in proptest::prop_oneof![cover(), proptest::collection::vec(chunk(), 1..6)]
+    ) {
+        let reply = script(&chunks);
+        let (_dir, uri) = serve(move |mut s| {
+            let _ = s.write_all(&reply);
+            thread::sleep(Duration::from_millis(200));
+        });
+        let mut c = Connection::connect(&uri, &[], Duration::from_secs(5)).unwrap();
+        let mut buf = vec![0xeeu8; READ_LEN as usize];
+        let r = c.read_batch(&mut [ReadReq { offset: 0, buf: &mut buf }]);
+        let want_ok = exact_cover(&chunks);
+        proptest::prop_assert_eq!(r.is_ok(), want_ok, "{:?}: {:?}", chunks, r.err().map(|e| e.error));
+        if want_ok {
+            for c in &chunks {
+                match *c {
+                    Chunk::Data(at, n) => for i in at..at + n {
+                        proptest::prop_assert_eq!(buf[i as usize], content(i));
+                    },
+                    Chunk::Hole(at, n) => proptest::prop_assert!(buf[at as usize..(at + n) as usize].iter().all(|&b| b == 0)),
+                    Chunk::Unknown => unreachable!(),
+                }
+            }
+        }
+    }
+}

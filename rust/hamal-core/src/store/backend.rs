@@ -86,6 +86,9 @@ pub trait Backend: Send + Sync {
         objects.map(|o| o.map(|o| o.map(ObjectBuf::Vec))).collect()
     }
     fn exists(&self, key: &str) -> Result<bool>;
+    /// The stored size of each object (`None`: missing), asked concurrently where the backend
+    /// can: what the server says it stored, checked against what was sent.
+    fn sizes(&self, keys: &[String]) -> Vec<Result<Option<u64>>>;
     /// Whether `key` exists, with its size and first `n` bytes where that is cheap.
     fn peek(&self, key: &str, _n: usize) -> Result<Peek> {
         Ok(if self.exists(key)? {

@@ -38,6 +38,9 @@ pub struct Keys {
     /// AES-256-GCM (ring's, 6x the aes-gcm crate's speed here: 80 MiB in 10 ms against 58 ms).
     cipher: LessSafeKey,
     address: [u8; 32],
+    /// Authenticates version records (keyed BLAKE3): a record cannot be forged or altered
+    /// without the key.
+    pub records: [u8; 32],
     /// Published in the store's config so a wrong key is reported before any chunk is read.
     pub check: String,
 }
@@ -68,6 +71,7 @@ impl Keys {
         Keys {
             cipher: LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &enc).expect("32-byte key")),
             address: blake3::derive_key("hamal chunk store 2026 address", master),
+            records: blake3::derive_key("hamal chunk store 2026 version records", master),
             check: hex(&check[..16]),
         }
     }

@@ -179,6 +179,15 @@ impl Backend for DirBackend {
         }
     }
 
+    fn sizes(&self, keys: &[String]) -> Vec<Result<Option<u64>>> {
+        let size = |key: &String| match fs::metadata(self.path(key)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err("cannot stat", key, e)),
+        };
+        keys.iter().map(size).collect()
+    }
+
     fn peek(&self, key: &str, n: usize) -> Result<Peek> {
         let mut f = match File::open(self.path(key)) {
             Ok(f) => f,

@@ -141,9 +141,15 @@ pub fn verify_store(
                 })
                 .collect()
         };
-        for ((name, (whom, off, _)), r) in batch.iter().zip(results) {
+        for ((name, (whom, off, len)), r) in batch.iter().zip(results) {
             report.chunks += 1;
-            match r? {
+            // A damaged read is read again before the chunk is called damaged: the answer may
+            // have been garbled on its way.
+            let r = match r? {
+                Err(p) if p.starts_with("damaged") => reread(&store, name, *len).map_err(|_| p),
+                r => r,
+            };
+            match r {
                 Ok(n) => report.bytes_checked += n as u64,
                 Err(p) => {
                     if p.starts_with("damaged") {
@@ -167,7 +173,16 @@ pub fn verify_store(
     Ok(report)
 }
 
-/// Moves damaged chunks aside (so the next sync of their content uploads them again) and
+/// A chunk whose first read was damaged, read and decoded again: its length, or what is wrong.
+fn reread(store: &Store, name: &Digest, len: usize) -> std::result::Result<usize, String> {
+    let key = Store::chunk_key(name);
+    let obj = store.backend.get(&key).map_err(|e| e.to_string())?;
+    let plain = store.decode_chunk(name, obj, len)?;
+    tracing::warn!(store = %store.uri.text, "chunk {key} read damaged once and whole the second time: an answer was garbled on its way");
+    Ok(plain.len())
+}
+
+/// Quarantines damaged chunks (a copy: the next sync of their content uploads them again) and
 /// reports every version and disk offset that uses each.
 fn quarantine(
     store: &Store,
@@ -369,14 +384,12 @@ fn prune_then(
             }
         }
     }
-    // The quarantine keeps a damaged copy only while a version needs that chunk and no sync
-    // has uploaded it again.
-    let healed_or_unused =
-        |n: &Digest| -> Result<bool> { Ok(!chunks.contains(n) || store.has_chunk(n)?) };
+    // The quarantine keeps a damaged copy while a version needs that chunk (a sync that
+    // uploads the chunk again drops the entry itself).
     for item in store.backend.list("quarantine/")? {
         let name = item.key.rsplit('/').next().and_then(parse_digest);
         if let Some(n) = name {
-            if healed_or_unused(&n)? {
+            if !chunks.contains(&n) {
                 store.backend.delete(&item.key)?;
                 report.removed_quarantined += 1;
             }

@@ -21,6 +21,7 @@
 mod backend;
 pub mod codec;
 mod dir;
+mod heads;
 mod lock;
 mod maint;
 mod repo;

@@ -3,9 +3,10 @@
 use super::backend::{Backend, Peek};
 use super::codec::{self, hex, parse_digest, Codec, Keys};
 use super::dir::DirBackend;
+use super::heads::Heads;
 use super::s3::S3Backend;
 use super::tree::{self, PageIo};
-use super::version::{check_disk_id, version_key, Version, FORMAT};
+use super::version::{check_disk_id, version_key, Authenticity, Version, FORMAT};
 use super::{StoreLocation, StoreOptions, StoreUri};
 use crate::checksum::Digest;
 use crate::io::HugeBuf;
@@ -32,6 +33,10 @@ struct StoreConfig {
 struct EncryptionInfo {
     cipher: String,
     key_check: String,
+    /// Every version record carries a MAC (stores created since records had one): a record
+    /// without one is refused, not read with a warning.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    authenticated_records: bool,
 }
 
 pub struct Store {
@@ -40,6 +45,10 @@ pub struct Store {
     pub codec: Codec,
     /// Where version records are written (the store itself and/or a local folder).
     record_places: Vec<Arc<dyn Backend>>,
+    /// Every record must carry a MAC (see `EncryptionInfo`).
+    records_authenticated: bool,
+    /// The newest version of each disk this host committed.
+    heads: Heads,
     pages: Mutex<HashMap<Digest, Arc<Vec<Digest>>>>,
     spares: Spares,
 }
@@ -135,6 +144,7 @@ impl Store {
                     encryption: keys.as_ref().map(|k| EncryptionInfo {
                         cipher: "aes-256-gcm".into(),
                         key_check: k.check.clone(),
+                        authenticated_records: true,
                     }),
                 };
                 backend.put(
@@ -193,6 +203,11 @@ impl Store {
                 keys,
             },
             record_places,
+            heads: Heads::new(o.local_metadata.as_deref(), text),
+            records_authenticated: config
+                .encryption
+                .as_ref()
+                .is_some_and(|e| e.authenticated_records),
             pages: Mutex::new(HashMap::new()),
             spares: Spares::default(),
         })
@@ -225,25 +240,35 @@ impl Store {
         self.backend.exists(&Self::chunk_key(a))
     }
 
-    /// A chunk's object, ready to upload; `None` when the store has a whole copy. Where the
-    /// backend shows an object's size (`dir:`), a truncated copy is moved to the quarantine and
-    /// the chunk encoded to be uploaded again.
-    pub fn encode_chunk(&self, a: &Digest, plain: &[u8]) -> Result<Option<Bytes>> {
+    /// A chunk's object, ready to upload, and whether it replaces a damaged copy; `None` when
+    /// the store has a whole copy. A `suspect` chunk (quarantined by a verify) is always
+    /// uploaded again. Where the backend shows an object's size (`dir:`), a truncated copy is
+    /// quarantined and replaced.
+    pub fn encode_chunk(
+        &self,
+        a: &Digest,
+        plain: &[u8],
+        suspect: bool,
+    ) -> Result<Option<(Bytes, bool)>> {
         let key = Self::chunk_key(a);
-        match self.backend.peek(&key, codec::HEAD)? {
-            Peek::Missing => {}
-            Peek::Present => return Ok(None),
-            Peek::Head { head, size } => match codec::declared_len(&head) {
-                Some(want) if want != size => {
-                    self.quarantine_chunk(a, &format!("truncated: {size} of {want} bytes"))?
-                }
-                _ => return Ok(None),
-            },
+        let mut heals = suspect;
+        if !suspect {
+            match self.backend.peek(&key, codec::HEAD)? {
+                Peek::Missing => {}
+                Peek::Present => return Ok(None),
+                Peek::Head { head, size } => match codec::declared_len(&head) {
+                    Some(want) if want != size => {
+                        self.quarantine_chunk(a, &format!("truncated: {size} of {want} bytes"))?;
+                        heals = true;
+                    }
+                    _ => return Ok(None),
+                },
+            }
         }
         let mut obj = self.spares.take(self.codec.max_len(plain.len()));
         let n = self.codec.encode_into(plain, &mut obj);
         obj.set_len(n);
-        Ok(Some(self.spares.lend(obj)))
+        Ok(Some((self.spares.lend(obj), heals)))
     }
 
     /// Uploads the object `encode_chunk` made for chunk `a`; returns its size.
@@ -253,29 +278,56 @@ impl Store {
         Ok(n)
     }
 
-    /// Moves a damaged chunk object out of `chunks/` so nothing trusts it again; the next sync
-    /// that produces its content uploads it anew (the damage heals).
+    /// Copies a chunk object found damaged to the quarantine, leaving it in place: the copy
+    /// marks it suspect (the next sync that produces its content uploads it anew and drops the
+    /// mark) and keeps what was read, as found, for a restore's last try. Nothing is deleted on
+    /// a judgement that may be wrong.
     pub fn quarantine_chunk(&self, a: &Digest, why: &str) -> Result<()> {
         let key = Self::chunk_key(a);
-        tracing::warn!(store = %self.uri.text, "chunk {key} is damaged ({why}); moved to the quarantine");
+        tracing::warn!(store = %self.uri.text, "chunk {key} is damaged ({why}); a copy is kept in the quarantine until a sync uploads its content again");
         if let Some(obj) = self.backend.get(&key)? {
             self.backend.put(&Self::quarantine_key(a), obj.into())?;
         }
-        self.backend.delete(&key)?;
         self.backend.sync()
     }
 
-    /// Quarantined chunks that no sync has uploaded again yet.
+    /// Quarantined chunks that no sync has uploaded again yet: every quarantine entry (a sync
+    /// that uploads the content drops the entry once its version is committed).
     pub fn unhealed_chunks(&self) -> Result<HashSet<Digest>> {
         let mut bad = HashSet::new();
         for item in self.backend.list("quarantine/")? {
             if let Some(name) = item.key.rsplit('/').next().and_then(parse_digest) {
-                if !self.has_chunk(&name)? {
-                    bad.insert(name);
-                }
+                bad.insert(name);
             }
         }
         Ok(bad)
+    }
+
+    /// Drops the quarantine entry of a chunk whose content a committed version uploaded again.
+    pub fn healed(&self, a: &Digest) -> Result<()> {
+        self.backend.delete(&Self::quarantine_key(a))
+    }
+
+    /// A second chance for a chunk whose object failed to decode into `out`: the object read
+    /// again (an answer garbled on its way), then its quarantined copy (a store whose verify
+    /// moved a good chunk aside). Where the good copy came from, or why there is none.
+    pub fn recover_chunk(&self, a: &Digest, out: &mut [u8]) -> Result<&'static str, String> {
+        let tries = [
+            (Self::chunk_key(a), "a second read"),
+            (Self::quarantine_key(a), "its quarantined copy"),
+        ];
+        let mut last = "missing".to_owned();
+        for (key, whence) in tries {
+            match self.backend.get(&key) {
+                Ok(mut obj) => match self.decode_chunk_into(a, obj.as_deref_mut(), out) {
+                    Ok(()) => return Ok(whence),
+                    Err(e) if key.starts_with("chunks/") || obj.is_some() => last = e,
+                    Err(_) => {}
+                },
+                Err(e) => last = format!("unreadable: {e}"),
+            }
+        }
+        Err(last)
     }
 
     /// A chunk's plaintext from its object (`None`: missing), or what is wrong with it.
@@ -329,7 +381,7 @@ impl Store {
         };
         for (key, (place, bytes)) in seen {
             let Some(bytes) = bytes else { continue };
-            match Version::parse(&key, &bytes) {
+            match self.parse_record(&key, &bytes) {
                 Ok(v) => out.good.entry(v.disk.clone()).or_default().push(v),
                 Err(e) => out.damaged.push((format!("{place}: {key}"), e)),
             }
@@ -338,6 +390,17 @@ impl Store {
             list.sort_by(|a, b| a.version.cmp(&b.version));
         }
         Ok(out)
+    }
+
+    /// A record checked, its MAC too where the store is encrypted; one without a MAC (written
+    /// before records had one) is read with a warning, unless the store's records all have one.
+    fn parse_record(&self, key: &str, bytes: &[u8]) -> std::result::Result<Version, String> {
+        let auth = self.codec.keys.as_ref().map(|k| &k.records);
+        let (v, how) = Version::parse_checked(key, bytes, auth, self.records_authenticated)?;
+        if how == Authenticity::Unauthenticated {
+            tracing::warn!(store = %self.uri.text, "{key}: a version record without a MAC (written before records were authenticated): it is read, but anyone with write access to the store could have altered it");
+        }
+        Ok(v)
     }
 
     /// Version ids of `disk`, oldest first, from listings alone: no record is read.
@@ -365,7 +428,8 @@ impl Store {
             let Some(bytes) = place.get(&key)? else {
                 continue;
             };
-            return Version::parse(&key, &bytes)
+            return self
+                .parse_record(&key, &bytes)
                 .map(Some)
                 .map_err(|e| Error::Mismatch(format!("{}: {key}: {e}", place.describe())));
         }
@@ -376,13 +440,35 @@ impl Store {
     /// costs a listing and one read, not a thousand reads. A damaged newest record is an error
     /// (an incremental on an older parent would be wrong); older ones are `verify`'s to report.
     pub fn latest(&self, disk: &str) -> Result<Option<Version>> {
+        let mut newest = None;
         for id in self.version_ids(disk)?.iter().rev() {
             // Gone since the listing (a prune): the next newest.
             if let Some(v) = self.read_record(disk, id)? {
-                return Ok(Some(v));
+                newest = Some(v);
+                break;
             }
         }
-        Ok(None)
+        self.check_head(disk, newest.as_ref().map(|v| v.version.as_str()))?;
+        Ok(newest)
+    }
+
+    /// Fails when this host committed a version of `disk` newer than the store's `newest`.
+    fn check_head(&self, disk: &str, newest: Option<&str>) -> Result<()> {
+        let Some(head) = self.heads.get(disk) else {
+            return Ok(());
+        };
+        if newest.is_some_and(|n| n >= head.as_str()) {
+            return Ok(()); // the same, or newer (another host's)
+        }
+        let shown = newest.map_or("none".to_owned(), |n| format!("version {n}"));
+        let what = match self.read_record(disk, &head)? {
+            Some(_) => format!("its listing hides version {head} of disk '{disk}', which this host committed (the listing's newest: {shown})"),
+            None => format!("version {head} of disk '{disk}', which this host committed, is gone (the newest left: {shown})"),
+        };
+        Err(Error::Mismatch(format!(
+            "store {}: {what}; nothing was done: name the version (--parent, --version) or run a full sync",
+            self.uri.text
+        )))
     }
 
     /// Version `id` of `disk`, or its newest.
@@ -400,7 +486,7 @@ impl Store {
     /// Writes a version record everywhere records are kept; the write to the store is the
     /// commit point, so the local copy goes first.
     pub fn write_version(&self, v: &mut Version) -> Result<()> {
-        let bytes = v.seal();
+        let bytes = v.seal(self.codec.keys.as_ref().map(|k| &k.records));
         for place in self.record_places.iter().rev() {
             if !Arc::ptr_eq(place, &self.backend) {
                 // A local copy says which store it belongs to.
@@ -408,6 +494,9 @@ impl Store {
             }
             place.put(&v.key(), bytes.clone().into())?;
             place.sync()?;
+        }
+        if let Err(e) = self.heads.set(&v.disk, &v.version) {
+            tracing::warn!(store = %self.uri.text, disk = %v.disk, "version {} is committed, but this host could not note it as the newest: {e}", v.version);
         }
         Ok(())
     }

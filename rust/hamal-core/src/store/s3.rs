@@ -349,16 +349,63 @@ impl Backend for S3Backend {
         }
     }
 
+    /// The listing is checked, not trusted: keys must come in strictly ascending order (S3's
+    /// promise; a repeat means the server's pagination loops, which would never end) and each
+    /// must lie under the prefix asked for.
+    fn sizes(&self, keys: &[String]) -> Vec<Result<Option<u64>>> {
+        let heads = keys.iter().map(|key| async move {
+            let path = self.path(key);
+            match self.retrying(|| self.store.head(&path)).await {
+                Ok(meta) => Ok(Some(meta.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(self.err("cannot check", key, e)),
+            }
+        });
+        self.rt.block_on(
+            futures::stream::iter(heads)
+                .buffered(REQUESTS_AT_ONCE)
+                .collect(),
+        )
+    }
+
     fn list(&self, prefix: &str) -> Result<Vec<Listed>> {
         let base = self.path(prefix.trim_end_matches('/'));
+        let under = match base.as_ref() {
+            "" => String::new(),
+            b => format!("{b}/"),
+        };
         let skip = if self.prefix.is_empty() {
             0
         } else {
             self.prefix.len() + 1
         };
-        let metas: Vec<_> = self
+        let bad = |m: String| object_store::Error::Generic {
+            store: "S3",
+            source: m.into(),
+        };
+        let listing = || async {
+            let mut stream = self.store.list(Some(&base));
+            let mut out: Vec<object_store::ObjectMeta> = Vec::new();
+            while let Some(m) = stream.try_next().await? {
+                let key = m.location.as_ref();
+                if !key.starts_with(&under) {
+                    return Err(bad(format!(
+                        "the listing names '{key}', which is not under '{under}'"
+                    )));
+                }
+                if let Some(last) = out.last().filter(|l| l.location.as_ref() >= key) {
+                    return Err(bad(format!(
+                        "the listing repeats or goes back ('{key}' after '{}'): the server's pagination loops",
+                        last.location.as_ref()
+                    )));
+                }
+                out.push(m);
+            }
+            Ok(out)
+        };
+        let metas = self
             .rt
-            .block_on(self.retrying(|| self.store.list(Some(&base)).try_collect()))
+            .block_on(self.retrying(listing))
             .map_err(|e| self.err("cannot list", prefix, e))?;
         Ok(metas
             .into_iter()

@@ -26,6 +26,13 @@ pub struct StoreTarget {
     full_reason: Option<String>,
     /// Chunks of the parent whose objects are quarantined: read again from the source.
     repairs: Vec<u64>,
+    /// Quarantined chunks: uploaded again whenever this sync has their content.
+    suspects: HashSet<Digest>,
+    /// Quarantined chunks this sync uploaded anew: their entries go once the version is committed.
+    healed: Mutex<Vec<Digest>>,
+    /// Chunks this run uploaded and their object sizes: checked against the store before the
+    /// version is committed.
+    uploaded: Mutex<Vec<(Digest, u64)>>,
     /// Chunk index -> new name (`ZERO` for an all-zero chunk), since the parent.
     changes: Mutex<BTreeMap<u64, Digest>>,
     chunks_new: AtomicU64,
@@ -78,17 +85,18 @@ impl StoreTarget {
             Holder::me("sync", &format!("sync of disk {disk}")),
             Some(disk),
         )?;
-        // An incremental lists the quarantine while it chooses its parent: each is a round trip
-        // to the store.
-        let (choice, quarantined) = match spec.full {
-            true => (Ok(Ok(None)), Ok(HashSet::new())),
-            false => std::thread::scope(|s| {
-                let quarantined = s.spawn(|| store.unhealed_chunks());
-                let choice = choose_parent(&store, spec).map(|c| c.map(Some));
-                let quarantined = quarantined.join().expect("listing the quarantine panicked");
-                (choice, quarantined)
-            }),
-        };
+        // The quarantine is listed while an incremental chooses its parent: each is a round
+        // trip to the store.
+        let (choice, quarantined) = std::thread::scope(|s| {
+            let quarantined = s.spawn(|| store.unhealed_chunks());
+            let choice = match spec.full {
+                true => Ok(Ok(None)),
+                false => choose_parent(&store, spec).map(|c| c.map(Some)),
+            };
+            let quarantined = quarantined.join().expect("listing the quarantine panicked");
+            (choice, quarantined)
+        });
+        let suspects = quarantined?;
         let (parent, full_reason) = match choice? {
             Ok(p) => (p, None),
             Err(why) if spec.full_on_mismatch => {
@@ -103,7 +111,7 @@ impl StoreTarget {
             }
         };
         let repairs = match &parent {
-            Some(p) => chunks_to_repair(&store, p, &quarantined?)?,
+            Some(p) => chunks_to_repair(&store, p, &suspects)?,
             None => Vec::new(),
         };
         let root = parent.as_ref().and_then(|p| p.root_digest());
@@ -122,6 +130,9 @@ impl StoreTarget {
             parent,
             full_reason,
             repairs,
+            suspects,
+            healed: Mutex::new(Vec::new()),
+            uploaded: Mutex::new(Vec::new()),
             changes: Mutex::new(BTreeMap::new()),
             chunks_new: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
@@ -153,6 +164,8 @@ struct Upload<'a> {
     index: u64,
     name: Digest,
     obj: Bytes,
+    /// It replaces a quarantined copy.
+    heals: bool,
 }
 
 impl Prepared for Upload<'_> {
@@ -165,7 +178,37 @@ impl Prepared for Upload<'_> {
         t.chunks_new.fetch_add(1, Relaxed);
         t.bytes_stored.fetch_add(stored, Relaxed);
         t.changes.lock().unwrap().insert(self.index, self.name);
+        t.uploaded.lock().unwrap().push((self.name, stored));
+        if self.heals {
+            t.healed.lock().unwrap().push(self.name);
+        }
         Ok(stored)
+    }
+}
+
+impl StoreTarget {
+    /// Asks the store for the size of every chunk this run uploaded: a server that answered a
+    /// PUT with success but kept nothing, or less, fails the sync before its version exists.
+    fn check_uploads(&self) -> Result<()> {
+        let uploaded = std::mem::take(&mut *self.uploaded.lock().unwrap());
+        let keys: Vec<String> = uploaded.iter().map(|(n, _)| Store::chunk_key(n)).collect();
+        for ((key, (_, sent)), size) in keys
+            .iter()
+            .zip(&uploaded)
+            .zip(self.store.backend.sizes(&keys))
+        {
+            match size? {
+                Some(n) if n == *sent => {}
+                found => {
+                    let found = found.map_or("nothing".into(), |n| format!("{n} bytes"));
+                    return Err(Error::Store(format!(
+                        "store {}: {key} was uploaded with {sent} bytes, but the store holds {found}: nothing was committed (the server did not keep what it acknowledged)",
+                        self.store.uri.text
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -274,17 +317,21 @@ impl ChunkSink for StoreTarget {
         data: &[u8],
         name: &Digest,
     ) -> Result<Option<Box<dyn Prepared + '_>>> {
-        match self.store.encode_chunk(name, data) {
+        match self
+            .store
+            .encode_chunk(name, data, self.suspects.contains(name))
+        {
             Err(e) => Err(self.at_chunk(index, e)),
             Ok(None) => {
                 self.changes.lock().unwrap().insert(index, *name);
                 Ok(None)
             }
-            Ok(Some(obj)) => Ok(Some(Box::new(Upload {
+            Ok(Some((obj, heals))) => Ok(Some(Box::new(Upload {
                 target: self,
                 index,
                 name: *name,
                 obj,
+                heals,
             }))),
         }
     }
@@ -337,6 +384,7 @@ impl ChunkSink for StoreTarget {
             Some(p) => p.root_digest().expect("checked when parsed"),
             None => ZERO,
         };
+        self.check_uploads()?;
         let root = tree::update(&*self.store, base, depth, &changes)?;
         self.store.backend.sync()?;
         let mut v = Version {
@@ -363,10 +411,21 @@ impl ChunkSink for StoreTarget {
                 bytes_stored: self.bytes_stored.load(Relaxed),
                 millis: info.millis,
             },
+            mac: None,
             checksum: String::new(),
         };
         self.store.write_version(&mut v)?;
         tracing::info!(disk = %self.disk, version = %v.version, changed = changes.len(), "version committed");
+        for name in std::mem::take(&mut *self.healed.lock().unwrap()) {
+            match self.store.healed(&name) {
+                Ok(()) => {
+                    tracing::info!(disk = %self.disk, "chunk {} uploaded again: healed", Store::chunk_key(&name))
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %self.disk, "chunk {} uploaded again, but its quarantine entry stays: {e}", Store::chunk_key(&name))
+                }
+            }
+        }
         Ok(v.version)
     }
 }

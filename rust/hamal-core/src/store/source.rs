@@ -165,13 +165,19 @@ impl StoreReader {
     }
 
     /// Decodes chunk `i` into `out` (its whole length), naming the disk offset on failure; the
-    /// object's buffer is kept for the next read where the backend reads into it.
+    /// object's buffer is kept for the next read where the backend reads into it. A chunk that
+    /// is missing or fails to decode gets a second chance (`Store::recover_chunk`).
     fn decode(&self, i: u64, (name, mut obj): Fetched, out: &mut [u8]) -> Result<()> {
         let v = &self.version;
         let decoded = self.store.decode_chunk_into(&name, obj.as_deref_mut(), out);
         if let Some(ObjectBuf::Huge(buf)) = obj {
             self.spares.lock().unwrap().push(buf);
         }
+        let decoded = decoded.or_else(|problem| {
+            let whence = self.store.recover_chunk(&name, out).map_err(|_| problem.clone())?;
+            tracing::warn!(store = %self.store.uri.text, disk = %v.disk, version = %v.version, offset = i * v.chunk_size, "chunk {} was {problem}; read whole from {whence}", Store::chunk_key(&name));
+            Ok::<(), String>(())
+        });
         decoded.map_err(|problem| {
             Error::Mismatch(format!(
                 "store {} disk '{}' version {}: chunk at disk offset {} ({}) is {problem}",

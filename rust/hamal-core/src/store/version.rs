@@ -41,8 +41,23 @@ pub struct Version {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed: Option<String>,
     pub stats: VersionStats,
+    /// Encrypted stores: keyed BLAKE3 (a key derived from the store key) of this record
+    /// serialized without `mac` and with an empty checksum. Absent in records written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     /// BLAKE3 of this record serialized with an empty checksum.
     pub checksum: String,
+}
+
+/// How a parsed record stands against the store key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Authenticity {
+    /// Its MAC matches the key.
+    Authentic,
+    /// The store is not encrypted: there is no key to check against.
+    Unkeyed,
+    /// An encrypted store's record without a MAC (written before records had one).
+    Unauthenticated,
 }
 
 impl Version {
@@ -56,13 +71,44 @@ impl Version {
         hex(blake3::hash(&serde_json::to_vec(&v).expect("serializable")).as_bytes())
     }
 
-    /// Fills in the checksum and returns the record's bytes.
-    pub fn seal(&mut self) -> Vec<u8> {
+    fn own_mac(&self, key: &[u8; 32]) -> String {
+        let mut v = self.clone();
+        v.checksum.clear();
+        v.mac = None;
+        hex(blake3::keyed_hash(key, &serde_json::to_vec(&v).expect("serializable")).as_bytes())
+    }
+
+    /// Fills in the MAC (with the store's record key, if encrypted) and the checksum, and
+    /// returns the record's bytes.
+    pub fn seal(&mut self, key: Option<&[u8; 32]>) -> Vec<u8> {
+        self.mac = key.map(|k| self.own_mac(k));
         self.checksum = self.own_checksum();
         serde_json::to_vec_pretty(self).expect("serializable")
     }
 
-    /// Parses and checks the record stored under `key`; the error says what is wrong.
+    /// Parses and checks the record stored under `key`; with an encrypted store's record key,
+    /// its MAC too (a record whose MAC does not match is refused; one without a MAC, written
+    /// before records had one, is `Unauthenticated` unless `required`).
+    pub fn parse_checked(
+        key: &str,
+        bytes: &[u8],
+        auth: Option<&[u8; 32]>,
+        required: bool,
+    ) -> Result<(Version, Authenticity), String> {
+        let v = Version::parse(key, bytes)?;
+        let Some(k) = auth else {
+            return Ok((v, Authenticity::Unkeyed));
+        };
+        match &v.mac {
+            Some(mac) if *mac == v.own_mac(k) => Ok((v, Authenticity::Authentic)),
+            Some(_) => Err("version record is not authentic: its MAC does not match the store key (altered or forged)".into()),
+            None if required => Err("version record has no MAC, which this store's records all have (altered or forged)".into()),
+            None => Ok((v, Authenticity::Unauthenticated)),
+        }
+    }
+
+    /// Parses and checks the record stored under `key` (not its MAC); the error says what is
+    /// wrong.
     pub fn parse(key: &str, bytes: &[u8]) -> Result<Version, String> {
         let v: Version =
             serde_json::from_slice(bytes).map_err(|e| format!("not a version record: {e}"))?;

@@ -1,0 +1,42 @@
+//! The newest version this host committed of each disk of a store, kept on this host
+//! (`snapshot_metadata/<store>/heads/<disk>` under `hamal_lib_dir`). A store whose listing
+//! shows an older newest version has lost or hides one: an incremental must not build on the
+//! older one in silence (its changes are relative to the newer), nor a restore return it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub struct Heads {
+    /// `None`: no local folder configured (a library caller); nothing is kept or checked.
+    folder: Option<PathBuf>,
+}
+
+impl Heads {
+    pub fn new(local_metadata: Option<&Path>, store: &str) -> Heads {
+        let id = super::codec::hex(&blake3::hash(store.as_bytes()).as_bytes()[..8]);
+        Heads {
+            folder: local_metadata.map(|l| l.join(id).join("heads")),
+        }
+    }
+
+    /// The newest version of `disk` this host committed, if it knows one.
+    pub fn get(&self, disk: &str) -> Option<String> {
+        super::version::check_disk_id(disk).ok()?;
+        let text = std::fs::read_to_string(self.folder.as_ref()?.join(disk)).ok()?;
+        Some(text.trim().to_owned()).filter(|t| !t.is_empty())
+    }
+
+    /// Records `version` as the newest of `disk` (a temporary file renamed over the old one).
+    pub fn set(&self, disk: &str, version: &str) -> std::io::Result<()> {
+        let Some(folder) = &self.folder else {
+            return Ok(());
+        };
+        super::version::check_disk_id(disk).map_err(std::io::Error::other)?;
+        std::fs::create_dir_all(folder)?;
+        let tmp = folder.join(format!(".{disk}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(version.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, folder.join(disk))
+    }
+}
