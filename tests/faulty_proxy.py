@@ -60,6 +60,7 @@ class FaultyProxy:
         self.calls: collections.Counter[tuple[str, str]] = collections.Counter()
         self.requests = 0
         self.first_page = b""
+        self.flipped: set[str] = set()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -127,15 +128,20 @@ class FaultyProxy:
                     if kind == "list-loop":
                         proxy.first_page = data
                 elif kind == "flip" and self.command == "GET" and r.status == 200 and "/chunks/" in self.path:
-                    proxy.faults["flip"] += 1
-                    garbled = bytearray(data)
-                    garbled[len(data) // 2] ^= 0x01
-                    data = bytes(garbled)
+                    # A bit flips in transit once per object, not at every read.
+                    if self.path not in proxy.flipped:
+                        proxy.flipped.add(self.path)
+                        proxy.faults["flip"] += 1
+                        garbled = bytearray(data)
+                        garbled[len(data) // 2] ^= 0x01
+                        data = bytes(garbled)
                 self.send_response(r.status, r.reason)
                 for k, v in r.getheaders():
                     if k.lower() not in ("transfer-encoding", "content-length", "connection"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD's answer has no body but tells the object's length, as the server said it.
+                length = r.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if kind == "cut" and self.command == "GET" and r.status == 200 and len(data) > 1:
                     proxy.faults["cut"] += 1

@@ -233,7 +233,7 @@ def test_verify_deep_quarantines_a_damaged_chunk_and_the_next_sync_heals_it(tmp_
 
     r = run_hamal("verify", store, "--deep")
     assert r.code == 3
-    assert "is damaged" in r.err and "copied 1 damaged chunks to the quarantine" in r.err, r.err
+    assert "is damaged" in r.err and "marked 1 damaged or missing chunks in the quarantine" in r.err, r.err
     assert f"version {v1['version']} uses 1 quarantined chunk(s), at disk offset " in r.err, r.err
     assert chunk.exists(), "nothing is deleted on a verify's word"
     quarantined = [p for p in (store_dir / "quarantine").rglob("*") if p.is_file()]
@@ -292,7 +292,10 @@ def test_an_incremental_whose_parent_is_gone_is_refused_or_made_full(tmp_path: P
     assert r.code == 1
     line = one_error_line(r.err)
     assert f"relative to version {v2['version']} of disk 'd0', which is not in the store" in line, line
-    assert [v["version"] for v in versions(store)] == [v1["version"]], "nothing committed"
+    # The listing lacks the version this host committed last: said, and exit 3.
+    r = run_hamal("versions", store, "--disk", "d0", "--json")
+    assert r.code == 3 and f"{v2['version']}.json: committed by this host" in r.err, r.err
+    assert [v["version"] for v in json.loads(r.out)["versions"]] == [v1["version"]], "nothing committed"
     r = run_hamal(*args, "--full-on-mismatch", "--json")
     assert r.code == 0, r.err
     summary = json.loads(r.out)

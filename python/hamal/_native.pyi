@@ -152,6 +152,7 @@ def verify_store(
     version: str | None = None,
     deep: bool = False,
     key_file: str | None = None,
+    sample: tuple[int, int] | None = None,
 ) -> dict[str, Any]: ...
 def prune_store(
     store: str,

@@ -471,8 +471,8 @@ def cmd_verify_store(args: argparse.Namespace) -> int:
         print(f"hamal: {p}", file=sys.stderr)
     if report["quarantined"]:
         print(
-            f"hamal: copied {report['quarantined']} damaged chunks to the quarantine (they stay where"
-            " they were); the next sync that reads their data uploads them again",
+            f"hamal: marked {report['quarantined']} damaged or missing chunks in the quarantine (a copy;"
+            " nothing was deleted); the next sync that reads their data uploads them again",
             file=sys.stderr,
         )
     for left in report["leftovers"]:

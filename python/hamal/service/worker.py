@@ -160,6 +160,9 @@ def run_cycle(
         log.error("disk %s failed: %s (its cursor stays; the next cycle covers it)", d, e)
     if good and task.keep:
         prune(cfg, state, task, good)
+    if good and task.is_store() and not cancel.event.is_set():
+        reporter.update(phase="verify")
+        check_store(cfg, state, task)
     if good and not errors:
         logs.write_ip_mapping(conf, task.vm_uuid, task.vm_name, vm.addresses)
     moved = sum(r["summary"]["bytes_written"] for r in results.values() if "summary" in r)
@@ -319,6 +322,44 @@ def prune(cfg: _native.Config, state: State, task: Task, disks: list[str]) -> No
             log.info(
                 "collected %d chunks and %d index pages", report["removed_chunks"], report["removed_pages"]
             )
+
+
+def check_store(cfg: _native.Config, state: State, task: Task) -> None:
+    """Every ``[store] verify_interval`` seconds, re-reads and re-hashes a share of the store's
+    chunks, so that every chunk is read within ``verify_full_period``: damage is found without
+    waiting for an operator, and a damaged chunk is quarantined for the next cycle to heal."""
+    conf = cfg.as_dict()["store"]
+    every = int(conf["verify_interval"])
+    if not every:
+        return
+    key = f"verified:{task.target_uri}"
+    last, done = (state.meta(key) or "0 0").split()
+    if time.time() - float(last) < every:
+        return
+    parts = max(1, -(-int(conf["verify_full_period"]) // every))
+    part = int(done) % parts
+    try:
+        report = _native.verify_store(
+            task.target_uri, cfg, deep=True, key_file=task.key_file, sample=(part, parts)
+        )
+    except HamalError as e:
+        log.warning("store check (share %d of %d) failed: %s", part + 1, parts, e)
+        return
+    state.set_meta(key, f"{time.time()} {int(done) + 1}")
+    log.info(
+        "store checked: %d chunks re-read (share %d of %d), %d problems",
+        report["chunks"],
+        part + 1,
+        parts,
+        len(report["problems"]),
+    )
+    for problem in report["problems"][:20]:
+        log.warning("store check: %s", problem)
+    if report["quarantined"]:
+        log.warning(
+            "store check: %d damaged chunks quarantined; the next cycle reads their data again",
+            report["quarantined"],
+        )
 
 
 def main() -> int:

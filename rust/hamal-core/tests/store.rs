@@ -228,12 +228,15 @@ fn damaged_and_missing_chunks_are_reported_with_their_offset() {
     std::fs::remove_file(&chunks[1]).unwrap();
 
     let shallow = store::verify_store(&env.uri(), &o, None, None, false, &NEVER).unwrap();
-    assert_eq!(shallow.problems.len(), 1, "{:?}", shallow.problems);
+    assert_eq!(shallow.problems.len(), 2, "{:?}", shallow.problems);
     assert!(
         shallow.problems[0].contains("is missing"),
         "{:?}",
         shallow.problems
     );
+    // The missing chunk is marked suspect: the next sync with its content uploads it, whatever
+    // the store says it has.
+    assert_eq!(shallow.quarantined, 1);
     let deep = store::verify_store(&env.uri(), &o, None, None, true, &NEVER).unwrap();
     assert_eq!(deep.problems.len(), 3, "{:?}", deep.problems);
     assert!(deep.problems.iter().any(|p| p.contains("damaged")));
@@ -244,11 +247,15 @@ fn damaged_and_missing_chunks_are_reported_with_their_offset() {
         );
     }
     // The damaged chunk was copied to the quarantine (nothing is deleted on a verify's word),
-    // and the problem names the version and offset using it.
-    assert_eq!(deep.quarantined, 1);
+    // and the problem names the version and offsets using them.
+    assert_eq!(deep.quarantined, 2);
     assert!(chunks[0].exists());
-    assert!(deep.problems[2].contains("uses 1 quarantined chunk(s), at disk offset 2097152"));
-    assert_eq!(env.objects("quarantine").len(), 1);
+    assert!(
+        deep.problems[2].contains("uses 2 quarantined chunk(s), at disk offset 2097152, 6291456"),
+        "{:?}",
+        deep.problems
+    );
+    assert_eq!(env.objects("quarantine").len(), 2);
     let e = env.restore(&v, &env.path("out.raw"), &o).unwrap_err();
     assert!(matches!(*e, Error::Mismatch(_)), "{e}");
     assert!(e.to_string().contains("disk offset"), "{e}");

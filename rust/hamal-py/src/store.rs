@@ -47,10 +47,12 @@ pub fn list_versions(
     Ok((convert::to_py(py, &versions)?, damaged))
 }
 
-/// Checks records, index pages and chunks (`deep`: re-reads and re-hashes every chunk).
-/// Returns a report dict whose `problems` lists what is wrong.
+/// Checks records, index pages and chunks (`deep`: re-reads and re-hashes every chunk, or with
+/// `sample = (part, parts)` that share of them). Returns a report dict whose `problems` lists
+/// what is wrong.
 #[pyfunction]
-#[pyo3(signature = (store, config=None, *, disk=None, version=None, deep=false, key_file=None))]
+#[pyo3(signature = (store, config=None, *, disk=None, version=None, deep=false, key_file=None, sample=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn verify_store(
     py: Python<'_>,
     store: &str,
@@ -59,11 +61,21 @@ pub fn verify_store(
     version: Option<&str>,
     deep: bool,
     key_file: Option<String>,
+    sample: Option<(u32, u32)>,
 ) -> PyResult<Py<PyAny>> {
     let (uri, o) = (store_uri(store)?, options(config.as_deref(), key_file));
     let (disk, version) = (disk.map(str::to_owned), version.map(str::to_owned));
+    let sample = sample.map(|(part, parts)| store::Sample { part, parts });
     let report = interrupt::run(py, move |cancel| {
-        store::verify_store(&uri, &o, disk.as_deref(), version.as_deref(), deep, cancel)
+        store::verify_sample(
+            &uri,
+            &o,
+            disk.as_deref(),
+            version.as_deref(),
+            deep,
+            sample,
+            cancel,
+        )
     })?;
     convert::to_py(py, &report)
 }

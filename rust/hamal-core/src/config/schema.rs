@@ -207,6 +207,11 @@ config_schema! {
         encryption_key_file: String = "", check::absolute_path_or_empty;
         /// Upload threads per disk.
         upload_threads: u64 = 8u64, check::range(1, 64);
+        /// Seconds between the service's checks of a store (a share of its chunks re-read and
+        /// re-hashed each time, damage quarantined for the next cycle to heal); 0 = never.
+        verify_interval: u64 = 86400u64, check::range(0, 31536000);
+        /// Seconds within which those checks read every chunk once.
+        verify_full_period: u64 = 2592000u64, check::range(1, 31536000);
     }
     /// S3 connection of `s3://` stores; the AWS_* environment fills empty keys.
     ["s3"] s3: S3Section {

@@ -26,6 +26,21 @@ impl Heads {
         Some(text.trim().to_owned()).filter(|t| !t.is_empty())
     }
 
+    /// Every disk this host committed to, with its newest version.
+    pub fn all(&self) -> Vec<(String, String)> {
+        let Some(entries) = self.folder.as_ref().and_then(|f| std::fs::read_dir(f).ok()) else {
+            return Vec::new();
+        };
+        let names = entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok());
+        let disks: Vec<String> = names.filter(|n| !n.starts_with('.')).collect();
+        disks
+            .into_iter()
+            .filter_map(|d| self.get(&d).map(|v| (d, v)))
+            .collect()
+    }
+
     /// Records `version` as the newest of `disk` (a temporary file renamed over the old one).
     pub fn set(&self, disk: &str, version: &str) -> std::io::Result<()> {
         let Some(folder) = &self.folder else {

@@ -21,7 +21,8 @@ pub fn list_versions(
 ) -> Result<(Vec<Version>, Vec<String>)> {
     let store = Store::open(uri, o, false)?;
     let r = store.records(disk)?;
-    let damaged = r.damaged.iter().map(|(k, p)| format!("{k}: {p}")).collect();
+    let mut damaged: Vec<String> = r.damaged.iter().map(|(k, p)| format!("{k}: {p}")).collect();
+    damaged.extend(store.behind_heads(&r, disk));
     Ok((r.good.into_values().flatten().collect(), damaged))
 }
 
@@ -42,8 +43,23 @@ pub struct StoreVerifyReport {
 
 const MAX_PROBLEMS: usize = 1000;
 
+/// Which chunks a deep verify reads: all, or share `part` of `parts` (by name), so a schedule of
+/// `parts` runs reads each chunk once.
+#[derive(Clone, Copy, Debug)]
+pub struct Sample {
+    pub part: u32,
+    pub parts: u32,
+}
+
+impl Sample {
+    fn holds(&self, name: &Digest) -> bool {
+        let n = u32::from_le_bytes(name[..4].try_into().expect("32-byte digest"));
+        n % self.parts.max(1) == self.part % self.parts.max(1)
+    }
+}
+
 /// Checks version records, index pages and chunks. Shallow: every referenced chunk exists.
-/// Deep: every chunk is read, decrypted, decompressed and re-hashed.
+/// Deep: every chunk (or the `sample`'s share) is read, decrypted, decompressed and re-hashed.
 /// `cancel` stops it between batches of chunks (`Error::Cancelled`).
 pub fn verify_store(
     uri: &StoreUri,
@@ -51,6 +67,19 @@ pub fn verify_store(
     disk: Option<&str>,
     version: Option<&str>,
     deep: bool,
+    cancel: &AtomicBool,
+) -> Result<StoreVerifyReport> {
+    verify_sample(uri, o, disk, version, deep, None, cancel)
+}
+
+/// [`verify_store`], deep over `sample`'s share of the chunks only when one is given.
+pub fn verify_sample(
+    uri: &StoreUri,
+    o: &StoreOptions,
+    disk: Option<&str>,
+    version: Option<&str>,
+    deep: bool,
+    sample: Option<Sample>,
     cancel: &AtomicBool,
 ) -> Result<StoreVerifyReport> {
     let store = Store::open(uri, o, false)?;
@@ -62,6 +91,7 @@ pub fn verify_store(
     report
         .problems
         .extend(records.damaged.iter().map(|(k, p)| format!("{k}: {p}")));
+    report.problems.extend(store.behind_heads(&records, disk));
     let mut versions: Vec<Version> = records.good.into_values().flatten().collect();
     if let Some(id) = version {
         versions.retain(|v| v.version == id);
@@ -92,7 +122,10 @@ pub fn verify_store(
                 .push(format!("disk '{}' version {}: {e}", v.disk, v.version));
         }
     }
-    let uses: Vec<(Digest, (String, u64, usize))> = first_use.into_iter().collect();
+    let uses: Vec<(Digest, (String, u64, usize))> = first_use
+        .into_iter()
+        .filter(|(name, _)| sample.is_none_or(|s| s.holds(name)))
+        .collect();
     // Shallow: one listing of the chunks instead of a request per chunk.
     let present: HashSet<Digest> = if deep {
         HashSet::new()
@@ -152,7 +185,7 @@ pub fn verify_store(
             match r {
                 Ok(n) => report.bytes_checked += n as u64,
                 Err(p) => {
-                    if p.starts_with("damaged") {
+                    if p.starts_with("damaged") || p == "missing" {
                         damaged.insert(*name, p.clone());
                     }
                     report.problems.push(format!(

@@ -31,7 +31,9 @@ mod source;
 pub mod tree;
 pub mod version;
 
-pub use maint::{list_versions, prune, verify_store, PruneReport, StoreVerifyReport};
+pub use maint::{
+    list_versions, prune, verify_sample, verify_store, PruneReport, Sample, StoreVerifyReport,
+};
 pub use repo::Store;
 pub use s3::S3Options;
 pub use sink::{StoreSync, StoreTarget};

@@ -278,16 +278,16 @@ impl Store {
         Ok(n)
     }
 
-    /// Copies a chunk object found damaged to the quarantine, leaving it in place: the copy
-    /// marks it suspect (the next sync that produces its content uploads it anew and drops the
-    /// mark) and keeps what was read, as found, for a restore's last try. Nothing is deleted on
-    /// a judgement that may be wrong.
+    /// Copies a chunk object found damaged (or an empty object for one found missing) to the
+    /// quarantine, leaving it in place: the entry marks it suspect (the next sync that produces
+    /// its content uploads it anew, whatever the store says it has, and drops the mark) and
+    /// keeps what was read, as found, for a restore's last try. Nothing is deleted on a
+    /// judgement that may be wrong.
     pub fn quarantine_chunk(&self, a: &Digest, why: &str) -> Result<()> {
         let key = Self::chunk_key(a);
-        tracing::warn!(store = %self.uri.text, "chunk {key} is damaged ({why}); a copy is kept in the quarantine until a sync uploads its content again");
-        if let Some(obj) = self.backend.get(&key)? {
-            self.backend.put(&Self::quarantine_key(a), obj.into())?;
-        }
+        tracing::warn!(store = %self.uri.text, "chunk {key} ({why}) is marked in the quarantine, with a copy of what was read, until a sync uploads its content again");
+        let copy = self.backend.get(&key)?.unwrap_or_default();
+        self.backend.put(&Self::quarantine_key(a), copy.into())?;
         self.backend.sync()
     }
 
@@ -321,8 +321,10 @@ impl Store {
             match self.backend.get(&key) {
                 Ok(mut obj) => match self.decode_chunk_into(a, obj.as_deref_mut(), out) {
                     Ok(()) => return Ok(whence),
-                    Err(e) if key.starts_with("chunks/") || obj.is_some() => last = e,
-                    Err(_) => {}
+                    Err(e) if key.starts_with("chunks/") || obj.is_some_and(|o| !o.is_empty()) => {
+                        last = e
+                    }
+                    Err(_) => {} // no quarantined copy, or only the mark of a missing chunk
                 },
                 Err(e) => last = format!("unreadable: {e}"),
             }
@@ -450,6 +452,30 @@ impl Store {
         }
         self.check_head(disk, newest.as_ref().map(|v| v.version.as_str()))?;
         Ok(newest)
+    }
+
+    /// Disks (all, or `disk`) whose newest version in `records` is older than the one this
+    /// host committed: one line each, naming both.
+    pub fn behind_heads(&self, records: &Records, disk: Option<&str>) -> Vec<String> {
+        let mut out = Vec::new();
+        for (d, head) in self.heads.all() {
+            if disk.is_some_and(|want| want != d) {
+                continue;
+            }
+            let newest = records
+                .good
+                .get(&d)
+                .and_then(|v| v.last())
+                .map(|v| v.version.as_str());
+            if newest.is_none_or(|n| n < head.as_str()) {
+                out.push(format!(
+                    "{}: committed by this host, but not in the store's listing (the newest listed: {})",
+                    version_key(&d, &head),
+                    newest.unwrap_or("none")
+                ));
+            }
+        }
+        out
     }
 
     /// Fails when this host committed a version of `disk` newer than the store's `newest`.

@@ -33,6 +33,8 @@ pub struct StoreTarget {
     /// Chunks this run uploaded and their object sizes: checked against the store before the
     /// version is committed.
     uploaded: Mutex<Vec<(Digest, u64)>>,
+    /// The fetch of the parent's root page, while it runs.
+    prefetch: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Chunk index -> new name (`ZERO` for an all-zero chunk), since the parent.
     changes: Mutex<BTreeMap<u64, Digest>>,
     chunks_new: AtomicU64,
@@ -115,13 +117,15 @@ impl StoreTarget {
             None => Vec::new(),
         };
         let root = parent.as_ref().and_then(|p| p.root_digest());
-        if let Some(root) = root.filter(|r| *r != ZERO) {
-            // The commit starts from the parent's root index page: fetch it while chunks go up.
+        // The commit starts from the parent's root index page: fetch it while chunks go up. The
+        // fetch is joined before the commit and on drop: a thread left running on the store's
+        // runtime while the process exits crashed it.
+        let prefetch = root.filter(|r| *r != ZERO).map(|root| {
             let store = store.clone();
             std::thread::spawn(move || {
                 let _ = store.load_page(&root);
-            });
-        }
+            })
+        });
         Ok(StoreTarget {
             store,
             disk: disk.to_owned(),
@@ -133,6 +137,7 @@ impl StoreTarget {
             suspects,
             healed: Mutex::new(Vec::new()),
             uploaded: Mutex::new(Vec::new()),
+            prefetch: Mutex::new(prefetch),
             changes: Mutex::new(BTreeMap::new()),
             chunks_new: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
@@ -186,7 +191,19 @@ impl Prepared for Upload<'_> {
     }
 }
 
+impl Drop for StoreTarget {
+    fn drop(&mut self) {
+        self.join_prefetch();
+    }
+}
+
 impl StoreTarget {
+    fn join_prefetch(&self) {
+        if let Some(fetch) = self.prefetch.lock().unwrap().take() {
+            let _ = fetch.join();
+        }
+    }
+
     /// Asks the store for the size of every chunk this run uploaded: a server that answered a
     /// PUT with success but kept nothing, or less, fails the sync before its version exists.
     fn check_uploads(&self) -> Result<()> {
@@ -385,6 +402,7 @@ impl ChunkSink for StoreTarget {
             None => ZERO,
         };
         self.check_uploads()?;
+        self.join_prefetch();
         let root = tree::update(&*self.store, base, depth, &changes)?;
         self.store.backend.sync()?;
         let mut v = Version {

@@ -164,3 +164,67 @@ pub fn check_disk_id(id: &str) -> Result<(), String> {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Version {
+        Version {
+            format: FORMAT,
+            disk: "vm1-disk0".into(),
+            version: "20261207T000000.000Z".into(),
+            parent: None,
+            size: 1 << 30,
+            chunk_size: 4 << 20,
+            root: "ab".repeat(32),
+            depth: 2,
+            source: "disk.raw".into(),
+            cursor: Some("snap-1".into()),
+            created: "2026-12-07T00:00:00.000Z".into(),
+            committed: None,
+            stats: VersionStats::default(),
+            mac: None,
+            checksum: String::new(),
+        }
+    }
+
+    proptest! {
+        /// A record with any one byte changed, or cut anywhere, is refused or reads as the
+        /// record that was written (a change in JSON white space); arbitrary bytes never panic.
+        #[test]
+        fn a_changed_record_is_refused(at in 0usize..2000, to in any::<u8>(), cut in any::<bool>(), junk in prop::collection::vec(any::<u8>(), 0..300)) {
+            let key = [7u8; 32];
+            let mut v = sample();
+            let bytes = v.seal(Some(&key));
+            let at = at % bytes.len();
+            let mut changed = bytes.clone();
+            if cut {
+                changed.truncate(at);
+            } else {
+                changed[at] = to;
+            }
+            match Version::parse_checked(&v.key(), &changed, Some(&key), true) {
+                Ok((got, how)) => {
+                    prop_assert_eq!(&got, &v);
+                    prop_assert_eq!(how, Authenticity::Authentic);
+                }
+                Err(e) => prop_assert!(!e.is_empty()),
+            }
+            let _ = Version::parse_checked(&v.key(), &junk, Some(&key), false);
+        }
+    }
+
+    #[test]
+    fn the_key_decides_authenticity() {
+        let mut v = sample();
+        let bytes = v.seal(Some(&[1; 32]));
+        let (_, how) = Version::parse_checked(&v.key(), &bytes, Some(&[1; 32]), true).unwrap();
+        assert_eq!(how, Authenticity::Authentic);
+        let e = Version::parse_checked(&v.key(), &bytes, Some(&[2; 32]), true).unwrap_err();
+        assert!(e.contains("not authentic"), "{e}");
+        let (_, how) = Version::parse_checked(&v.key(), &bytes, None, false).unwrap();
+        assert_eq!(how, Authenticity::Unkeyed);
+    }
+}

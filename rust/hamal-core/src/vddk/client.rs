@@ -8,7 +8,7 @@ use crate::io::shm::SharedMem;
 use crate::io::ReadReq;
 use crate::{Error, Result};
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -179,8 +179,7 @@ impl Worker {
     fn call<T: serde::de::DeserializeOwned>(&mut self, op: u8, payload: &[u8]) -> Result<T> {
         self.send(op, payload)?;
         let len = self.expect(ST_OK)?;
-        let mut body = vec![0u8; len as usize];
-        self.from.read_exact(&mut body).map_err(|_| self.died())?;
+        let body = read_payload(&mut self.from, len).map_err(|_| self.died())?;
         serde_json::from_slice(&body)
             .map_err(|e| Error::Vddk(format!("{}: bad reply from the worker: {e}", self.name)))
     }
@@ -194,8 +193,7 @@ impl Worker {
         self.wait_for_reply()?;
         let (st, len) = read_reply_header(&mut self.from).map_err(|_| self.died())?;
         if st == ST_ERR {
-            let mut msg = vec![0u8; len as usize];
-            self.from.read_exact(&mut msg).map_err(|_| self.died())?;
+            let msg = read_payload(&mut self.from, len).map_err(|_| self.died())?;
             return Err(Error::Vddk(format!(
                 "{}: {}",
                 self.name,

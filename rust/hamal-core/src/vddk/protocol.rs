@@ -80,6 +80,23 @@ pub struct Allocated {
     pub reason: Option<String>,
 }
 
+/// Largest payload read from the pipe (a READ's list of pieces, an extent list, a message):
+/// a length beyond it (millions of extents fit) is the other side's mistake.
+pub const MAX_PAYLOAD: u64 = 512 << 20;
+
+/// The `len` bytes of a payload, refused past [`MAX_PAYLOAD`].
+pub fn read_payload(r: &mut impl Read, len: u64) -> io::Result<Vec<u8>> {
+    if len > MAX_PAYLOAD {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("a payload of {len} bytes, more than the {MAX_PAYLOAD} allowed"),
+        ));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload)?;
+    Ok(payload)
+}
+
 pub fn write_request(w: &mut impl Write, op: u8, payload: &[u8]) -> io::Result<()> {
     let mut head = [0u8; 5];
     head[0] = op;
@@ -97,10 +114,8 @@ pub fn read_request(r: &mut impl Read) -> io::Result<Option<(u8, Vec<u8>)>> {
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e),
     }
-    let len = u32::from_le_bytes(head[1..].try_into().unwrap()) as usize;
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload)?;
-    Ok(Some((head[0], payload)))
+    let len = u32::from_le_bytes(head[1..].try_into().unwrap());
+    Ok(Some((head[0], read_payload(r, len.into())?)))
 }
 
 pub fn write_reply(w: &mut impl Write, status: u8, payload: &[u8]) -> io::Result<()> {
@@ -162,5 +177,30 @@ mod tests {
         let mut r = out.as_slice();
         assert_eq!(read_reply_header(&mut r).unwrap(), (ST_ERR, 4));
         assert_eq!(r, b"boom");
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes come down the pipe, decoding never panics nor allocates past the
+        /// bound, and what it accepts is a prefix of the input read as frames.
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200)) {
+            let mut r = bytes.as_slice();
+            while let Ok(Some((_, payload))) = read_request(&mut r) {
+                proptest::prop_assert!(payload.len() as u64 <= MAX_PAYLOAD);
+                let _ = decode_reads(&payload);
+            }
+            let mut r = bytes.as_slice();
+            if let Ok((_, len)) = read_reply_header(&mut r) {
+                let _ = read_payload(&mut r, len);
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_length_is_refused_unallocated() {
+        let mut frame = vec![OP_READ];
+        frame.extend_from_slice(&u32::MAX.to_le_bytes());
+        let e = read_request(&mut frame.as_slice()).unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
     }
 }
