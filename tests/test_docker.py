@@ -69,6 +69,14 @@ def test_install_run_upgrade_and_return_in_a_container(tmp_path: Path, image: st
         sh(update, env=env)
         install_s = time.monotonic() - t0
         assert "Up (healthy)" in sh(*compose, "ps").stdout
+        # Least privilege: no capability but DAC_READ_SEARCH, a read-only root, the release and
+        # its config read-only, no privilege through set-uid files.
+        (cid,) = sh(*compose, "ps", "-q").stdout.split()
+        host = json.loads(sh("docker", "inspect", cid).stdout)[0]["HostConfig"]
+        assert host["CapDrop"] == ["ALL"] and host["CapAdd"] == ["DAC_READ_SEARCH"], host
+        assert host["ReadonlyRootfs"] and "no-new-privileges:true" in host["SecurityOpt"], host
+        for where in ("/usr/x", f"{prefix}/x", f"{etc}/x"):
+            assert sh(*compose, "exec", "-T", "hamal", "touch", where, check=False).returncode != 0, where
         hamal = [*compose, "exec", "-T", "hamal", f"{prefix}/hamal-venv/bin/hamal"]
 
         def committed() -> list[dict]:
