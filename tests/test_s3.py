@@ -288,7 +288,7 @@ def test_a_put_acknowledged_but_not_stored_commits_nothing(s3: S3Env, tmp_path: 
     version exists, and a rerun through an honest gateway stores everything."""
     src = tmp_path / "disk.raw"
     make_image(src, 16 * MIB, seed=25, fill=1.0)
-    with FaultyProxy(s3.cluster.endpoint, every=5, faults=("drop-put",)) as proxy:
+    with FaultyProxy(s3.cluster.endpoint, every=1, faults=("drop-put",)) as proxy:
         conf = s3.conf("drop.conf")
         conf.write_text(conf.read_text().replace(s3.cluster.endpoint, proxy.endpoint))
         r = run_hamal("sync", str(src), s3.store, "--disk", "d0", env=s3.env(conf))

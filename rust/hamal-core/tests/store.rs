@@ -377,8 +377,8 @@ fn forge_record(env: &Env, version: &str, change: impl FnOnce(&mut store::Versio
     std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
 }
 
-#[test]
-fn version_records_of_an_encrypted_store_cannot_be_forged_without_the_key() {
+/// An encrypted store's options, and a 4 MiB disk with data in its second MiB.
+fn encrypted_store_and_disk() -> (Env, StoreOptions, PathBuf) {
     let env = Env::new();
     let key = env.path("key");
     std::fs::write(&key, "11".repeat(32)).unwrap();
@@ -388,6 +388,12 @@ fn version_records_of_an_encrypted_store_cannot_be_forged_without_the_key() {
     };
     let src = env.path("src.raw");
     fill(&src, 4 * MIB, &[(1, 9)]);
+    (env, o, src)
+}
+
+#[test]
+fn version_records_of_an_encrypted_store_cannot_be_forged_without_the_key() {
+    let (env, o, src) = encrypted_store_and_disk();
     let v1 = env.sync(&src, None, &o).unwrap();
     fill(&src, 4 * MIB, &[(1, 7), (2, 7)]);
     let v2 = env.sync(&src, None, &o).unwrap();
@@ -426,15 +432,7 @@ fn version_records_of_an_encrypted_store_cannot_be_forged_without_the_key() {
 
 #[test]
 fn records_written_before_macs_are_read_with_a_warning() {
-    let env = Env::new();
-    let key = env.path("key");
-    std::fs::write(&key, "11".repeat(32)).unwrap();
-    let o = StoreOptions {
-        key_file: Some(key),
-        ..Default::default()
-    };
-    let src = env.path("src.raw");
-    fill(&src, 4 * MIB, &[(1, 9)]);
+    let (env, o, src) = encrypted_store_and_disk();
     let v = env.sync(&src, None, &o).unwrap();
     // What a store of an older release holds: no MACs, and no word of them in its config.
     forge_record(&env, &v, |v| v.mac = None);
