@@ -104,6 +104,13 @@ rollback() {
     say "returned to $(cat "$current/version")"
 }
 
+usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; }
+case "${1:-}" in
+    -h|--help) usage; exit 0 ;;
+    -*) [ "$1" = "--rollback" ] || { usage >&2; die "unknown option '$1': nothing was changed"; } ;;
+esac
+[ $# -le 1 ] || { usage >&2; die "one wheel or --rollback at most: nothing was changed"; }
+
 repair
 if [ "${1:-}" = "--rollback" ]; then
     rollback

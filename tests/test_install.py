@@ -133,6 +133,36 @@ def test_rollback_returns_to_the_previous_release(tmp_path: Path) -> None:
     assert r.returncode == 0 and not prefix.exists() and not (tmp_path / "etc").exists()
 
 
+def test_help_changes_nothing_and_purge_keeps_what_hamal_did_not_create(tmp_path: Path) -> None:
+    """--help of either script only prints (uninstall removed everything at once; update exited 1
+    and made /opt/hamal/releases); --purge removes hamal's own config, state and logs, but never
+    a chunk store, an image or a key file that lives beside them."""
+    prefix, etc, lib, log = (tmp_path / d for d in ("opt", "etc", "lib", "log"))
+    env = {"HAMAL_PREFIX": str(prefix), "HAMAL_ETC": str(etc), "HAMAL_LIB_DIR": str(lib),
+           "HAMAL_LOG_DIR": str(log)}  # fmt: skip
+    r = run(str(ROOT / "update_sync_proxy.sh"), "--help", env=env)
+    assert r.returncode == 0 and "Usage: update_sync_proxy.sh" in r.stdout and not prefix.exists(), r.stderr
+    r = run(str(ROOT / "update_sync_proxy.sh"), "--bogus", env=env)
+    assert r.returncode == 1 and "nothing was changed" in r.stderr and not prefix.exists(), r.stderr
+    for d in (prefix / "hamal-venv", etc, lib / "journal", lib / "store" / "chunks", lib / "img", log):
+        d.mkdir(parents=True)
+    ours = (etc / "hamal.conf", lib / "hamal.db", lib / "hamal.db.before-1", log / "x.log")
+    for f in (*ours, etc / "store.key"):
+        f.write_text("x")
+    (lib / "store" / "hamal-store.json").write_text("{}")
+    (lib / "img" / "vm.qcow2").write_text("disk")
+    for args, code in ((["--help"], 0), (["--purge", "--now"], 2), (["-p"], 2)):
+        r = run(str(ROOT / "uninstall_hamal.sh"), *args, env=env)
+        assert r.returncode == code and (prefix / "hamal-venv").exists(), (args, r.stderr)
+    r = run(str(ROOT / "uninstall_hamal.sh"), "--purge", env=env)
+    assert r.returncode == 0, r.stderr
+    assert not prefix.exists() and not log.exists()
+    assert sorted(p.name for p in etc.iterdir()) == ["store.key"]
+    assert sorted(p.name for p in lib.iterdir()) == ["img", "store"]
+    assert (lib / "store" / "hamal-store.json").exists() and (lib / "img" / "vm.qcow2").read_text() == "disk"
+    assert f"kept {lib}" in r.stderr and "store" in r.stderr and f"kept {etc}" in r.stderr
+
+
 def test_the_wheel_is_manylinux_2_28_or_older_and_stripped(tmp_path: Path) -> None:
     """Installs on glibc 2.28+ hosts (Ubuntu 20.04 has 2.31); the extension carries no symbol table."""
     whl = wheel()
