@@ -35,7 +35,7 @@ pub struct StoreVerifyReport {
     pub deep: bool,
     /// One line per problem: record, page or chunk with its disk offset.
     pub problems: Vec<String>,
-    /// Damaged chunks moved to the quarantine by this (deep) verify.
+    /// Damaged or missing chunks this verify marked in the quarantine (copies; nothing moved).
     pub quarantined: u64,
     /// Dead locks and temporary objects that `prune` removes (not damage).
     pub leftovers: Vec<String>,
