@@ -39,6 +39,9 @@ class OpenStackError(SourceError):
 
 
 _SESSIONS: dict[str, Cloud] = {}
+#: Asking for a snapshot: a server error (5xx) is asked again, after checking that no snapshot
+#: of that name was made meanwhile (a transient error costs a retry, not the cycle).
+SNAPSHOT_TRIES = 3
 
 
 def cloud_for(task: Any) -> Cloud:
@@ -209,7 +212,21 @@ class Cloud:
         """Asks for a snapshot (``force``: the volume may be in use); wait for it with
         ``wait_snapshot(id, "available", ...)``, so several are taken at once."""
         snap = {"volume_id": vid, "name": name, "force": True, "description": "hamal sync"}
-        return str(self.cinder("POST", "snapshots", {"snapshot": snap})["snapshot"]["id"])
+        for attempt in range(1, SNAPSHOT_TRIES + 1):
+            try:
+                return str(self.cinder("POST", "snapshots", {"snapshot": snap})["snapshot"]["id"])
+            except OpenStackError as e:
+                if e.status is None or e.status < 500 or attempt == SNAPSHOT_TRIES:
+                    raise
+                # A server error may come after the snapshot was made: never make a second one.
+                made = [s for s in self.snapshots_of(vid) if s.get("name") == name]
+                if made:
+                    return str(made[0]["id"])
+                log.warning(
+                    "volume %s: %s; asking again (attempt %d of %d)", vid, e, attempt + 1, SNAPSHOT_TRIES
+                )
+                time.sleep(2 * attempt)
+        raise AssertionError("unreachable")
 
     def wait_snapshot(self, sid: str, want: str | None, timeout: float) -> None:
         """Until the snapshot has status ``want`` (``None``: until it is gone)."""
