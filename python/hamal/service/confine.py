@@ -62,13 +62,13 @@ def check_task(
     regular file is refused unless its disk is in ``owned``. Task files pass unchecked."""
     if task.origin != "mass":
         return
-    roots = allowed_roots(conf)
+    roots, owned = allowed_roots(conf), set(owned)
     for disk in disks:
         path = local_path(task.target_for(disk))
         if path is None:
             continue
         real = check_path(path, roots, f"task {task.id}: target.uri")
-        if task.is_store() or disk in set(owned):
+        if task.is_store() or disk in owned:
             continue
         try:
             mode = os.stat(real).st_mode

@@ -162,7 +162,7 @@ def run_cycle(
         prune(cfg, state, task, good)
     if good and task.is_store() and not cancel.event.is_set():
         reporter.update(phase="verify")
-        check_store(cfg, state, task)
+        check_store(cfg, conf, state, task)
     if good and not errors:
         logs.write_ip_mapping(conf, task.vm_uuid, task.vm_name, vm.addresses)
     moved = sum(r["summary"]["bytes_written"] for r in results.values() if "summary" in r)
@@ -324,19 +324,18 @@ def prune(cfg: _native.Config, state: State, task: Task, disks: list[str]) -> No
             )
 
 
-def check_store(cfg: _native.Config, state: State, task: Task) -> None:
+def check_store(cfg: _native.Config, conf: dict[str, Any], state: State, task: Task) -> None:
     """Every ``[store] verify_interval`` seconds, re-reads and re-hashes a share of the store's
     chunks, so that every chunk is read within ``verify_full_period``: damage is found without
     waiting for an operator, and a damaged chunk is quarantined for the next cycle to heal."""
-    conf = cfg.as_dict()["store"]
-    every = int(conf["verify_interval"])
+    every = int(conf["store"]["verify_interval"])
     if not every:
         return
     key = f"verified:{task.target_uri}"
     last, done = (state.meta(key) or "0 0").split()
     if time.time() - float(last) < every:
         return
-    parts = max(1, -(-int(conf["verify_full_period"]) // every))
+    parts = max(1, -(-int(conf["store"]["verify_full_period"]) // every))
     part = int(done) % parts
     try:
         report = _native.verify_store(

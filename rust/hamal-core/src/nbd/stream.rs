@@ -82,42 +82,41 @@ impl Socket {
     }
 }
 
-fn is_wait(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
-    )
-}
-
-impl Read for Socket {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl Socket {
+    /// Runs one read or write of the socket, again while it only timed out and the caller may
+    /// still wait.
+    fn bounded<T>(&mut self, mut op: impl FnMut(&mut Sock) -> io::Result<T>) -> io::Result<T> {
         loop {
             self.may_wait()?; // also between bytes that keep coming, but too slowly
-            let r = match &mut self.sock {
-                Sock::Tcp(s) => s.read(buf),
-                Sock::Unix(s) => s.read(buf),
-            };
-            match r {
-                Err(e) if is_wait(&e) => continue,
+            match op(&mut self.sock) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
                 r => return r,
             }
         }
     }
 }
 
+impl Read for Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.bounded(|sock| match sock {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        })
+    }
+}
+
 impl Write for Socket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        loop {
-            self.may_wait()?;
-            let r = match &mut self.sock {
-                Sock::Tcp(s) => s.write(buf),
-                Sock::Unix(s) => s.write(buf),
-            };
-            match r {
-                Err(e) if is_wait(&e) => continue,
-                r => return r,
-            }
-        }
+        self.bounded(|sock| match sock {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        })
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())

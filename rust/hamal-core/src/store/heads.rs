@@ -6,6 +6,13 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// This host's folder for store `store` under `local_metadata` (local version records, heads).
+pub fn local_folder(local_metadata: &Path, store: &str) -> PathBuf {
+    local_metadata.join(super::codec::hex(
+        &blake3::hash(store.as_bytes()).as_bytes()[..8],
+    ))
+}
+
 pub struct Heads {
     /// `None`: no local folder configured (a library caller); nothing is kept or checked.
     folder: Option<PathBuf>,
@@ -13,9 +20,8 @@ pub struct Heads {
 
 impl Heads {
     pub fn new(local_metadata: Option<&Path>, store: &str) -> Heads {
-        let id = super::codec::hex(&blake3::hash(store.as_bytes()).as_bytes()[..8]);
         Heads {
-            folder: local_metadata.map(|l| l.join(id).join("heads")),
+            folder: local_metadata.map(|l| local_folder(l, store).join("heads")),
         }
     }
 
@@ -24,6 +30,13 @@ impl Heads {
         super::version::check_disk_id(disk).ok()?;
         let text = std::fs::read_to_string(self.folder.as_ref()?.join(disk)).ok()?;
         Some(text.trim().to_owned()).filter(|t| !t.is_empty())
+    }
+
+    /// The version of `disk` this host committed last, when the store's `newest` is older (or
+    /// missing); a newer one (another host's) is fine.
+    pub fn ahead_of(&self, disk: &str, newest: Option<&str>) -> Option<String> {
+        self.get(disk)
+            .filter(|head| newest.is_none_or(|n| n < head.as_str()))
     }
 
     /// Every disk this host committed to, with its newest version.

@@ -3,7 +3,7 @@
 use super::backend::{Backend, Peek};
 use super::codec::{self, hex, parse_digest, Codec, Keys};
 use super::dir::DirBackend;
-use super::heads::Heads;
+use super::heads::{local_folder, Heads};
 use super::s3::S3Backend;
 use super::tree::{self, PageIo};
 use super::version::{check_disk_id, version_key, Authenticity, Version, FORMAT};
@@ -184,7 +184,7 @@ impl Store {
             .as_ref()
             .filter(|_| o.save_local || !in_store)
         {
-            let folder = local.join(hex(&blake3::hash(text.as_bytes()).as_bytes()[..8]));
+            let folder = local_folder(local, text);
             let dir = DirBackend::open(
                 &folder,
                 &format!("{} (local metadata of {text})", folder.display()),
@@ -458,7 +458,7 @@ impl Store {
     /// host committed: one line each, naming both.
     pub fn behind_heads(&self, records: &Records, disk: Option<&str>) -> Vec<String> {
         let mut out = Vec::new();
-        for (d, head) in self.heads.all() {
+        for (d, _) in self.heads.all() {
             if disk.is_some_and(|want| want != d) {
                 continue;
             }
@@ -467,7 +467,7 @@ impl Store {
                 .get(&d)
                 .and_then(|v| v.last())
                 .map(|v| v.version.as_str());
-            if newest.is_none_or(|n| n < head.as_str()) {
+            if let Some(head) = self.heads.ahead_of(&d, newest) {
                 out.push(format!(
                     "{}: committed by this host, but not in the store's listing (the newest listed: {})",
                     version_key(&d, &head),
@@ -480,12 +480,9 @@ impl Store {
 
     /// Fails when this host committed a version of `disk` newer than the store's `newest`.
     fn check_head(&self, disk: &str, newest: Option<&str>) -> Result<()> {
-        let Some(head) = self.heads.get(disk) else {
+        let Some(head) = self.heads.ahead_of(disk, newest) else {
             return Ok(());
         };
-        if newest.is_some_and(|n| n >= head.as_str()) {
-            return Ok(()); // the same, or newer (another host's)
-        }
         let shown = newest.map_or("none".to_owned(), |n| format!("version {n}"));
         let what = match self.read_record(disk, &head)? {
             Some(_) => format!("its listing hides version {head} of disk '{disk}', which this host committed (the listing's newest: {shown})"),
