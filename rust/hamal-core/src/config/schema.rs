@@ -167,7 +167,7 @@ config_schema! {
         enable_heartbeat_msg: bool = true;
         /// Folders (or devices) that targets of tasks from Mass may write, comma-separated;
         /// empty: `hamal_lib_dir` only. Task files may name any path.
-        allowed_target_roots: String = "";
+        allowed_target_roots: String = "", check::absolute_paths_or_empty;
     }
     ["vmware"] vmware: VmwareSection {
         skip_disk_flag: bool = false;

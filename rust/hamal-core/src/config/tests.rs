@@ -194,3 +194,14 @@ fn a_key_set_twice_names_both_lines() {
     );
     assert!(parse("[period]\ninterval = 5\n[vmware]\ndisk_flag_size = 5\n[openstack_ceph]\ndisk_flag_size = 5\n", "z").is_ok());
 }
+
+#[test]
+fn allowed_target_roots_must_be_absolute() {
+    let bad = parse("[mass]\nallowed_target_roots = /srv/backups, x\n", "x.conf").unwrap_err();
+    assert!(bad.to_string().contains("allowed_target_roots"), "{bad}");
+    assert!(parse(
+        "[mass]\nallowed_target_roots = /srv/a, /dev/sdb\n",
+        "x.conf"
+    )
+    .is_ok());
+}

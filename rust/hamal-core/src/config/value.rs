@@ -123,6 +123,15 @@ pub mod check {
         }
     }
 
+    /// A comma-separated list of absolute paths, or nothing.
+    pub fn absolute_paths_or_empty(v: &str) -> Result<(), String> {
+        v.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .try_for_each(absolute_path)
+            .map_err(|_| "absolute paths separated by commas, or empty".into())
+    }
+
     pub fn absolute_path(v: &str) -> Result<(), String> {
         if v.starts_with('/') {
             Ok(())
